@@ -1,0 +1,128 @@
+//! The one error type of the contract. Each backend maps its own errors onto it, so a
+//! caller can tell "you lost" from "try again" from "you asked for something invalid"
+//! without knowing which backend it runs on.
+
+use std::time::Duration;
+
+use crate::types::{ElectionName, FencingToken, LeaseId, Role, ServerId};
+
+/// Shorthand for results of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in `ha`, by what it means to the caller.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The lease is gone (expired, revoked, or never existed): the session is over and
+    /// anything bound to it (member record, candidacies, leadership) ended with it.
+    #[error("lease {lease} expired or was revoked")]
+    LeaseExpired {
+        /// The lease that is gone.
+        lease: LeaseId,
+    },
+
+    /// The caller is not (or no longer) the leader of the election.
+    #[error("not the leader of election '{election}'{}", current_suffix(*.current))]
+    NotLeader {
+        /// The election in question.
+        election: ElectionName,
+        /// The current leader's token, when the backend knows it.
+        current: Option<FencingToken>,
+    },
+
+    /// Another live session already registered this server ID in this role.
+    #[error("server {server_id} is already registered in role '{role}'")]
+    AlreadyRegistered {
+        /// The role.
+        role: Role,
+        /// The duplicate server ID.
+        server_id: ServerId,
+    },
+
+    /// The input is invalid; `reason` says how.
+    #[error("invalid {what}: {reason}")]
+    InvalidArgument {
+        /// What was invalid (`ttl`, `role`, `url`, ...).
+        what: &'static str,
+        /// Why.
+        reason: String,
+    },
+
+    /// The URL names a backend this build does not include.
+    #[error("the {scheme}:// backend is not compiled in; enable the Cargo feature {feature:?} of `ha`")]
+    FeatureDisabled {
+        /// The URL scheme.
+        scheme: &'static str,
+        /// The Cargo feature that enables it.
+        feature: &'static str,
+    },
+
+    /// The backend cannot be reached now; the operation may be retried.
+    #[error("backend unavailable: {0}")]
+    Unavailable(String),
+
+    /// The operation did not finish in time; its outcome is unknown.
+    #[error("{operation} timed out after {after:?}")]
+    Timeout {
+        /// Which operation.
+        operation: &'static str,
+        /// How long it was given.
+        after: Duration,
+    },
+
+    /// The session or leadership was closed by its owner; nothing more can be done with it.
+    #[error("{0} is closed")]
+    Closed(&'static str),
+
+    /// A backend-specific failure that fits no other variant.
+    #[error("{backend} backend: {source}")]
+    Backend {
+        /// The backend's name.
+        backend: &'static str,
+        /// The underlying error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync + 'static>,
+    },
+}
+
+fn current_suffix(current: Option<FencingToken>) -> String {
+    match current {
+        Some(token) => format!(" (current leader's token is {token})"),
+        None => String::new(),
+    }
+}
+
+impl Error {
+    /// Whether retrying the same call later may succeed (the backend was unreachable or
+    /// slow), as opposed to an answer that will not change.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Self::Unavailable(_) | Self::Timeout { .. })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_say_what_happened() {
+        let election = ElectionName::new("rootcoord").unwrap_or_else(|e| panic!("{e}"));
+        let e = Error::NotLeader {
+            election,
+            current: Some(FencingToken::new(7)),
+        };
+        assert_eq!(
+            e.to_string(),
+            "not the leader of election 'rootcoord' (current leader's token is 7)"
+        );
+        assert_eq!(
+            Error::LeaseExpired {
+                lease: LeaseId::new(255)
+            }
+            .to_string(),
+            "lease ff expired or was revoked"
+        );
+        assert!(Error::Unavailable("x".into()).is_retryable());
+        assert!(!Error::Closed("session").is_retryable());
+    }
+}

@@ -1,0 +1,255 @@
+//! `Leadership`: what a session holds after winning a campaign, and the watch that tells
+//! it when it no longer does.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::{sleep, timeout};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::error::{Error, Result};
+use crate::session::{LossReason, SessionShared, SessionState};
+use crate::types::{ElectionName, FencingToken, LeaderEvent, LeaderKey};
+
+/// How often a failed resign is retried before the error is returned.
+const RESIGN_ATTEMPTS: u32 = 3;
+
+/// The leadership of one election, held by a [`Session`](crate::Session).
+///
+/// It ends when the holder resigns, when the session is lost (lease expired, or the
+/// self-fence deadline passed), or when the election shows another leader. Check
+/// [`is_valid`](Self::is_valid) before acting as leader (it does no I/O), and stop
+/// everything when [`lost`](Self::lost) resolves. Pass [`token`](Self::token) with every
+/// write so that stores can reject a deposed leader.
+///
+/// Dropping a leadership that still holds resigns it in the background.
+#[derive(Debug)]
+pub struct Leadership {
+    shared: Arc<LeadershipShared>,
+    monitor: JoinHandle<()>,
+}
+
+#[derive(Debug)]
+struct LeadershipShared {
+    session: Arc<SessionShared>,
+    key: LeaderKey,
+    /// `None` while held; the first loss reason afterwards.
+    lost: watch::Sender<Option<LossReason>>,
+    cancel: CancellationToken,
+}
+
+impl LeadershipShared {
+    fn lose(&self, reason: LossReason) -> bool {
+        let changed = self.lost.send_if_modified(|lost| {
+            if lost.is_none() {
+                *lost = Some(reason);
+                true
+            } else {
+                false
+            }
+        });
+        if changed {
+            self.cancel.cancel();
+            let member = &self.session.member;
+            if reason == LossReason::Resigned {
+                info!(server_id = %member.server_id, role = %member.role,
+                      election = %self.key.election, token = %self.key.token, "resigning");
+            } else {
+                warn!(server_id = %member.server_id, role = %member.role,
+                      election = %self.key.election, token = %self.key.token,
+                      reason = %reason, "leadership lost");
+            }
+        }
+        changed
+    }
+
+    fn is_valid(&self) -> bool {
+        self.lost.borrow().is_none() && self.session.is_valid()
+    }
+}
+
+impl Leadership {
+    pub(crate) fn start(session: Arc<SessionShared>, key: LeaderKey) -> Self {
+        let (lost, _) = watch::channel(None);
+        let shared = Arc::new(LeadershipShared {
+            session,
+            key,
+            lost,
+            cancel: CancellationToken::new(),
+        });
+        info!(
+            server_id = %shared.session.member.server_id,
+            role = %shared.session.member.role,
+            election = %shared.key.election,
+            token = %shared.key.token,
+            "elected"
+        );
+        let monitor = tokio::spawn(monitor(Arc::clone(&shared)));
+        Self { shared, monitor }
+    }
+
+    /// The fencing token of this leadership: larger than every earlier leadership's.
+    pub fn token(&self) -> FencingToken {
+        self.shared.key.token
+    }
+
+    /// The election led.
+    pub fn election(&self) -> &ElectionName {
+        &self.shared.key.election
+    }
+
+    /// The leader key, as the backend knows it.
+    pub fn key(&self) -> &LeaderKey {
+        &self.shared.key
+    }
+
+    /// Whether this is still the leadership: not lost, not resigned, and the session is
+    /// before its self-fence deadline. No I/O; cheap enough to call before every write.
+    pub fn is_valid(&self) -> bool {
+        self.shared.is_valid()
+    }
+
+    /// Why the leadership ended, if it has.
+    pub fn loss_reason(&self) -> Option<LossReason> {
+        *self.shared.lost.borrow()
+    }
+
+    /// Resolves when the leadership ends, with the reason. Stop acting as leader then:
+    /// someone else may be elected soon.
+    pub async fn lost(&self) -> LossReason {
+        let mut rx = self.shared.lost.subscribe();
+        loop {
+            if let Some(reason) = *rx.borrow_and_update() {
+                return reason;
+            }
+            if rx.changed().await.is_err() {
+                return LossReason::Closed;
+            }
+        }
+    }
+
+    /// Replaces the value published with this leadership (its address, its readiness)
+    /// without a new election; the token stays.
+    ///
+    /// # Errors
+    /// `NotLeader` when the leadership is no longer valid, or the backend's error.
+    pub async fn proclaim(&self, value: impl Into<Bytes>) -> Result<()> {
+        if !self.is_valid() {
+            return Err(Error::NotLeader {
+                election: self.shared.key.election.clone(),
+                current: None,
+            });
+        }
+        self.shared
+            .session
+            .backend
+            .proclaim(&self.shared.key, value.into())
+            .await
+    }
+
+    /// Gives up the leadership so the next candidate takes over at once. The leadership
+    /// is invalid from the moment this is called. Safe to call again after an error.
+    ///
+    /// # Errors
+    /// The backend's last error after retries. The candidacy then still stands on the
+    /// backend until it is resigned or the session ends.
+    pub async fn resign(&self) -> Result<()> {
+        self.shared.lose(LossReason::Resigned);
+        resign_with_retries(&self.shared).await
+    }
+}
+
+impl Drop for Leadership {
+    fn drop(&mut self) {
+        self.monitor.abort();
+        if !self.shared.lose(LossReason::Resigned) {
+            return; // already lost or resigned
+        }
+        let shared = Arc::clone(&self.shared);
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                if let Err(error) = resign_with_retries(&shared).await {
+                    warn!(election = %shared.key.election, token = %shared.key.token, %error,
+                          "resign on drop failed; the candidacy ends with its session");
+                }
+            });
+        }
+    }
+}
+
+async fn resign_with_retries(shared: &LeadershipShared) -> Result<()> {
+    let session = &shared.session;
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let result = match timeout(session.request_timeout, session.backend.resign(&shared.key))
+            .await
+        {
+            Ok(result) => result,
+            Err(_) => Err(Error::Timeout {
+                operation: "resign",
+                after: session.request_timeout,
+            }),
+        };
+        match result {
+            Err(error) if error.is_retryable() && attempt < RESIGN_ATTEMPTS => {
+                debug!(election = %shared.key.election, %error, attempt, "resign failed, retrying");
+                sleep(Duration::from_millis(50) * attempt).await;
+            }
+            // A lease that is gone took the candidacy with it: resigned already.
+            Err(Error::LeaseExpired { .. }) => return Ok(()),
+            other => return other,
+        }
+    }
+}
+
+/// Ends the leadership when the session is lost or the election shows someone else.
+async fn monitor(shared: Arc<LeadershipShared>) {
+    let mut session_state = shared.session.subscribe();
+    let mut backoff = Duration::from_millis(50);
+    'subscribe: loop {
+        let mut events = shared.session.backend.watch(&shared.key.election);
+        loop {
+            tokio::select! {
+                _ = shared.cancel.cancelled() => return,
+                changed = session_state.wait_for(|s| *s != SessionState::Alive) => {
+                    let reason = match changed.as_deref() {
+                        Ok(SessionState::Lost(reason)) => *reason,
+                        _ => LossReason::Closed,
+                    };
+                    shared.lose(reason);
+                    return;
+                }
+                event = events.next() => match event {
+                    Some(Ok(LeaderEvent::Elected(leader))) if leader.key == shared.key => {
+                        backoff = Duration::from_millis(50);
+                    }
+                    Some(Ok(_)) => {
+                        shared.lose(LossReason::Deposed);
+                        return;
+                    }
+                    Some(Err(error)) => {
+                        debug!(election = %shared.key.election, %error, "leader watch failed, resubscribing");
+                        break;
+                    }
+                    None => {
+                        debug!(election = %shared.key.election, "leader watch ended, resubscribing");
+                        break;
+                    }
+                }
+            }
+        }
+        // The session deadline still fences us while the watch is down.
+        tokio::select! {
+            _ = shared.cancel.cancelled() => return,
+            _ = sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(1));
+        continue 'subscribe;
+    }
+}

@@ -1,0 +1,25 @@
+#![doc = include_str!("../README.md")]
+#![deny(missing_docs)]
+
+mod backend;
+mod error;
+mod leadership;
+mod session;
+mod types;
+
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
+
+pub use backend::{Backend, LeaderStream, MemberStream};
+pub use error::{Error, Result};
+pub use leadership::Leadership;
+pub use session::{
+    LossReason, Session, SessionBuilder, SessionOptions, SessionState, DEFAULT_DRIFT, DEFAULT_TTL,
+};
+pub use types::{
+    Capabilities, ElectionName, FencingToken, Lease, LeaseId, Leader, LeaderEvent, LeaderKey,
+    Member, MemberEvent, Role, ServerId, MAX_NAME_LEN, MAX_TTL,
+};
+
+/// Re-exported so backends and users name the same `Bytes` type.
+pub use bytes::Bytes;

