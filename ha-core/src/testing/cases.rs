@@ -748,7 +748,9 @@ async fn session_campaign_fails_when_session_lost_while_waiting(
     };
     match tokio::time::timeout(PROMPT, session.campaign(&e, "waiter")).await {
         Ok(Err(Error::LeaseExpired { lease: gone })) => assert_eq!(gone, lease),
-        other => panic!("campaign of a lost session gave {other:?}"),
+        Ok(Ok(leadership)) => panic!("a lost session won with token {}", leadership.token()),
+        Ok(Err(other)) => panic!("campaign of a lost session gave {other:?}"),
+        Err(_) => panic!("campaign of a lost session did not return within {PROMPT:?}"),
     }
     let _ = revoker.await;
     assert_eq!(
