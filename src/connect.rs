@@ -18,7 +18,10 @@ const SCHEMES: &[(&str, &str)] = &[("memory", "memory"), ("raft", "raft"), ("etc
 /// `InvalidArgument` for a malformed URL or an unknown scheme, `FeatureDisabled` for a
 /// known scheme whose backend is not compiled in, or the backend's connection error.
 pub async fn connect(url: &str) -> Result<Arc<dyn Backend>> {
-    let invalid = |reason: String| Error::InvalidArgument { what: "url", reason };
+    let invalid = |reason: String| Error::InvalidArgument {
+        what: "url",
+        reason,
+    };
     let (scheme, rest) = url.split_once("://").ok_or_else(|| {
         invalid(format!(
             "{url:?} has no scheme; expected memory://, raft://host:port,... or etcd://host:port,..."

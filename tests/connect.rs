@@ -5,7 +5,9 @@ use ha::Error;
 #[tokio::test]
 async fn memory_url_gives_a_memory_backend() {
     for url in ["memory://", "memory:///"] {
-        let backend = ha::connect(url).await.unwrap_or_else(|e| panic!("{url}: {e}"));
+        let backend = ha::connect(url)
+            .await
+            .unwrap_or_else(|e| panic!("{url}: {e}"));
         assert_eq!(backend.name(), "memory");
     }
 }
@@ -20,7 +22,10 @@ async fn malformed_and_unknown_urls_are_invalid_arguments() {
         ("memory://somewhere", "takes no host"),
     ] {
         match ha::connect(url).await {
-            Err(Error::InvalidArgument { what: "url", reason }) => {
+            Err(Error::InvalidArgument {
+                what: "url",
+                reason,
+            }) => {
                 assert!(reason.contains(says), "{url:?}: {reason}")
             }
             other => panic!("{url:?} gave {other:?}"),
@@ -37,7 +42,11 @@ async fn backends_not_compiled_in_name_their_feature() {
         match ha::connect(url).await {
             Err(Error::FeatureDisabled { feature: f, .. }) => {
                 assert_eq!(f, feature);
-                let message = Error::FeatureDisabled { scheme: f, feature: f }.to_string();
+                let message = Error::FeatureDisabled {
+                    scheme: f,
+                    feature: f,
+                }
+                .to_string();
                 assert!(message.contains("enable the Cargo feature"), "{message}");
             }
             other => panic!("{url} gave {other:?}"),

@@ -9,7 +9,7 @@ use futures::stream::BoxStream;
 
 use crate::error::Result;
 use crate::types::{
-    Capabilities, ElectionName, Lease, LeaseId, Leader, LeaderEvent, LeaderKey, Member,
+    Capabilities, ElectionName, Leader, LeaderEvent, LeaderKey, Lease, LeaseId, Member,
     MemberEvent, Role,
 };
 

@@ -49,7 +49,9 @@ pub enum Error {
     },
 
     /// The URL names a backend this build does not include.
-    #[error("the {scheme}:// backend is not compiled in; enable the Cargo feature {feature:?} of `ha`")]
+    #[error(
+        "the {scheme}:// backend is not compiled in; enable the Cargo feature {feature:?} of `ha`"
+    )]
     FeatureDisabled {
         /// The URL scheme.
         scheme: &'static str,

@@ -187,15 +187,14 @@ async fn resign_with_retries(shared: &LeadershipShared) -> Result<()> {
     let mut attempt = 0;
     loop {
         attempt += 1;
-        let result = match timeout(session.request_timeout, session.backend.resign(&shared.key))
-            .await
-        {
-            Ok(result) => result,
-            Err(_) => Err(Error::Timeout {
-                operation: "resign",
-                after: session.request_timeout,
-            }),
-        };
+        let result =
+            match timeout(session.request_timeout, session.backend.resign(&shared.key)).await {
+                Ok(result) => result,
+                Err(_) => Err(Error::Timeout {
+                    operation: "resign",
+                    after: session.request_timeout,
+                }),
+            };
         match result {
             Err(error) if error.is_retryable() && attempt < RESIGN_ATTEMPTS => {
                 debug!(election = %shared.key.election, %error, attempt, "resign failed, retrying");

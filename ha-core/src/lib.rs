@@ -17,7 +17,7 @@ pub use session::{
     LossReason, Session, SessionBuilder, SessionOptions, SessionState, DEFAULT_DRIFT, DEFAULT_TTL,
 };
 pub use types::{
-    Capabilities, ElectionName, FencingToken, Lease, LeaseId, Leader, LeaderEvent, LeaderKey,
+    Capabilities, ElectionName, FencingToken, Leader, LeaderEvent, LeaderKey, Lease, LeaseId,
     Member, MemberEvent, Role, ServerId, MAX_NAME_LEN, MAX_TTL,
 };
 

@@ -198,7 +198,10 @@ impl SessionShared {
     /// The server restarted the TTL no earlier than `sent`, so it cannot expire the
     /// lease before `sent + granted` by its clock; ours may run slow by ρ.
     fn extend(&self, sent: Instant, granted: Duration) {
-        let candidate = sent + granted.mul_f64(1.0 - self.drift).saturating_sub(self.margin);
+        let candidate = sent
+            + granted
+                .mul_f64(1.0 - self.drift)
+                .saturating_sub(self.margin);
         let mut deadline = self.deadline.lock().unwrap_or_else(PoisonError::into_inner);
         if candidate > *deadline {
             *deadline = candidate;

@@ -340,7 +340,13 @@ mod tests {
 
     #[test]
     fn names_accept_printable_text() {
-        for ok in ["rootcoord", "a", "data-coord.v2", "Ünïcode name", &"x".repeat(255)] {
+        for ok in [
+            "rootcoord",
+            "a",
+            "data-coord.v2",
+            "Ünïcode name",
+            &"x".repeat(255),
+        ] {
             assert!(Role::new(ok).is_ok(), "{ok:?}");
             assert!(ElectionName::new(ok).is_ok(), "{ok:?}");
         }

@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
 use ha_core::{
-    Backend, Capabilities, ElectionName, Error, Lease, LeaseId, Leader, LeaderKey, LeaderStream,
+    Backend, Capabilities, ElectionName, Error, Leader, LeaderKey, LeaderStream, Lease, LeaseId,
     Member, MemberStream, Result, Role,
 };
 use tokio::sync::{mpsc, watch};
@@ -177,7 +177,10 @@ struct WithdrawOnDrop<'a> {
 impl Drop for WithdrawOnDrop<'_> {
     fn drop(&mut self) {
         if let Some(key) = self.key.take() {
-            self.backend.inner.lock().remove_candidacy(&key, Instant::now());
+            self.backend
+                .inner
+                .lock()
+                .remove_candidacy(&key, Instant::now());
             self.backend.inner.notify();
         }
     }
@@ -356,7 +359,9 @@ impl Backend for MemoryBackend {
 
     fn watch_members(&self, role: &Role) -> MemberStream {
         let (tx, rx) = mpsc::unbounded_channel();
-        self.inner.lock().subscribe_members(role, tx, Instant::now());
+        self.inner
+            .lock()
+            .subscribe_members(role, tx, Instant::now());
         delayed(rx)
     }
 }

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use ha_core::{
-    ElectionName, FencingToken, LeaseId, Leader, LeaderEvent, LeaderKey, Member, MemberEvent,
-    Role, ServerId,
+    ElectionName, FencingToken, Leader, LeaderEvent, LeaderKey, LeaseId, Member, MemberEvent, Role,
+    ServerId,
 };
 use tokio::sync::mpsc;
 use tokio::time::Instant;

@@ -11,7 +11,11 @@ use ha_memory::MemoryBackend;
 use tokio::time::Instant;
 
 fn member(id: u64) -> Member {
-    Member::new(ServerId::new(id), role(), format!("127.0.0.1:{}", 53100 + id))
+    Member::new(
+        ServerId::new(id),
+        role(),
+        format!("127.0.0.1:{}", 53100 + id),
+    )
 }
 
 fn role() -> Role {
@@ -39,7 +43,10 @@ async fn self_fencing_happens_before_expiry_and_before_the_next_leader() {
     let ttl = Duration::from_secs(10);
     let a = session(&backend, 1, ttl).await;
     let b = Arc::new(session(&backend, 2, ttl).await);
-    let leadership = a.campaign(&election(), "a").await.unwrap_or_else(|e| panic!("{e}"));
+    let leadership = a
+        .campaign(&election(), "a")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
 
     // Let a few keepalives succeed first, so the deadline comes from a renewal.
     tokio::time::sleep(ttl).await;
@@ -69,14 +76,20 @@ async fn self_fencing_happens_before_expiry_and_before_the_next_leader() {
     assert!(!a.is_valid());
     assert_eq!(a.state(), SessionState::Lost(LossReason::SelfFenced));
     assert!(lost_at >= fence_deadline);
-    assert!(lost_at < server_expiry, "lost at {lost_at:?}, server expiry {server_expiry:?}");
+    assert!(
+        lost_at < server_expiry,
+        "lost at {lost_at:?}, server expiry {server_expiry:?}"
+    );
     // The lease is still alive on the server at that moment: nobody else leads yet.
     assert!(backend.lease_deadline(a.lease()).is_some());
     assert!(!next.is_finished());
 
     let (elected_at, l2) = next.await.unwrap_or_else(|e| panic!("{e}"));
     let l2 = l2.unwrap_or_else(|e| panic!("{e}"));
-    assert!(elected_at >= server_expiry, "second leader before the first lease expired");
+    assert!(
+        elected_at >= server_expiry,
+        "second leader before the first lease expired"
+    );
     assert!(l2.token() > leadership.token());
     // Margin between the old holder stopping and the new one starting.
     assert!(elected_at - lost_at >= Duration::from_millis(500));
@@ -89,7 +102,10 @@ async fn session_lost_while_campaigning_surfaces_lease_expired() {
     let backend = MemoryBackend::new();
     let ttl = Duration::from_secs(10);
     let holder = session(&backend, 1, ttl).await;
-    let _held = holder.campaign(&election(), "h").await.unwrap_or_else(|e| panic!("{e}"));
+    let _held = holder
+        .campaign(&election(), "h")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
 
     // Expired on the server.
     let waiter = session(&backend, 2, ttl).await;
@@ -116,7 +132,10 @@ async fn session_lost_while_campaigning_surfaces_lease_expired() {
     }
     assert!(Instant::now() < server_expiry);
     // Dropping the campaign withdrew the candidacy even though the lease still lives.
-    let leader = backend.leader(&election()).await.unwrap_or_else(|e| panic!("{e}"));
+    let leader = backend
+        .leader(&election())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(leader.and_then(|l| l.server_id), Some(ServerId::new(1)));
     drop(holder);
     tokio::time::sleep(Duration::from_millis(10)).await;
@@ -129,7 +148,10 @@ async fn dropped_session_revokes_and_hands_over() {
     let ttl = Duration::from_secs(30);
     let a = session(&backend, 1, ttl).await;
     let b = session(&backend, 2, ttl).await;
-    let la = a.campaign(&election(), "a").await.unwrap_or_else(|e| panic!("{e}"));
+    let la = a
+        .campaign(&election(), "a")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     let started = Instant::now();
     let next = tokio::spawn(async move {
         let l = b.campaign(&election(), "b").await.map(|l| l.token());
@@ -140,7 +162,11 @@ async fn dropped_session_revokes_and_hands_over() {
     drop(a);
     let (at, token, _b) = next.await.unwrap_or_else(|e| panic!("{e}"));
     assert!(token.unwrap_or_else(|e| panic!("{e}")) > la.token());
-    assert!(at - started < Duration::from_secs(1), "handover took {:?}", at - started);
+    assert!(
+        at - started < Duration::from_secs(1),
+        "handover took {:?}",
+        at - started
+    );
     assert!(backend.lease_deadline(lease).is_none());
     assert_eq!(la.lost().await, LossReason::Closed);
 }
@@ -151,12 +177,21 @@ async fn dropped_leadership_resigns() {
     let ttl = Duration::from_secs(30);
     let a = session(&backend, 1, ttl).await;
     let b = session(&backend, 2, ttl).await;
-    let la = a.campaign(&election(), "a").await.unwrap_or_else(|e| panic!("{e}"));
+    let la = a
+        .campaign(&election(), "a")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     let first = la.token();
     drop(la);
-    let lb = b.campaign(&election(), "b").await.unwrap_or_else(|e| panic!("{e}"));
+    let lb = b
+        .campaign(&election(), "b")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     assert!(lb.token() > first);
-    assert!(a.is_valid(), "dropping a leadership must not end its session");
+    assert!(
+        a.is_valid(),
+        "dropping a leadership must not end its session"
+    );
 }
 
 /// Resign stops the leader at once, even when the backend cannot be told; a retry
@@ -166,7 +201,10 @@ async fn resign_invalidates_first_and_can_be_retried() {
     let backend = MemoryBackend::new();
     let ttl = Duration::from_secs(30);
     let a = session(&backend, 1, ttl).await;
-    let la = a.campaign(&election(), "a").await.unwrap_or_else(|e| panic!("{e}"));
+    let la = a
+        .campaign(&election(), "a")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     backend.unavailable_fault(true);
     match la.resign().await {
         Err(Error::Unavailable(_)) => {}
@@ -189,7 +227,10 @@ async fn outage_longer_than_ttl_fences_the_holder() {
     let backend = MemoryBackend::new();
     let ttl = Duration::from_secs(5);
     let a = session(&backend, 1, ttl).await;
-    let la = a.campaign(&election(), "a").await.unwrap_or_else(|e| panic!("{e}"));
+    let la = a
+        .campaign(&election(), "a")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     backend.unavailable_fault(true);
     let started = Instant::now();
     assert_eq!(la.lost().await, LossReason::SelfFenced);
@@ -216,7 +257,10 @@ fn is_valid_turns_false_at_the_deadline_even_if_no_task_ran() {
             .register()
             .await
             .unwrap_or_else(|e| panic!("{e}"));
-        let la = a.campaign(&election(), "a").await.unwrap_or_else(|e| panic!("{e}"));
+        let la = a
+            .campaign(&election(), "a")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
         assert!(la.is_valid());
         // Block the only runtime thread past the deadline: no task can run.
         std::thread::sleep(Duration::from_millis(1200));

@@ -6,15 +6,15 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use super::util::{
-    assert_waiting, election, eventually, expiry_grace, long_ttl, next_event, register,
-    settle, short_ttl, spawn_campaign, test_member, test_role, won, PROMPT,
+    assert_waiting, election, eventually, expiry_grace, long_ttl, next_event, register, settle,
+    short_ttl, spawn_campaign, test_member, test_role, won, PROMPT,
 };
 use super::Case;
 use crate::backend::Backend;
 use crate::error::{Error, Result};
 use crate::session::{LossReason, Session};
 use crate::types::{
-    FencingToken, LeaseId, LeaderEvent, LeaderKey, Member, MemberEvent, Role, ServerId, MAX_TTL,
+    FencingToken, LeaderEvent, LeaderKey, LeaseId, Member, MemberEvent, Role, ServerId, MAX_TTL,
 };
 
 macro_rules! cases {
@@ -80,7 +80,11 @@ async fn register_makes_member_visible(b: Arc<dyn Backend>) -> Result<()> {
 async fn register_grants_at_least_the_requested_ttl(b: Arc<dyn Backend>) -> Result<()> {
     let ttl = long_ttl(&*b);
     let lease = b.register(&test_member(1), ttl).await?;
-    assert!(lease.ttl >= ttl, "granted {:?} < requested {ttl:?}", lease.ttl);
+    assert!(
+        lease.ttl >= ttl,
+        "granted {:?} < requested {ttl:?}",
+        lease.ttl
+    );
     let renewed = b.keep_alive(lease.id).await?;
     assert!(renewed >= ttl, "renewed {renewed:?} < requested {ttl:?}");
     Ok(())
@@ -245,7 +249,12 @@ async fn campaign_is_fifo_across_five_candidates(b: Arc<dyn Backend>) -> Result<
     for (i, handle) in waiting.into_iter().enumerate() {
         b.resign(&previous).await?;
         let key = won(handle).await?;
-        assert_eq!(key.lease, leases[i + 1].id, "candidate c{} should lead", i + 1);
+        assert_eq!(
+            key.lease,
+            leases[i + 1].id,
+            "candidate c{} should lead",
+            i + 1
+        );
         assert!(key.token > previous.token);
         let leader = b.leader(&e).await?.unwrap_or_else(|| panic!("no leader"));
         assert_eq!(leader.value_str(), Some(values[i]));
@@ -280,9 +289,7 @@ async fn campaign_fails_when_own_lease_expires_while_waiting(b: Arc<dyn Backend>
     Ok(())
 }
 
-async fn campaign_fails_when_own_lease_is_revoked_while_waiting(
-    b: Arc<dyn Backend>,
-) -> Result<()> {
+async fn campaign_fails_when_own_lease_is_revoked_while_waiting(b: Arc<dyn Backend>) -> Result<()> {
     let e = election("revoke-waiting");
     let holder = register(&b, 1).await?;
     b.campaign(holder.id, &e, "holder".into()).await?;
@@ -324,7 +331,10 @@ async fn dropped_campaign_withdraws_candidacy(b: Arc<dyn Backend>) -> Result<()>
     settle().await;
     b.resign(&first).await?;
     let key = won(waiting).await?;
-    assert_eq!(key.lease, patient.id, "the withdrawn candidate must not lead");
+    assert_eq!(
+        key.lease, patient.id,
+        "the withdrawn candidate must not lead"
+    );
     let leader = b.leader(&e).await?.unwrap_or_else(|| panic!("no leader"));
     assert_eq!(leader.value_str(), Some("patient"));
     Ok(())
@@ -337,7 +347,10 @@ async fn campaign_again_with_same_lease_resumes_candidacy(b: Arc<dyn Backend>) -
     let again = tokio::time::timeout(PROMPT, b.campaign(lease.id, &e, "new".into()))
         .await
         .unwrap_or_else(|_| panic!("second campaign of the leader did not return"))?;
-    assert_eq!(again, first, "a repeated campaign must resume the same candidacy");
+    assert_eq!(
+        again, first,
+        "a repeated campaign must resume the same candidacy"
+    );
     let leader = b.leader(&e).await?.unwrap_or_else(|| panic!("no leader"));
     assert_eq!(leader.value_str(), Some("new"));
     assert_eq!(leader.token(), first.token);
@@ -361,7 +374,9 @@ async fn tokens_strictly_increase_over_100_handovers(b: Arc<dyn Backend>) -> Res
     let mut last: Option<FencingToken> = None;
     for round in 0..100 {
         let lease = &leases[round % 2];
-        let key = b.campaign(lease.id, &e, Bytes::from(format!("r{round}"))).await?;
+        let key = b
+            .campaign(lease.id, &e, Bytes::from(format!("r{round}")))
+            .await?;
         if let Some(last) = last {
             assert!(key.token > last, "round {round}: {} <= {last}", key.token);
         }
@@ -532,11 +547,17 @@ async fn watch_reports_vacant_when_election_empties(b: Arc<dyn Backend>) -> Resu
     let lease = register(&b, 1).await?;
     let key = b.campaign(lease.id, &e, "a".into()).await?;
     let mut events = b.watch(&e);
-    assert!(matches!(next_event(&mut events).await, LeaderEvent::Elected(_)));
+    assert!(matches!(
+        next_event(&mut events).await,
+        LeaderEvent::Elected(_)
+    ));
     b.resign(&key).await?;
     assert_eq!(next_event(&mut events).await, LeaderEvent::Vacant);
     b.campaign(lease.id, &e, "b".into()).await?;
-    assert!(matches!(next_event(&mut events).await, LeaderEvent::Elected(_)));
+    assert!(matches!(
+        next_event(&mut events).await,
+        LeaderEvent::Elected(_)
+    ));
     b.revoke(lease.id).await?;
     assert_eq!(next_event(&mut events).await, LeaderEvent::Vacant);
     Ok(())
@@ -616,7 +637,10 @@ async fn leader_agrees_with_watch(b: Arc<dyn Backend>) -> Result<()> {
     won(next).await?;
     let seen = next_event(&mut events).await;
     assert_eq!(seen.leader().cloned(), b.leader(&e).await?);
-    assert_eq!(seen.leader().and_then(|l| l.server_id), Some(ServerId::new(2)));
+    assert_eq!(
+        seen.leader().and_then(|l| l.server_id),
+        Some(ServerId::new(2))
+    );
     Ok(())
 }
 
@@ -630,9 +654,15 @@ async fn watch_members_reports_joins_and_leaves(b: Arc<dyn Backend>) -> Result<(
         MemberEvent::Snapshot(vec![test_member(1)])
     );
     let second = register(&b, 2).await?;
-    assert_eq!(next_event(&mut events).await, MemberEvent::Joined(test_member(2)));
+    assert_eq!(
+        next_event(&mut events).await,
+        MemberEvent::Joined(test_member(2))
+    );
     b.revoke(first.id).await?;
-    assert_eq!(next_event(&mut events).await, MemberEvent::Left(test_member(1)));
+    assert_eq!(
+        next_event(&mut events).await,
+        MemberEvent::Left(test_member(1))
+    );
     // Other roles do not show up.
     b.register(
         &Member::new(ServerId::new(5), Role::new("other")?, "x"),
@@ -640,7 +670,10 @@ async fn watch_members_reports_joins_and_leaves(b: Arc<dyn Backend>) -> Result<(
     )
     .await?;
     b.revoke(second.id).await?;
-    assert_eq!(next_event(&mut events).await, MemberEvent::Left(test_member(2)));
+    assert_eq!(
+        next_event(&mut events).await,
+        MemberEvent::Left(test_member(2))
+    );
     Ok(())
 }
 
@@ -670,7 +703,12 @@ async fn session_close_and_drop_revoke(b: Arc<dyn Backend>) -> Result<()> {
     let backend = Arc::clone(&b);
     eventually("dropped session revoked", PROMPT, || {
         let backend = Arc::clone(&backend);
-        async move { matches!(backend.keep_alive(lease).await, Err(Error::LeaseExpired { .. })) }
+        async move {
+            matches!(
+                backend.keep_alive(lease).await,
+                Err(Error::LeaseExpired { .. })
+            )
+        }
     })
     .await;
     assert!(b.members(&test_role()).await?.is_empty());
@@ -728,9 +766,7 @@ async fn leadership_resign_hands_over_with_larger_token(b: Arc<dyn Backend>) -> 
     Ok(())
 }
 
-async fn session_campaign_fails_when_session_lost_while_waiting(
-    b: Arc<dyn Backend>,
-) -> Result<()> {
+async fn session_campaign_fails_when_session_lost_while_waiting(b: Arc<dyn Backend>) -> Result<()> {
     let e = election("runtime-lost");
     let holder = register(&b, 1).await?;
     b.campaign(holder.id, &e, "holder".into()).await?;
@@ -753,9 +789,6 @@ async fn session_campaign_fails_when_session_lost_while_waiting(
         Err(_) => panic!("campaign of a lost session did not return within {PROMPT:?}"),
     }
     let _ = revoker.await;
-    assert_eq!(
-        b.leader(&e).await?.map(|l| l.key.lease),
-        Some(holder.id)
-    );
+    assert_eq!(b.leader(&e).await?.map(|l| l.key.lease), Some(holder.id));
     Ok(())
 }

@@ -10,9 +10,7 @@ use tokio::task::JoinHandle;
 
 use crate::backend::Backend;
 use crate::error::Result;
-use crate::types::{
-    ElectionName, Lease, LeaderKey, Member, Role, ServerId,
-};
+use crate::types::{ElectionName, LeaderKey, Lease, Member, Role, ServerId};
 
 /// How long a test waits for something that should happen promptly.
 pub(crate) const PROMPT: Duration = Duration::from_secs(10);
@@ -24,8 +22,12 @@ pub fn test_role() -> Role {
 
 /// A member of [`test_role`] with server ID `id`.
 pub fn test_member(id: u64) -> Member {
-    Member::new(ServerId::new(id), test_role(), format!("127.0.0.1:{}", 10_000 + id))
-        .with_metadata("case", "conformance")
+    Member::new(
+        ServerId::new(id),
+        test_role(),
+        format!("127.0.0.1:{}", 10_000 + id),
+    )
+    .with_metadata("case", "conformance")
 }
 
 pub(crate) fn election(name: &str) -> ElectionName {
@@ -53,10 +55,12 @@ pub(crate) fn expiry_grace(backend: &dyn Backend) -> Duration {
 
 /// Registers member `id` with a TTL that outlives the case.
 pub(crate) async fn register(backend: &Arc<dyn Backend>, id: u64) -> Result<Lease> {
-    backend.register(&test_member(id), long_ttl(&**backend)).await
+    backend
+        .register(&test_member(id), long_ttl(&**backend))
+        .await
 }
 
-/// Waits for the next event of a watch, failing the case after [`PROMPT`].
+/// Waits for the next event of a watch, failing the case after 10 s.
 pub async fn next_event<S, T>(events: &mut S) -> T
 where
     S: Stream<Item = Result<T>> + Unpin,
@@ -117,5 +121,8 @@ pub(crate) async fn settle() {
 
 /// Fails the case if the background campaign has finished.
 pub(crate) fn assert_waiting(handle: &JoinHandle<Result<LeaderKey>>, who: &str) {
-    assert!(!handle.is_finished(), "{who} finished its campaign while it should wait");
+    assert!(
+        !handle.is_finished(),
+        "{who} finished its campaign while it should wait"
+    );
 }

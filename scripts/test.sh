@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Every check, as CI runs it: installs missing system packages, then fmt, clippy, all
+# tests with all features, and the docs. Starts nothing global: tests that need a server
+# start their own on loopback and stop it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# System packages the tests need (etcd for the etcd backend's tests, protoc for its build).
+missing=()
+command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
+command -v etcdctl >/dev/null 2>&1 || missing+=(etcd-client)
+command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler)
+if ((${#missing[@]})); then
+  echo "installing: ${missing[*]}"
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+echo "== fmt"
+cargo fmt --all --check
+echo "== clippy"
+cargo clippy --workspace --all-targets --all-features -- -D warnings
+echo "== test"
+cargo test --workspace --all-features
+echo "== doc"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --all-features --no-deps
+echo "== all checks passed"
