@@ -52,7 +52,12 @@ impl Inner {
     /// operation sees expiry exactly at the deadline, whether or not the reaper ran.
     fn lock(&self) -> MutexGuard<'_, State> {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let before = state.leases.len();
         state.expire_due(Instant::now());
+        if state.leases.len() != before {
+            // Campaigns waiting on an expired lease must wake, whoever expired it.
+            self.notify();
+        }
         state
     }
 
@@ -140,16 +145,7 @@ async fn reaper(inner: Weak<Inner>) {
                 return;
             };
             let changed = inner.changed.subscribe();
-            let next = {
-                let mut state = inner.state.lock().unwrap_or_else(PoisonError::into_inner);
-                let before = state.leases.len();
-                let next = state.expire_due(Instant::now());
-                if state.leases.len() != before {
-                    drop(state);
-                    inner.notify();
-                }
-                next
-            };
+            let next = inner.lock().leases.values().map(|l| l.deadline).min();
             (changed, next)
         };
         match next {
