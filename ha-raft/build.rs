@@ -1,0 +1,11 @@
+//! Compiles the gRPC definitions with `protox` (pure Rust), so building needs no `protoc`.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    println!("cargo:rerun-if-changed=proto/ha_raft.proto");
+    let descriptors = protox::compile(["proto/ha_raft.proto"], ["proto"])?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(descriptors)?;
+    Ok(())
+}

@@ -1,0 +1,55 @@
+//! ha-raft's own failures, and how each maps onto the contract's `Error`.
+
+use std::time::Duration;
+
+/// What can go wrong inside the Raft backend.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RaftBackendError {
+    /// The data directory could not be opened or written.
+    #[error("storage: {0}")]
+    Storage(String),
+    /// The data directory belongs to another cluster or node.
+    #[error("data directory {dir} belongs to {found}, not to {expected}")]
+    ForeignDataDir {
+        /// The directory.
+        dir: String,
+        /// What it holds.
+        found: String,
+        /// What this node is.
+        expected: String,
+    },
+    /// Stored or received bytes do not decode.
+    #[error("corrupt data: {0}")]
+    Corrupt(String),
+    /// The configuration is invalid.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// No Raft leader could be reached in time.
+    #[error("no Raft leader reachable within {0:?}")]
+    NoLeader(Duration),
+    /// A peer or the network failed.
+    #[error("network: {0}")]
+    Network(String),
+    /// The Raft core stopped (node shut down or fatal storage error).
+    #[error("raft stopped: {0}")]
+    Stopped(String),
+}
+
+impl From<RaftBackendError> for ha_core::Error {
+    fn from(error: RaftBackendError) -> Self {
+        match error {
+            RaftBackendError::NoLeader(_) | RaftBackendError::Network(_) => {
+                ha_core::Error::Unavailable(error.to_string())
+            }
+            RaftBackendError::Config(reason) => ha_core::Error::InvalidArgument {
+                what: "raft configuration",
+                reason,
+            },
+            other => ha_core::Error::Backend {
+                backend: "raft",
+                source: Box::new(other),
+            },
+        }
+    }
+}

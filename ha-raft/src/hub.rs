@@ -1,0 +1,169 @@
+//! Watch notifications on one node: changes are published under the state machine's lock
+//! in log order, so a watcher never sees them skipped or reordered, and a bounded history
+//! lets a reconnecting watcher resume after the last revision it saw.
+
+use std::collections::{HashMap, VecDeque};
+
+use tokio::sync::mpsc;
+
+use crate::command::MemberRecord;
+use crate::state::{Change, HeadView, State};
+
+/// How many leader changes a node keeps for watchers that resume.
+pub const HISTORY: usize = 4096;
+
+/// One change of an election's leader, at a revision (log index).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaderUpdate {
+    /// The log index that caused it.
+    pub revision: u64,
+    /// The election.
+    pub election: String,
+    /// The new head (`None` = vacant).
+    pub head: Option<HeadView>,
+}
+
+/// One change of a role's members.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MemberUpdate {
+    /// The members when the watch started.
+    Snapshot(Vec<MemberRecord>),
+    /// Registered.
+    Joined(MemberRecord),
+    /// Session ended.
+    Left(MemberRecord),
+}
+
+/// Watchers and recent history of one node.
+#[derive(Debug, Default)]
+pub struct Hub {
+    leader_watchers: HashMap<String, Vec<mpsc::UnboundedSender<LeaderUpdate>>>,
+    member_watchers: Vec<(String, mpsc::UnboundedSender<MemberUpdate>)>,
+    history: VecDeque<LeaderUpdate>,
+    /// The newest revision that fell out of `history`.
+    forgotten: u64,
+}
+
+impl Hub {
+    /// Sends what one applied entry changed to the watchers concerned.
+    pub fn publish(&mut self, revision: u64, changes: Vec<Change>) {
+        for change in changes {
+            match change {
+                Change::Leader { election, head } => {
+                    let update = LeaderUpdate {
+                        revision,
+                        election,
+                        head,
+                    };
+                    if let Some(watchers) = self.leader_watchers.get_mut(&update.election) {
+                        watchers.retain(|w| w.send(update.clone()).is_ok());
+                        if watchers.is_empty() {
+                            self.leader_watchers.remove(&update.election);
+                        }
+                    }
+                    if self.history.len() == HISTORY {
+                        if let Some(old) = self.history.pop_front() {
+                            self.forgotten = old.revision;
+                        }
+                    }
+                    self.history.push_back(update);
+                }
+                Change::Joined(member) => {
+                    self.publish_member(&member.role.clone(), MemberUpdate::Joined(member))
+                }
+                Change::Left(member) => {
+                    self.publish_member(&member.role.clone(), MemberUpdate::Left(member))
+                }
+            }
+        }
+    }
+
+    fn publish_member(&mut self, role: &str, update: MemberUpdate) {
+        self.member_watchers
+            .retain(|(watched, w)| watched != role || w.send(update.clone()).is_ok());
+    }
+
+    /// Adds a leader watcher. With `after == 0` it first gets the current state at
+    /// `applied`; otherwise every retained change after `after` (or, if some were
+    /// forgotten, the current state), then live changes.
+    pub fn subscribe_leader(
+        &mut self,
+        state: &State,
+        applied: u64,
+        election: &str,
+        after: u64,
+        watcher: mpsc::UnboundedSender<LeaderUpdate>,
+    ) {
+        let current = LeaderUpdate {
+            revision: applied,
+            election: election.to_owned(),
+            head: state.head(election),
+        };
+        let mut ok = true;
+        if after == 0 || after < self.forgotten {
+            ok = watcher.send(current).is_ok();
+        } else {
+            for update in self
+                .history
+                .iter()
+                .filter(|u| u.revision > after && u.election == election)
+            {
+                ok &= watcher.send(update.clone()).is_ok();
+            }
+        }
+        if ok {
+            self.leader_watchers
+                .entry(election.to_owned())
+                .or_default()
+                .push(watcher);
+        }
+    }
+
+    /// Adds a member watcher; it first gets the current members.
+    pub fn subscribe_members(
+        &mut self,
+        state: &State,
+        role: &str,
+        watcher: mpsc::UnboundedSender<MemberUpdate>,
+    ) {
+        if watcher
+            .send(MemberUpdate::Snapshot(state.members_of(role)))
+            .is_ok()
+        {
+            self.member_watchers.push((role.to_owned(), watcher));
+        }
+    }
+}
+
+/// The changes that turn `old` into `new`, for a node that installs a snapshot: every
+/// election whose head differs, every member that appeared or vanished.
+pub fn diff(old: &State, new: &State) -> Vec<Change> {
+    let mut changes = Vec::new();
+    let elections: std::collections::BTreeSet<&String> =
+        old.elections.keys().chain(new.elections.keys()).collect();
+    for election in elections {
+        let (before, after) = (old.head(election), new.head(election));
+        let same = match (&before, &after) {
+            (Some(a), Some(b)) => a.token == b.token && a.value == b.value,
+            (None, None) => true,
+            _ => false,
+        };
+        if !same {
+            changes.push(Change::Leader {
+                election: election.clone(),
+                head: after,
+            });
+        }
+    }
+    for (lease, record) in &old.leases {
+        if !new.leases.contains_key(lease) {
+            changes.push(Change::Left(record.member.clone()));
+        }
+    }
+    for (lease, record) in &new.leases {
+        if !old.leases.contains_key(lease) {
+            changes.push(Change::Joined(record.member.clone()));
+        }
+    }
+    changes
+}

@@ -1,0 +1,408 @@
+//! The replicated lease/election state: deterministic, no clocks, serializable as a
+//! snapshot. Applying a command returns its result and what changed, so the node can
+//! notify watchers and its lessor in log order.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::command::{Command, CommandResult, MemberRecord};
+
+/// One session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseRecord {
+    /// TTL granted at registration.
+    pub ttl_ms: u64,
+    /// The member record bound to the lease.
+    pub member: MemberRecord,
+    /// Election → token of this lease's candidacy there.
+    pub candidacies: BTreeMap<String, u64>,
+}
+
+/// One candidate in an election's queue.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CandidateRecord {
+    /// Its lease.
+    pub lease: u64,
+    /// Its published value.
+    pub value: Vec<u8>,
+}
+
+/// The head of an election's queue, as watchers see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeadView {
+    /// Leader's token.
+    pub token: u64,
+    /// Leader's lease.
+    pub lease: u64,
+    /// Leader's value.
+    pub value: Vec<u8>,
+    /// Leader's server id.
+    pub server_id: Option<u64>,
+}
+
+/// A change caused by one applied command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// An election's leader or its value changed (`None` = vacant).
+    Leader {
+        /// Election name.
+        election: String,
+        /// The new head.
+        head: Option<HeadView>,
+    },
+    /// A member registered.
+    Joined(MemberRecord),
+    /// A member's session ended.
+    Left(MemberRecord),
+}
+
+/// All leases, members and elections.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct State {
+    /// Lease id → session.
+    pub leases: BTreeMap<u64, LeaseRecord>,
+    /// Role → server id → lease.
+    pub members: BTreeMap<String, BTreeMap<u64, u64>>,
+    /// Election → token → candidate; the first entry leads.
+    pub elections: BTreeMap<String, BTreeMap<u64, CandidateRecord>>,
+}
+
+impl State {
+    /// The head of an election's queue.
+    pub fn head(&self, election: &str) -> Option<HeadView> {
+        let (token, candidate) = self.elections.get(election)?.iter().next()?;
+        Some(HeadView {
+            token: *token,
+            lease: candidate.lease,
+            value: candidate.value.clone(),
+            server_id: self
+                .leases
+                .get(&candidate.lease)
+                .map(|l| l.member.server_id),
+        })
+    }
+
+    /// The live members of a role, by server id.
+    pub fn members_of(&self, role: &str) -> Vec<MemberRecord> {
+        self.members
+            .get(role)
+            .into_iter()
+            .flat_map(|ids| ids.values())
+            .filter_map(|lease| self.leases.get(lease).map(|l| l.member.clone()))
+            .collect()
+    }
+
+    /// Applies one command at log index `index`.
+    pub fn apply(&mut self, index: u64, command: &Command) -> (CommandResult, Vec<Change>) {
+        let mut changes = Vec::new();
+        let result = match command {
+            Command::Register { member, ttl_ms } => {
+                let ids = self.members.entry(member.role.clone()).or_default();
+                match ids.entry(member.server_id) {
+                    std::collections::btree_map::Entry::Occupied(_) => {
+                        CommandResult::AlreadyRegistered
+                    }
+                    std::collections::btree_map::Entry::Vacant(slot) => {
+                        slot.insert(index);
+                        self.leases.insert(
+                            index,
+                            LeaseRecord {
+                                ttl_ms: *ttl_ms,
+                                member: member.clone(),
+                                candidacies: BTreeMap::new(),
+                            },
+                        );
+                        changes.push(Change::Joined(member.clone()));
+                        CommandResult::Registered {
+                            lease: index,
+                            ttl_ms: *ttl_ms,
+                        }
+                    }
+                }
+            }
+            Command::Revoke { lease } | Command::Expire { lease } => {
+                self.remove_lease(*lease, &mut changes);
+                CommandResult::Ok
+            }
+            Command::Campaign {
+                lease,
+                election,
+                value,
+            } => match self.leases.get_mut(lease) {
+                None => CommandResult::LeaseExpired,
+                Some(record) => {
+                    let token = *record.candidacies.entry(election.clone()).or_insert(index);
+                    let before = self.head(election);
+                    self.elections.entry(election.clone()).or_default().insert(
+                        token,
+                        CandidateRecord {
+                            lease: *lease,
+                            value: value.clone(),
+                        },
+                    );
+                    self.note_head_change(election, before, &mut changes);
+                    CommandResult::Campaigned { token }
+                }
+            },
+            Command::Resign {
+                election,
+                lease,
+                token,
+            } => {
+                self.remove_candidacy(election, *lease, *token, &mut changes);
+                CommandResult::Ok
+            }
+            Command::Proclaim {
+                election,
+                lease,
+                token,
+                value,
+            } => {
+                let before = self.head(election);
+                match &before {
+                    Some(head) if head.token == *token && head.lease == *lease => {
+                        if let Some(candidate) = self
+                            .elections
+                            .get_mut(election)
+                            .and_then(|queue| queue.get_mut(token))
+                        {
+                            candidate.value = value.clone();
+                        }
+                        self.note_head_change(election, before, &mut changes);
+                        CommandResult::Ok
+                    }
+                    other => CommandResult::NotLeader {
+                        current: other.as_ref().map(|h| h.token),
+                    },
+                }
+            }
+        };
+        (result, changes)
+    }
+
+    fn remove_lease(&mut self, lease: u64, changes: &mut Vec<Change>) {
+        let Some(record) = self.leases.remove(&lease) else {
+            return;
+        };
+        for (election, token) in &record.candidacies {
+            let before = self.head(election);
+            if let Some(queue) = self.elections.get_mut(election) {
+                queue.remove(token);
+            }
+            // The lease is gone, so `before` names a server id that `head` no longer can;
+            // compare by token and value only.
+            self.note_head_change(election, before, changes);
+        }
+        if let Some(ids) = self.members.get_mut(&record.member.role) {
+            if ids.get(&record.member.server_id) == Some(&lease) {
+                ids.remove(&record.member.server_id);
+            }
+            if ids.is_empty() {
+                self.members.remove(&record.member.role);
+            }
+        }
+        changes.push(Change::Left(record.member));
+    }
+
+    fn remove_candidacy(
+        &mut self,
+        election: &str,
+        lease: u64,
+        token: u64,
+        changes: &mut Vec<Change>,
+    ) {
+        let stands = self
+            .elections
+            .get(election)
+            .and_then(|queue| queue.get(&token))
+            .is_some_and(|c| c.lease == lease);
+        if !stands {
+            return;
+        }
+        let before = self.head(election);
+        if let Some(queue) = self.elections.get_mut(election) {
+            queue.remove(&token);
+        }
+        if let Some(record) = self.leases.get_mut(&lease) {
+            record.candidacies.remove(election);
+        }
+        self.note_head_change(election, before, changes);
+    }
+
+    /// Records a leader change if the head's token or value moved, and forgets an empty
+    /// election.
+    fn note_head_change(
+        &mut self,
+        election: &str,
+        before: Option<HeadView>,
+        changes: &mut Vec<Change>,
+    ) {
+        let after = self.head(election);
+        let same = |a: &Option<HeadView>, b: &Option<HeadView>| match (a, b) {
+            (Some(a), Some(b)) => a.token == b.token && a.value == b.value,
+            (None, None) => true,
+            _ => false,
+        };
+        if !same(&before, &after) {
+            changes.push(Change::Leader {
+                election: election.to_owned(),
+                head: after,
+            });
+        }
+        if self.elections.get(election).is_some_and(|q| q.is_empty()) {
+            self.elections.remove(election);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(id: u64) -> MemberRecord {
+        MemberRecord {
+            server_id: id,
+            role: "coord".into(),
+            address: format!("a{id}"),
+            metadata: BTreeMap::new(),
+        }
+    }
+
+    fn register(state: &mut State, index: u64, id: u64) -> u64 {
+        match state
+            .apply(
+                index,
+                &Command::Register {
+                    member: member(id),
+                    ttl_ms: 2000,
+                },
+            )
+            .0
+        {
+            CommandResult::Registered { lease, .. } => lease,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn campaign(
+        state: &mut State,
+        index: u64,
+        lease: u64,
+        value: &str,
+    ) -> (CommandResult, Vec<Change>) {
+        state.apply(
+            index,
+            &Command::Campaign {
+                lease,
+                election: "e".into(),
+                value: value.into(),
+            },
+        )
+    }
+
+    #[test]
+    fn lease_and_token_are_log_indexes_and_queue_is_fifo() {
+        let mut s = State::default();
+        let a = register(&mut s, 1, 1);
+        let b = register(&mut s, 2, 2);
+        assert_eq!((a, b), (1, 2));
+        assert_eq!(
+            s.apply(
+                3,
+                &Command::Register {
+                    member: member(1),
+                    ttl_ms: 2000
+                }
+            )
+            .0,
+            CommandResult::AlreadyRegistered
+        );
+        assert_eq!(
+            campaign(&mut s, 4, a, "a").0,
+            CommandResult::Campaigned { token: 4 }
+        );
+        let (result, changes) = campaign(&mut s, 5, b, "b");
+        assert_eq!(result, CommandResult::Campaigned { token: 5 });
+        assert!(changes.is_empty(), "a queued candidate changes no leader");
+        assert_eq!(s.head("e").map(|h| h.token), Some(4));
+        // Resuming keeps the token and replaces the value.
+        assert_eq!(
+            campaign(&mut s, 6, a, "a2").0,
+            CommandResult::Campaigned { token: 4 }
+        );
+        assert_eq!(s.head("e").map(|h| h.value), Some(b"a2".to_vec()));
+        let (_, changes) = s.apply(
+            7,
+            &Command::Resign {
+                election: "e".into(),
+                lease: a,
+                token: 4,
+            },
+        );
+        assert_eq!(s.head("e").map(|h| h.token), Some(5));
+        assert!(matches!(&changes[..], [Change::Leader { head: Some(h), .. }] if h.token == 5));
+    }
+
+    #[test]
+    fn expiry_removes_member_and_candidacies_and_reports_in_order() {
+        let mut s = State::default();
+        let a = register(&mut s, 1, 1);
+        campaign(&mut s, 2, a, "a");
+        let (_, changes) = s.apply(3, &Command::Expire { lease: a });
+        assert_eq!(
+            changes,
+            vec![
+                Change::Leader {
+                    election: "e".into(),
+                    head: None
+                },
+                Change::Left(member(1)),
+            ]
+        );
+        assert!(s.members_of("coord").is_empty());
+        assert!(s.elections.is_empty());
+        assert_eq!(
+            campaign(&mut s, 4, a, "late").0,
+            CommandResult::LeaseExpired
+        );
+        // Idempotent.
+        assert!(s.apply(5, &Command::Revoke { lease: a }).1.is_empty());
+    }
+
+    #[test]
+    fn proclaim_only_from_the_head() {
+        let mut s = State::default();
+        let a = register(&mut s, 1, 1);
+        let b = register(&mut s, 2, 2);
+        campaign(&mut s, 3, a, "a");
+        campaign(&mut s, 4, b, "b");
+        let proclaim = |lease, token| Command::Proclaim {
+            election: "e".into(),
+            lease,
+            token,
+            value: b"new".to_vec(),
+        };
+        assert_eq!(
+            s.apply(5, &proclaim(b, 4)).0,
+            CommandResult::NotLeader { current: Some(3) }
+        );
+        assert_eq!(
+            s.apply(6, &proclaim(b, 3)).0,
+            CommandResult::NotLeader { current: Some(3) }
+        );
+        let (result, changes) = s.apply(7, &proclaim(a, 3));
+        assert_eq!(result, CommandResult::Ok);
+        assert_eq!(changes.len(), 1);
+    }
+
+    #[test]
+    fn snapshot_round_trips() {
+        let mut s = State::default();
+        let a = register(&mut s, 1, 1);
+        campaign(&mut s, 2, a, "a");
+        let bytes = serde_json::to_vec(&s).unwrap_or_default();
+        let back: State = serde_json::from_slice(&bytes).unwrap_or_default();
+        assert_eq!(back, s);
+    }
+}

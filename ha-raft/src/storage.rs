@@ -1,0 +1,456 @@
+//! Raft log and state machine in one sled database per node.
+//!
+//! Trees: `logs` (big-endian u64 index → JSON entry), `meta` (vote, committed, last
+//! purged log id, node and cluster identity), `snapshot` (the latest snapshot). Every
+//! write that openraft must find after a crash is flushed before it is acknowledged.
+//! The state machine itself lives in memory and is rebuilt on start from the snapshot;
+//! openraft re-applies the committed log after it.
+
+use std::fmt::Debug;
+use std::io::Cursor;
+use std::ops::{Bound, RangeBounds};
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
+use openraft::{
+    Entry, EntryPayload, LogId, RaftLogReader, RaftSnapshotBuilder, SnapshotMeta, StorageError,
+    StorageIOError, StoredMembership, Vote,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::command::{CommandResult, NodeId, TypeConfig};
+use crate::error::RaftBackendError;
+use crate::hub::{diff, Hub};
+use crate::state::State;
+
+type StorageResult<T> = Result<T, StorageError<NodeId>>;
+
+const VOTE: &[u8] = b"vote";
+const COMMITTED: &[u8] = b"committed";
+const LAST_PURGED: &[u8] = b"last_purged";
+const IDENTITY: &[u8] = b"identity";
+const SNAPSHOT: &[u8] = b"snapshot";
+
+/// Which node of which cluster a data directory belongs to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    /// The cluster id every member shares.
+    pub cluster_id: String,
+    /// This node's id.
+    pub node_id: NodeId,
+}
+
+/// Opens (or creates) a node's database and checks it belongs to `identity`.
+///
+/// # Errors
+/// `Storage` if sled cannot open it, `ForeignDataDir` if it holds another cluster's or
+/// node's data, `Corrupt` if its identity record does not decode.
+pub fn open_db(
+    dir: &Path,
+    identity: &Identity,
+    cache_bytes: u64,
+) -> Result<sled::Db, RaftBackendError> {
+    let db = sled::Config::new()
+        .path(dir)
+        .cache_capacity(cache_bytes)
+        .mode(sled::Mode::LowSpace)
+        .open()
+        .map_err(|e| RaftBackendError::Storage(format!("open {}: {e}", dir.display())))?;
+    let meta = db
+        .open_tree("meta")
+        .map_err(|e| RaftBackendError::Storage(e.to_string()))?;
+    match meta
+        .get(IDENTITY)
+        .map_err(|e| RaftBackendError::Storage(e.to_string()))?
+    {
+        Some(bytes) => {
+            let found: Identity = serde_json::from_slice(&bytes)
+                .map_err(|e| RaftBackendError::Corrupt(format!("identity record: {e}")))?;
+            if &found != identity {
+                return Err(RaftBackendError::ForeignDataDir {
+                    dir: dir.display().to_string(),
+                    found: format!("node {} of cluster {:?}", found.node_id, found.cluster_id),
+                    expected: format!(
+                        "node {} of cluster {:?}",
+                        identity.node_id, identity.cluster_id
+                    ),
+                });
+            }
+        }
+        None => {
+            let bytes = serde_json::to_vec(identity)
+                .map_err(|e| RaftBackendError::Corrupt(e.to_string()))?;
+            meta.insert(IDENTITY, bytes)
+                .map_err(|e| RaftBackendError::Storage(e.to_string()))?;
+            db.flush()
+                .map_err(|e| RaftBackendError::Storage(e.to_string()))?;
+        }
+    }
+    Ok(db)
+}
+
+fn read_err(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
+    StorageIOError::read(&e).into()
+}
+
+fn write_err(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
+    StorageIOError::write(&e).into()
+}
+
+fn index_key(index: u64) -> [u8; 8] {
+    index.to_be_bytes()
+}
+
+fn get_json<T: for<'de> Deserialize<'de>>(
+    tree: &sled::Tree,
+    key: &[u8],
+) -> StorageResult<Option<T>> {
+    match tree.get(key).map_err(read_err)? {
+        Some(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(read_err),
+        None => Ok(None),
+    }
+}
+
+async fn put_json<T: Serialize>(tree: &sled::Tree, key: &[u8], value: &T) -> StorageResult<()> {
+    let bytes = serde_json::to_vec(value).map_err(write_err)?;
+    tree.insert(key, bytes).map_err(write_err)?;
+    tree.flush_async().await.map_err(write_err)?;
+    Ok(())
+}
+
+/// The Raft log (and vote) in sled.
+#[derive(Debug, Clone)]
+pub struct LogStore {
+    logs: sled::Tree,
+    meta: sled::Tree,
+}
+
+impl LogStore {
+    /// The log store of an opened database.
+    ///
+    /// # Errors
+    /// `Storage` if the trees cannot be opened.
+    pub fn new(db: &sled::Db) -> Result<Self, RaftBackendError> {
+        let tree = |name: &str| {
+            db.open_tree(name)
+                .map_err(|e| RaftBackendError::Storage(e.to_string()))
+        };
+        Ok(Self {
+            logs: tree("logs")?,
+            meta: tree("meta")?,
+        })
+    }
+
+    fn decode(bytes: &[u8]) -> StorageResult<Entry<TypeConfig>> {
+        serde_json::from_slice(bytes).map_err(read_err)
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(
+        &mut self,
+        range: RB,
+    ) -> StorageResult<Vec<Entry<TypeConfig>>> {
+        let start = match range.start_bound() {
+            Bound::Included(i) => Bound::Included(index_key(*i)),
+            Bound::Excluded(i) => Bound::Excluded(index_key(*i)),
+            Bound::Unbounded => Bound::Unbounded,
+        };
+        let end = match range.end_bound() {
+            Bound::Included(i) => Bound::Included(index_key(*i)),
+            Bound::Excluded(i) => Bound::Excluded(index_key(*i)),
+            Bound::Unbounded => Bound::Unbounded,
+        };
+        self.logs
+            .range::<[u8; 8], _>((start, end))
+            .map(|item| item.map_err(read_err).and_then(|(_, v)| Self::decode(&v)))
+            .collect()
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = Self;
+
+    async fn get_log_state(&mut self) -> StorageResult<LogState<TypeConfig>> {
+        let last_purged: Option<LogId<NodeId>> = get_json(&self.meta, LAST_PURGED)?;
+        let last = match self.logs.last().map_err(read_err)? {
+            Some((_, bytes)) => Some(Self::decode(&bytes)?.log_id),
+            None => last_purged,
+        };
+        Ok(LogState {
+            last_purged_log_id: last_purged,
+            last_log_id: last,
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> StorageResult<()> {
+        put_json(&self.meta, VOTE, vote).await
+    }
+
+    async fn read_vote(&mut self) -> StorageResult<Option<Vote<NodeId>>> {
+        get_json(&self.meta, VOTE)
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> StorageResult<()> {
+        put_json(&self.meta, COMMITTED, &committed).await
+    }
+
+    async fn read_committed(&mut self) -> StorageResult<Option<LogId<NodeId>>> {
+        Ok(get_json::<Option<LogId<NodeId>>>(&self.meta, COMMITTED)?.flatten())
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> StorageResult<()>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + Send,
+        I::IntoIter: Send,
+    {
+        let mut batch = sled::Batch::default();
+        for entry in entries {
+            let bytes = serde_json::to_vec(&entry).map_err(write_err)?;
+            batch.insert(&index_key(entry.log_id.index), bytes);
+        }
+        self.logs.apply_batch(batch).map_err(write_err)?;
+        // Durable before acknowledged: openraft counts this entry towards a quorum as soon
+        // as the callback fires.
+        let flushed = self.logs.flush_async().await;
+        callback.log_io_completed(flushed.map(|_| ()).map_err(std::io::Error::other));
+        Ok(())
+    }
+
+    async fn truncate(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
+        let mut batch = sled::Batch::default();
+        for key in self.logs.range(index_key(log_id.index)..).keys() {
+            batch.remove(key.map_err(write_err)?);
+        }
+        self.logs.apply_batch(batch).map_err(write_err)?;
+        self.logs.flush_async().await.map_err(write_err)?;
+        Ok(())
+    }
+
+    async fn purge(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
+        // Record the purge point first: after a crash mid-purge the log state must not
+        // claim entries that are half gone.
+        put_json(&self.meta, LAST_PURGED, &log_id).await?;
+        let mut batch = sled::Batch::default();
+        for key in self.logs.range(..=index_key(log_id.index)).keys() {
+            batch.remove(key.map_err(write_err)?);
+        }
+        self.logs.apply_batch(batch).map_err(write_err)?;
+        self.logs.flush_async().await.map_err(write_err)?;
+        Ok(())
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct StoredSnapshot {
+    meta: SnapshotMeta<NodeId, openraft::BasicNode>,
+    data: Vec<u8>,
+}
+
+/// The in-memory state machine with its watchers; what the node reads.
+#[derive(Debug, Default)]
+pub struct Machine {
+    /// Leases, members, elections.
+    pub state: State,
+    /// Last applied log id.
+    pub last_applied: Option<LogId<NodeId>>,
+    /// Last applied membership.
+    pub last_membership: StoredMembership<NodeId, openraft::BasicNode>,
+    /// Watchers.
+    pub hub: Hub,
+}
+
+impl Machine {
+    /// The index of the last applied entry (0 if none).
+    pub fn applied_index(&self) -> u64 {
+        self.last_applied.map_or(0, |l| l.index)
+    }
+}
+
+/// The state machine store: [`Machine`] behind a lock, snapshots in sled.
+#[derive(Debug, Clone)]
+pub struct StateMachineStore {
+    shared: Arc<SmShared>,
+}
+
+#[derive(Debug)]
+struct SmShared {
+    machine: Mutex<Machine>,
+    applied: watch::Sender<u64>,
+    snapshots: sled::Tree,
+}
+
+impl StateMachineStore {
+    /// The state machine of an opened database, restored from its latest snapshot.
+    ///
+    /// # Errors
+    /// `Storage` or `Corrupt` if the snapshot cannot be read.
+    pub fn new(db: &sled::Db) -> Result<Self, RaftBackendError> {
+        let snapshots = db
+            .open_tree("snapshot")
+            .map_err(|e| RaftBackendError::Storage(e.to_string()))?;
+        let mut machine = Machine::default();
+        if let Some(stored) = get_json::<StoredSnapshot>(&snapshots, SNAPSHOT)
+            .map_err(|e| RaftBackendError::Corrupt(format!("snapshot: {e}")))?
+        {
+            machine.state = serde_json::from_slice(&stored.data)
+                .map_err(|e| RaftBackendError::Corrupt(format!("snapshot data: {e}")))?;
+            machine.last_applied = stored.meta.last_log_id;
+            machine.last_membership = stored.meta.last_membership;
+        }
+        let applied = watch::channel(machine.applied_index()).0;
+        Ok(Self {
+            shared: Arc::new(SmShared {
+                machine: Mutex::new(machine),
+                applied,
+                snapshots,
+            }),
+        })
+    }
+
+    /// Locks the machine for a read or a subscription.
+    pub fn lock(&self) -> MutexGuard<'_, Machine> {
+        self.shared
+            .machine
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Follows the applied index.
+    pub fn applied(&self) -> watch::Receiver<u64> {
+        self.shared.applied.subscribe()
+    }
+
+    fn notify_applied(&self, index: u64) {
+        self.shared.applied.send_if_modified(|current| {
+            if index > *current {
+                *current = index;
+                true
+            } else {
+                false
+            }
+        });
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
+    async fn build_snapshot(&mut self) -> StorageResult<Snapshot<TypeConfig>> {
+        let (data, meta) = {
+            let machine = self.lock();
+            let data = serde_json::to_vec(&machine.state).map_err(read_err)?;
+            let snapshot_id = match machine.last_applied {
+                Some(last) => format!("{}-{}", last.leader_id, last.index),
+                None => "empty".to_owned(),
+            };
+            let meta = SnapshotMeta {
+                last_log_id: machine.last_applied,
+                last_membership: machine.last_membership.clone(),
+                snapshot_id,
+            };
+            (data, meta)
+        };
+        let stored = StoredSnapshot {
+            meta: meta.clone(),
+            data,
+        };
+        put_json(&self.shared.snapshots, SNAPSHOT, &stored).await?;
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(stored.data)),
+        })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachineStore {
+    type SnapshotBuilder = Self;
+
+    async fn applied_state(
+        &mut self,
+    ) -> StorageResult<(
+        Option<LogId<NodeId>>,
+        StoredMembership<NodeId, openraft::BasicNode>,
+    )> {
+        let machine = self.lock();
+        Ok((machine.last_applied, machine.last_membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> StorageResult<Vec<CommandResult>>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + Send,
+        I::IntoIter: Send,
+    {
+        let mut results = Vec::new();
+        let last = {
+            let mut machine = self.lock();
+            for entry in entries {
+                machine.last_applied = Some(entry.log_id);
+                let result = match entry.payload {
+                    EntryPayload::Blank => CommandResult::None,
+                    EntryPayload::Normal(command) => {
+                        let (result, changes) = machine.state.apply(entry.log_id.index, &command);
+                        machine.hub.publish(entry.log_id.index, changes);
+                        result
+                    }
+                    EntryPayload::Membership(membership) => {
+                        machine.last_membership =
+                            StoredMembership::new(Some(entry.log_id), membership);
+                        CommandResult::None
+                    }
+                };
+                results.push(result);
+            }
+            machine.applied_index()
+        };
+        self.notify_applied(last);
+        Ok(results)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> StorageResult<Box<Cursor<Vec<u8>>>> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, openraft::BasicNode>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> StorageResult<()> {
+        let stored = StoredSnapshot {
+            meta: meta.clone(),
+            data: snapshot.into_inner(),
+        };
+        let state: State = serde_json::from_slice(&stored.data)
+            .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
+        put_json(&self.shared.snapshots, SNAPSHOT, &stored).await?;
+        let index = {
+            let mut machine = self.lock();
+            let changes = diff(&machine.state, &state);
+            machine.state = state;
+            machine.last_applied = meta.last_log_id;
+            machine.last_membership = meta.last_membership.clone();
+            let index = machine.applied_index();
+            machine.hub.publish(index, changes);
+            index
+        };
+        self.notify_applied(index);
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> StorageResult<Option<Snapshot<TypeConfig>>> {
+        Ok(
+            get_json::<StoredSnapshot>(&self.shared.snapshots, SNAPSHOT)?.map(|stored| Snapshot {
+                meta: stored.meta,
+                snapshot: Box::new(Cursor::new(stored.data)),
+            }),
+        )
+    }
+}
