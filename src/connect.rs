@@ -42,6 +42,16 @@ pub async fn connect(url: &str) -> Result<Arc<dyn Backend>> {
             }
             Ok(Arc::new(crate::memory::MemoryBackend::new()))
         }
+        #[cfg(feature = "raft")]
+        "raft" => {
+            let endpoints: Vec<&str> = rest.trim_end_matches('/').split(',').collect();
+            if endpoints.iter().any(|e| e.is_empty()) {
+                return Err(invalid(format!(
+                    "{url:?}: expected raft://host:port[,host:port...]"
+                )));
+            }
+            Ok(Arc::new(crate::raft::RaftClient::connect(endpoints).await?))
+        }
         _ => {
             let _ = rest;
             Err(Error::FeatureDisabled { scheme, feature })

@@ -11,3 +11,8 @@ pub use ha_core::*;
 #[cfg(feature = "memory")]
 #[cfg_attr(docsrs, doc(cfg(feature = "memory")))]
 pub use ha_memory as memory;
+
+/// The embedded Raft backend: [`raft::RaftNode`] (a member) and [`raft::RaftClient`].
+#[cfg(feature = "raft")]
+#[cfg_attr(docsrs, doc(cfg(feature = "raft")))]
+pub use ha_raft as raft;

@@ -35,10 +35,7 @@ async fn malformed_and_unknown_urls_are_invalid_arguments() {
 
 #[tokio::test]
 async fn backends_not_compiled_in_name_their_feature() {
-    for (url, feature) in [
-        ("raft://127.0.0.1:7001", "raft"),
-        ("etcd://127.0.0.1:2379", "etcd"),
-    ] {
+    for (url, feature) in [("etcd://127.0.0.1:2379", "etcd")] {
         match ha::connect(url).await {
             Err(Error::FeatureDisabled { feature: f, .. }) => {
                 assert_eq!(f, feature);
@@ -52,4 +49,26 @@ async fn backends_not_compiled_in_name_their_feature() {
             other => panic!("{url} gave {other:?}"),
         }
     }
+}
+
+#[tokio::test]
+async fn raft_urls_are_checked_and_unreachable_groups_are_unavailable() {
+    for url in [
+        "raft://",
+        "raft://127.0.0.1:1,",
+        "raft://127.0.0.1:1/x",
+        "raft://nohostport",
+    ] {
+        match ha::connect(url).await {
+            Err(Error::InvalidArgument { what: "url", .. }) => {}
+            other => panic!("{url:?} gave {other:?}"),
+        }
+    }
+    // Nothing listens on port 1 of loopback.
+    let started = std::time::Instant::now();
+    match ha::connect("raft://127.0.0.1:1").await {
+        Err(Error::Unavailable(reason)) => assert!(reason.contains("127.0.0.1:1"), "{reason}"),
+        other => panic!("unreachable group gave {other:?}"),
+    }
+    assert!(started.elapsed() < std::time::Duration::from_secs(30));
 }

@@ -4,11 +4,18 @@
 // return them; boxing them at every call would only move the size around.
 #![allow(clippy::result_large_err)]
 
+mod client;
 pub mod command;
+mod config;
 mod error;
 pub mod hub;
+mod lessor;
+mod network;
+mod node;
+mod service;
 pub mod state;
 pub mod storage;
+mod wire;
 
 /// Generated gRPC code for the peer and client services (`proto/ha_raft.proto`).
 #[allow(missing_docs, clippy::all, clippy::unwrap_used, clippy::expect_used)]
@@ -16,4 +23,8 @@ pub mod proto {
     tonic::include_proto!("ha_raft.v1");
 }
 
+pub use client::{RaftClient, DEFAULT_REQUEST_TIMEOUT};
+pub use config::{RaftNodeConfig, MIN_TTL};
 pub use error::RaftBackendError;
+pub use network::FaultInjector;
+pub use node::RaftNode;

@@ -1,0 +1,478 @@
+//! `RaftClient`: the contract for a process that is not a member of the group, over the
+//! client API of any member (which forwards to the leader). Endpoints are tried in turn;
+//! watches reconnect and resume after the last revision they saw.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::StreamExt;
+use ha_core::{
+    Backend, Capabilities, ElectionName, Error, Leader, LeaderEvent, LeaderKey, LeaderStream,
+    Lease, LeaseId, Member, MemberEvent, MemberStream, Result, Role, ServerId,
+};
+use tokio::sync::mpsc;
+use tokio::time::{sleep, Instant};
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+use crate::config::MIN_TTL;
+use crate::proto::coordination_client::CoordinationClient;
+use crate::proto::{self, member_event::Kind};
+use crate::wire::{
+    from_status, key_from_proto, key_to_proto, leader_from_proto, member_from_proto,
+    member_to_proto,
+};
+
+/// Default time one call may take, retries across endpoints included.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A client of a Raft group it is not a member of. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct RaftClient {
+    inner: Arc<ClientInner>,
+}
+
+#[derive(Debug)]
+struct ClientInner {
+    endpoints: Vec<String>,
+    channels: Vec<Channel>,
+    current: AtomicUsize,
+    request_timeout: Duration,
+}
+
+/// Whether a failed call may succeed against another endpoint or later.
+fn transient(status: &Status) -> bool {
+    matches!(
+        status.code(),
+        Code::Unavailable | Code::Cancelled | Code::Unknown
+    ) || (status.code() == Code::DeadlineExceeded && status.details().is_empty())
+}
+
+impl RaftClient {
+    /// Connects to a group through any of `endpoints` (`host:port`). Succeeds once one
+    /// endpoint accepts a connection.
+    ///
+    /// # Errors
+    /// `InvalidArgument` for an empty list or a malformed address; `Unavailable` if no
+    /// endpoint can be reached within `request_timeout`.
+    pub async fn connect<I, S>(endpoints: I) -> Result<Self>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        Self::connect_with_timeout(endpoints, DEFAULT_REQUEST_TIMEOUT).await
+    }
+
+    /// [`connect`](Self::connect) with a per-call timeout.
+    ///
+    /// # Errors
+    /// As [`connect`](Self::connect).
+    pub async fn connect_with_timeout<I, S>(endpoints: I, request_timeout: Duration) -> Result<Self>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        let endpoints: Vec<String> = endpoints.into_iter().map(Into::into).collect();
+        if endpoints.is_empty() {
+            return Err(Error::InvalidArgument {
+                what: "url",
+                reason: "a raft:// URL needs at least one host:port".into(),
+            });
+        }
+        let mut channels = Vec::new();
+        for endpoint in &endpoints {
+            if endpoint.is_empty() || endpoint.contains('/') || !endpoint.contains(':') {
+                return Err(Error::InvalidArgument {
+                    what: "url",
+                    reason: format!("{endpoint:?} is not host:port"),
+                });
+            }
+            let channel = Endpoint::from_shared(format!("http://{endpoint}"))
+                .map_err(|e| Error::InvalidArgument {
+                    what: "url",
+                    reason: format!("{endpoint:?}: {e}"),
+                })?
+                .connect_timeout(Duration::from_secs(1))
+                .tcp_nodelay(true)
+                .connect_lazy();
+            channels.push(channel);
+        }
+        let client = Self {
+            inner: Arc::new(ClientInner {
+                endpoints,
+                channels,
+                current: AtomicUsize::new(0),
+                request_timeout,
+            }),
+        };
+        // Prove one endpoint is there: a read that every member can answer.
+        let probe = ElectionName::new("ha-connect-probe")?;
+        client.leader(&probe).await.map_err(|e| match e {
+            Error::Unavailable(_) | Error::Timeout { .. } => Error::Unavailable(format!(
+                "none of {:?} answered within {request_timeout:?}: {e}",
+                client.inner.endpoints
+            )),
+            other => other,
+        })?;
+        Ok(client)
+    }
+
+    fn client(&self) -> (usize, CoordinationClient<Channel>) {
+        let index = self.inner.current.load(Ordering::Relaxed) % self.inner.channels.len();
+        (
+            index,
+            CoordinationClient::new(self.inner.channels[index].clone()),
+        )
+    }
+
+    fn rotate(&self, from: usize) {
+        let _ = self.inner.current.compare_exchange(
+            from,
+            (from + 1) % self.inner.channels.len(),
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+    }
+
+    /// Calls the current endpoint, moving to the next on transport failures, until the
+    /// request timeout passes.
+    async fn call<T, F, Fut>(&self, mut call: F) -> Result<T>
+    where
+        F: FnMut(CoordinationClient<Channel>) -> Fut,
+        Fut: Future<Output = std::result::Result<T, Status>>,
+    {
+        let deadline = Instant::now() + self.inner.request_timeout;
+        loop {
+            let (index, client) = self.client();
+            let status = match tokio::time::timeout_at(deadline, call(client)).await {
+                Ok(Ok(reply)) => return Ok(reply),
+                Ok(Err(status)) => status,
+                Err(_) => {
+                    return Err(Error::Timeout {
+                        operation: "request",
+                        after: self.inner.request_timeout,
+                    })
+                }
+            };
+            if !transient(&status) || Instant::now() >= deadline {
+                return Err(from_status(&status));
+            }
+            self.rotate(index);
+            sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+#[async_trait]
+impl Backend for RaftClient {
+    fn name(&self) -> &'static str {
+        "raft"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::new(MIN_TTL)
+    }
+
+    async fn register(&self, member: &Member, ttl: Duration) -> Result<Lease> {
+        self.capabilities().check_ttl(ttl)?;
+        let request = proto::RegisterRequest {
+            member: Some(member_to_proto(member)),
+            ttl_ms: ttl.as_millis() as u64,
+        };
+        let reply = self
+            .call(|mut c| {
+                let request = request.clone();
+                async move { c.register(request).await }
+            })
+            .await?
+            .into_inner();
+        Ok(Lease {
+            id: LeaseId::new(reply.lease),
+            ttl: Duration::from_millis(reply.ttl_ms),
+        })
+    }
+
+    async fn keep_alive(&self, lease: LeaseId) -> Result<Duration> {
+        let reply = self
+            .call(|mut c| async move {
+                c.keep_alive(proto::LeaseRequest { lease: lease.get() })
+                    .await
+            })
+            .await?
+            .into_inner();
+        Ok(Duration::from_millis(reply.ttl_ms))
+    }
+
+    async fn revoke(&self, lease: LeaseId) -> Result<()> {
+        self.call(
+            |mut c| async move { c.revoke(proto::LeaseRequest { lease: lease.get() }).await },
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn campaign(
+        &self,
+        lease: LeaseId,
+        election: &ElectionName,
+        value: Bytes,
+    ) -> Result<LeaderKey> {
+        let request = proto::CampaignRequest {
+            lease: lease.get(),
+            election: election.as_str().to_owned(),
+            value: value.to_vec(),
+        };
+        // No overall timeout: a campaign waits in line as long as it takes. A broken
+        // connection resumes the same candidacy elsewhere (campaign is idempotent per
+        // lease and election); dropping this future cancels the call, and the serving
+        // node withdraws the candidacy.
+        loop {
+            let (index, mut client) = self.client();
+            match client.campaign(request.clone()).await {
+                Ok(reply) => return key_from_proto(reply.into_inner()),
+                Err(status) if transient(&status) => {
+                    self.rotate(index);
+                    sleep(Duration::from_millis(100)).await;
+                }
+                Err(status) => return Err(from_status(&status)),
+            }
+        }
+    }
+
+    async fn resign(&self, key: &LeaderKey) -> Result<()> {
+        let request = key_to_proto(key);
+        self.call(|mut c| {
+            let request = request.clone();
+            async move { c.resign(request).await }
+        })
+        .await?;
+        Ok(())
+    }
+
+    async fn proclaim(&self, key: &LeaderKey, value: Bytes) -> Result<()> {
+        let request = proto::ProclaimRequest {
+            key: Some(key_to_proto(key)),
+            value: value.to_vec(),
+        };
+        self.call(|mut c| {
+            let request = request.clone();
+            async move { c.proclaim(request).await }
+        })
+        .await?;
+        Ok(())
+    }
+
+    async fn leader(&self, election: &ElectionName) -> Result<Option<Leader>> {
+        let request = proto::ElectionRequest {
+            election: election.as_str().to_owned(),
+        };
+        let reply = self
+            .call(|mut c| {
+                let request = request.clone();
+                async move { c.leader(request).await }
+            })
+            .await?
+            .into_inner();
+        reply.leader.map(leader_from_proto).transpose()
+    }
+
+    fn watch(&self, election: &ElectionName) -> LeaderStream {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(follow_leader(self.clone(), election.clone(), tx));
+        UnboundedReceiverStream::new(rx).boxed()
+    }
+
+    async fn members(&self, role: &Role) -> Result<Vec<Member>> {
+        let request = proto::RoleRequest {
+            role: role.as_str().to_owned(),
+        };
+        let reply = self
+            .call(|mut c| {
+                let request = request.clone();
+                async move { c.members(request).await }
+            })
+            .await?
+            .into_inner();
+        reply.members.into_iter().map(member_from_proto).collect()
+    }
+
+    fn watch_members(&self, role: &Role) -> MemberStream {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(follow_members(self.clone(), role.clone(), tx));
+        UnboundedReceiverStream::new(rx).boxed()
+    }
+}
+
+/// Feeds a leader watch, reconnecting after failures and resuming after the last
+/// revision seen, so no change is lost or repeated.
+async fn follow_leader(
+    client: RaftClient,
+    election: ElectionName,
+    tx: mpsc::UnboundedSender<Result<LeaderEvent>>,
+) {
+    let mut after = 0u64;
+    let mut last: Option<Option<(u64, Vec<u8>)>> = None;
+    let mut failures = 0u32;
+    loop {
+        let (index, mut c) = client.client();
+        let request = proto::WatchRequest {
+            election: election.as_str().to_owned(),
+            after_revision: after,
+        };
+        let opened = tokio::select! {
+            _ = tx.closed() => return,
+            opened = c.watch(request) => opened,
+        };
+        let mut stream = match opened {
+            Ok(stream) => stream.into_inner(),
+            Err(status) if transient(&status) && failures < 100 => {
+                failures += 1;
+                client.rotate(index);
+                sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            Err(status) => {
+                let _ = tx.send(Err(from_status(&status)));
+                return;
+            }
+        };
+        loop {
+            let message = tokio::select! {
+                _ = tx.closed() => return,
+                message = stream.message() => message,
+            };
+            match message {
+                Ok(Some(event)) => {
+                    failures = 0;
+                    if event.revision <= after && last.is_some() {
+                        continue;
+                    }
+                    after = after.max(event.revision);
+                    let state = event
+                        .leader
+                        .as_ref()
+                        .map(|l| (l.key.as_ref().map_or(0, |k| k.token), l.value.clone()));
+                    if last.as_ref() == Some(&state) {
+                        continue; // the same state again after a reconnect
+                    }
+                    last = Some(state);
+                    let item = match event.leader {
+                        Some(leader) => leader_from_proto(leader).map(LeaderEvent::Elected),
+                        None => Ok(LeaderEvent::Vacant),
+                    };
+                    if tx.send(item).is_err() {
+                        return;
+                    }
+                }
+                Ok(None) | Err(_) => break,
+            }
+        }
+        client.rotate(index);
+        sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Feeds a member watch; after a reconnect, the difference between the old and new
+/// snapshots is reported as joins and leaves.
+async fn follow_members(
+    client: RaftClient,
+    role: Role,
+    tx: mpsc::UnboundedSender<Result<MemberEvent>>,
+) {
+    let mut known: Option<BTreeMap<ServerId, Member>> = None;
+    let mut failures = 0u32;
+    loop {
+        let (index, mut c) = client.client();
+        let request = proto::RoleRequest {
+            role: role.as_str().to_owned(),
+        };
+        let opened = tokio::select! {
+            _ = tx.closed() => return,
+            opened = c.watch_members(request) => opened,
+        };
+        let mut stream = match opened {
+            Ok(stream) => stream.into_inner(),
+            Err(status) if transient(&status) && failures < 100 => {
+                failures += 1;
+                client.rotate(index);
+                sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            Err(status) => {
+                let _ = tx.send(Err(from_status(&status)));
+                return;
+            }
+        };
+        loop {
+            let message = tokio::select! {
+                _ = tx.closed() => return,
+                message = stream.message() => message,
+            };
+            let event = match message {
+                Ok(Some(event)) => event,
+                Ok(None) | Err(_) => break,
+            };
+            failures = 0;
+            let members: Result<Vec<Member>> =
+                event.members.into_iter().map(member_from_proto).collect();
+            let members = match members {
+                Ok(members) => members,
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+            };
+            let mut out = Vec::new();
+            match (
+                Kind::try_from(event.kind).unwrap_or(Kind::Snapshot),
+                known.as_mut(),
+            ) {
+                (Kind::Snapshot, None) => {
+                    known = Some(members.iter().map(|m| (m.server_id, m.clone())).collect());
+                    out.push(MemberEvent::Snapshot(members));
+                }
+                (Kind::Snapshot, Some(known)) => {
+                    let fresh: BTreeMap<ServerId, Member> =
+                        members.into_iter().map(|m| (m.server_id, m)).collect();
+                    for (id, member) in known.iter() {
+                        if fresh.get(id) != Some(member) {
+                            out.push(MemberEvent::Left(member.clone()));
+                        }
+                    }
+                    for (id, member) in &fresh {
+                        if known.get(id) != Some(member) {
+                            out.push(MemberEvent::Joined(member.clone()));
+                        }
+                    }
+                    *known = fresh;
+                }
+                (Kind::Joined, Some(known)) => {
+                    for member in members {
+                        known.insert(member.server_id, member.clone());
+                        out.push(MemberEvent::Joined(member));
+                    }
+                }
+                (Kind::Left, Some(known)) => {
+                    for member in members {
+                        known.remove(&member.server_id);
+                        out.push(MemberEvent::Left(member));
+                    }
+                }
+                (_, None) => {} // a change before the snapshot cannot happen; ignore it
+            }
+            for event in out {
+                if tx.send(Ok(event)).is_err() {
+                    return;
+                }
+            }
+        }
+        client.rotate(index);
+        sleep(Duration::from_millis(100)).await;
+    }
+}

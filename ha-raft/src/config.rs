@@ -1,0 +1,152 @@
+//! Configuration of one embedded Raft member.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::command::NodeId;
+use crate::error::RaftBackendError;
+use crate::network::FaultInjector;
+
+/// The shortest session TTL the Raft backend accepts: a TTL must cover a Raft leader
+/// failover (election timeout plus a round trip) with room to spare.
+pub const MIN_TTL: Duration = Duration::from_secs(2);
+
+/// How one member of a Raft group runs. Build with [`RaftNodeConfig::new`] and the
+/// `with_*` methods.
+#[derive(Debug, Clone)]
+pub struct RaftNodeConfig {
+    /// This node's id, unique in the group.
+    pub id: NodeId,
+    /// Where to listen for peers and clients.
+    pub listen: SocketAddr,
+    /// The address peers and clients use to reach this node (default: `listen`).
+    pub advertise: Option<String>,
+    /// The initial voters, id → address, this node included. A node started with its
+    /// own id in here bootstraps the group with exactly these voters, once; a node not in
+    /// here waits to be added as a learner.
+    pub peers: BTreeMap<NodeId, String>,
+    /// The sled database directory.
+    pub data_dir: PathBuf,
+    /// The group's identity; a data dir or a peer from another cluster is refused.
+    pub cluster_id: String,
+    /// Raft heartbeat interval.
+    pub heartbeat_interval: Duration,
+    /// Raft election timeout range (each node draws once in it).
+    pub election_timeout: (Duration, Duration),
+    /// How long one client operation may wait for a leader or a peer.
+    pub request_timeout: Duration,
+    /// sled page cache size in bytes.
+    pub cache_capacity: u64,
+    /// Build a snapshot (and purge the log behind it) after this many entries.
+    pub snapshot_every: u64,
+    /// Test-only network faults shared by the nodes of a test group.
+    pub faults: Option<Arc<FaultInjector>>,
+}
+
+impl RaftNodeConfig {
+    /// A node with default timings: heartbeat 100 ms, election timeout 500–1000 ms,
+    /// request timeout 5 s, 16 MiB sled cache, a snapshot every 1000 entries.
+    pub fn new(
+        id: NodeId,
+        listen: SocketAddr,
+        peers: BTreeMap<NodeId, String>,
+        data_dir: impl Into<PathBuf>,
+    ) -> Self {
+        Self {
+            id,
+            listen,
+            advertise: None,
+            peers,
+            data_dir: data_dir.into(),
+            cluster_id: "ha".to_owned(),
+            heartbeat_interval: Duration::from_millis(100),
+            election_timeout: (Duration::from_millis(500), Duration::from_millis(1000)),
+            request_timeout: Duration::from_secs(5),
+            cache_capacity: 16 << 20,
+            snapshot_every: 1000,
+            faults: None,
+        }
+    }
+
+    /// Sets the cluster id.
+    pub fn with_cluster_id(mut self, cluster_id: impl Into<String>) -> Self {
+        self.cluster_id = cluster_id.into();
+        self
+    }
+
+    /// Sets the advertised address.
+    pub fn with_advertise(mut self, advertise: impl Into<String>) -> Self {
+        self.advertise = Some(advertise.into());
+        self
+    }
+
+    /// Sets heartbeat and election timeout range.
+    pub fn with_timing(mut self, heartbeat: Duration, election: (Duration, Duration)) -> Self {
+        self.heartbeat_interval = heartbeat;
+        self.election_timeout = election;
+        self
+    }
+
+    /// Sets the per-operation timeout.
+    pub fn with_request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = timeout;
+        self
+    }
+
+    /// Sets how many entries pass between snapshots.
+    pub fn with_snapshot_every(mut self, entries: u64) -> Self {
+        self.snapshot_every = entries;
+        self
+    }
+
+    /// Installs a test fault injector.
+    pub fn with_faults(mut self, faults: Arc<FaultInjector>) -> Self {
+        self.faults = Some(faults);
+        self
+    }
+
+    /// The address others reach this node at.
+    pub fn advertised(&self) -> String {
+        self.advertise
+            .clone()
+            .unwrap_or_else(|| self.listen.to_string())
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), RaftBackendError> {
+        let bad = |reason: String| Err(RaftBackendError::Config(reason));
+        if self.cluster_id.is_empty() || self.cluster_id.len() > 255 {
+            return bad("cluster id must be 1..=255 bytes".into());
+        }
+        let (min, max) = self.election_timeout;
+        if self.heartbeat_interval.is_zero() || min <= self.heartbeat_interval || max <= min {
+            return bad(format!(
+                "need 0 < heartbeat ({:?}) < election timeout min ({min:?}) < max ({max:?})",
+                self.heartbeat_interval
+            ));
+        }
+        if !self.peers.is_empty() && !self.peers.contains_key(&self.id) {
+            // Allowed: a node that joins later. But its peers map must not claim to
+            // bootstrap a group it is not part of, which is what an id typo looks like.
+            tracing::info!(
+                node = self.id,
+                "not among the initial voters; waiting to be added"
+            );
+        }
+        if let Some(addr) = self.peers.get(&self.id) {
+            if *addr != self.advertised() {
+                return bad(format!(
+                    "peers name node {} at {addr}, but it advertises {}",
+                    self.id,
+                    self.advertised()
+                ));
+            }
+        }
+        if self.snapshot_every == 0 {
+            return bad("snapshot_every must be at least 1".into());
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,349 @@
+//! Node-to-node transport: a pool of gRPC channels, a fault layer for tests, and
+//! openraft's `RaftNetwork` on top of them.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use openraft::BasicNode;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::command::{NodeId, TypeConfig};
+use crate::proto::peer_client::PeerClient;
+use crate::proto::PeerRequest;
+
+/// How long connecting to a peer may take before it counts as unreachable.
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// Test-only network faults between nodes of one process: partitions, delay, drops.
+/// Off (all traffic passes) unless a test changes it. Share one injector between the
+/// nodes of a test group; every peer RPC consults it at the sender.
+#[derive(Debug, Default)]
+pub struct FaultInjector {
+    state: Mutex<FaultState>,
+}
+
+#[derive(Debug, Default)]
+struct FaultState {
+    blocked: HashSet<(NodeId, NodeId)>,
+    delay: Duration,
+    /// Drop one RPC in `drop_one_in` (0 = none), counted per injector.
+    drop_one_in: u32,
+    counter: u32,
+}
+
+/// Why the fault layer refused an RPC.
+#[derive(Debug, thiserror::Error)]
+#[error("fault injected: {0}")]
+pub struct InjectedFault(&'static str);
+
+impl FaultInjector {
+    /// A new injector that lets everything through.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut FaultState) -> T) -> T {
+        f(&mut self.state.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Cuts all traffic, both ways, between every node in `a` and every node in `b`.
+    pub fn partition(&self, a: &[NodeId], b: &[NodeId]) {
+        self.with(|s| {
+            for x in a {
+                for y in b {
+                    s.blocked.insert((*x, *y));
+                    s.blocked.insert((*y, *x));
+                }
+            }
+        });
+    }
+
+    /// Removes every partition, delay and drop.
+    pub fn heal(&self) {
+        self.with(|s| *s = FaultState::default());
+    }
+
+    /// Delays every RPC by `delay`.
+    pub fn set_delay(&self, delay: Duration) {
+        self.with(|s| s.delay = delay);
+    }
+
+    /// Drops one RPC in every `n` (0 = none).
+    pub fn drop_one_in(&self, n: u32) {
+        self.with(|s| s.drop_one_in = n);
+    }
+
+    /// Applies the faults to one RPC from `from` to `to`: waits out the delay, or fails.
+    pub async fn check(&self, from: NodeId, to: NodeId) -> Result<(), InjectedFault> {
+        let (blocked, delay, dropped) = self.with(|s| {
+            s.counter = s.counter.wrapping_add(1);
+            let dropped = s.drop_one_in > 0 && s.counter % s.drop_one_in == 0;
+            (s.blocked.contains(&(from, to)), s.delay, dropped)
+        });
+        if blocked {
+            return Err(InjectedFault("partitioned"));
+        }
+        if dropped {
+            return Err(InjectedFault("dropped"));
+        }
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        Ok(())
+    }
+}
+
+/// Why a peer RPC failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    /// The RPC did not reach the peer (refused, partitioned, dropped before sending).
+    #[error("peer {peer} unreachable: {reason}")]
+    Unreachable {
+        /// The peer.
+        peer: String,
+        /// Why.
+        reason: String,
+    },
+    /// The RPC may or may not have reached the peer.
+    #[error("peer {peer}: {reason}")]
+    Failed {
+        /// The peer.
+        peer: String,
+        /// Why.
+        reason: String,
+    },
+    /// The peer refused the RPC (wrong cluster, bad payload).
+    #[error("peer {peer} refused: {reason}")]
+    Refused {
+        /// The peer.
+        peer: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// The peer RPCs, by name.
+#[derive(Debug, Clone, Copy)]
+pub enum PeerRpc {
+    /// openraft vote.
+    Vote,
+    /// openraft append entries.
+    AppendEntries,
+    /// openraft install snapshot.
+    InstallSnapshot,
+    /// A forwarded command.
+    Propose,
+    /// A forwarded keepalive.
+    KeepAlive,
+    /// A read index request.
+    ReadIndex,
+}
+
+/// Lazily connected channels to peers, shared by the Raft network and forwarding.
+#[derive(Debug)]
+pub struct PeerPool {
+    me: NodeId,
+    cluster_id: String,
+    channels: Mutex<HashMap<String, Channel>>,
+    faults: Option<Arc<FaultInjector>>,
+}
+
+impl PeerPool {
+    /// A pool for node `me` of cluster `cluster_id`.
+    pub fn new(me: NodeId, cluster_id: String, faults: Option<Arc<FaultInjector>>) -> Self {
+        Self {
+            me,
+            cluster_id,
+            channels: Mutex::new(HashMap::new()),
+            faults,
+        }
+    }
+
+    fn channel(&self, addr: &str) -> Result<Channel, PeerError> {
+        let mut channels = self.channels.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(channel) = channels.get(addr) {
+            return Ok(channel.clone());
+        }
+        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| PeerError::Refused {
+                peer: addr.to_owned(),
+                reason: format!("bad address: {e}"),
+            })?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .tcp_nodelay(true);
+        let channel = endpoint.connect_lazy();
+        channels.insert(addr.to_owned(), channel.clone());
+        Ok(channel)
+    }
+
+    /// Sends one peer RPC with a JSON payload and decodes the JSON reply.
+    pub async fn call<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        to: NodeId,
+        addr: &str,
+        rpc: PeerRpc,
+        request: &Req,
+        timeout: Duration,
+    ) -> Result<Resp, PeerError> {
+        let unreachable = |reason: String| PeerError::Unreachable {
+            peer: addr.to_owned(),
+            reason,
+        };
+        if let Some(faults) = &self.faults {
+            faults
+                .check(self.me, to)
+                .await
+                .map_err(|e| unreachable(e.to_string()))?;
+        }
+        let payload = serde_json::to_vec(request).map_err(|e| PeerError::Refused {
+            peer: addr.to_owned(),
+            reason: format!("encode: {e}"),
+        })?;
+        let message = PeerRequest {
+            cluster_id: self.cluster_id.clone(),
+            from: self.me,
+            payload,
+        };
+        let mut client = PeerClient::new(self.channel(addr)?)
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20);
+        let mut request = tonic::Request::new(message);
+        request.set_timeout(timeout);
+        let call = async {
+            match rpc {
+                PeerRpc::Vote => client.vote(request).await,
+                PeerRpc::AppendEntries => client.append_entries(request).await,
+                PeerRpc::InstallSnapshot => client.install_snapshot(request).await,
+                PeerRpc::Propose => client.propose(request).await,
+                PeerRpc::KeepAlive => client.keep_alive(request).await,
+                PeerRpc::ReadIndex => client.read_index(request).await,
+            }
+        };
+        let reply = match tokio::time::timeout(timeout, call).await {
+            Err(_) => {
+                return Err(PeerError::Failed {
+                    peer: addr.to_owned(),
+                    reason: format!("timed out after {timeout:?}"),
+                })
+            }
+            Ok(Err(status)) => {
+                return Err(match status.code() {
+                    tonic::Code::Unavailable => unreachable(status.message().to_owned()),
+                    tonic::Code::PermissionDenied
+                    | tonic::Code::InvalidArgument
+                    | tonic::Code::Unimplemented => PeerError::Refused {
+                        peer: addr.to_owned(),
+                        reason: status.message().to_owned(),
+                    },
+                    _ => PeerError::Failed {
+                        peer: addr.to_owned(),
+                        reason: status.to_string(),
+                    },
+                })
+            }
+            Ok(Ok(reply)) => reply.into_inner(),
+        };
+        serde_json::from_slice(&reply.payload).map_err(|e| PeerError::Refused {
+            peer: addr.to_owned(),
+            reason: format!("undecodable reply: {e}"),
+        })
+    }
+}
+
+/// openraft's network factory over the pool.
+#[derive(Debug, Clone)]
+pub struct Network {
+    pool: Arc<PeerPool>,
+}
+
+impl Network {
+    /// A network over `pool`.
+    pub fn new(pool: Arc<PeerPool>) -> Self {
+        Self { pool }
+    }
+}
+
+/// One peer, as openraft talks to it.
+#[derive(Debug)]
+pub struct Connection {
+    pool: Arc<PeerPool>,
+    target: NodeId,
+    addr: String,
+}
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = Connection;
+
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Self::Network {
+        Connection {
+            pool: Arc::clone(&self.pool),
+            target,
+            addr: node.addr.clone(),
+        }
+    }
+}
+
+impl Connection {
+    async fn raft_call<Req, Resp, E>(
+        &self,
+        rpc: PeerRpc,
+        request: &Req,
+        option: &RPCOption,
+    ) -> Result<Resp, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let reply: Result<Resp, RaftError<NodeId, E>> = self
+            .pool
+            .call(self.target, &self.addr, rpc, request, option.hard_ttl())
+            .await
+            .map_err(|e| match e {
+                PeerError::Unreachable { .. } => RPCError::Unreachable(Unreachable::new(&e)),
+                _ => RPCError::Network(NetworkError::new(&e)),
+            })?;
+        reply.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}
+
+impl RaftNetwork<TypeConfig> for Connection {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        self.raft_call(PeerRpc::AppendEntries, &rpc, &option).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<
+        InstallSnapshotResponse<NodeId>,
+        RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>,
+    > {
+        self.raft_call(PeerRpc::InstallSnapshot, &rpc, &option)
+            .await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        self.raft_call(PeerRpc::Vote, &rpc, &option).await
+    }
+}

@@ -1,0 +1,309 @@
+//! The gRPC server of one node: the peer service (Raft RPCs and forwarding) and the
+//! client API, on one port.
+
+use std::pin::Pin;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use ha_core::{Backend, ElectionName, LeaseId, Role};
+use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio_stream::wrappers::{TcpListenerStream, UnboundedReceiverStream};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+use tracing::warn;
+
+use crate::command::{Command, NodeId, TypeConfig};
+use crate::node::{member_update_to_event, update_to_event, NodeInner, PeerFailure, RaftNode};
+use crate::proto::coordination_server::{Coordination, CoordinationServer};
+use crate::proto::peer_server::{Peer, PeerServer};
+use crate::proto::{self, PeerReply, PeerRequest};
+use crate::wire::{
+    key_from_proto, key_to_proto, leader_to_proto, member_from_proto, member_to_proto, required,
+    to_status,
+};
+
+/// Serves both services on `listener` until `shutdown`.
+pub(crate) async fn serve(
+    node: Weak<NodeInner>,
+    listener: tokio::net::TcpListener,
+    shutdown: CancellationToken,
+) {
+    let result = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(
+            PeerServer::new(PeerService { node: node.clone() })
+                .max_decoding_message_size(64 << 20)
+                .max_encoding_message_size(64 << 20),
+        )
+        .add_service(CoordinationServer::new(ClientService { node }))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled_owned())
+        .await;
+    if let Err(e) = result {
+        warn!(error = %e, "raft gRPC server stopped");
+    }
+}
+
+fn gone() -> Status {
+    Status::unavailable("raft node is shutting down")
+}
+
+struct PeerService {
+    node: Weak<NodeInner>,
+}
+
+impl PeerService {
+    /// Checks the envelope and decodes the payload.
+    fn open<T: DeserializeOwned>(
+        &self,
+        request: Request<PeerRequest>,
+    ) -> Result<(Arc<NodeInner>, NodeId, T), Status> {
+        let node = self.node.upgrade().ok_or_else(gone)?;
+        let request = request.into_inner();
+        if request.cluster_id != node.cluster_id() {
+            return Err(Status::permission_denied(format!(
+                "cluster id mismatch: this node belongs to {:?}, the request to {:?}",
+                node.cluster_id(),
+                request.cluster_id
+            )));
+        }
+        if !node.knows_peer(request.from) {
+            return Err(Status::permission_denied(format!(
+                "node {} is not a member of this group",
+                request.from
+            )));
+        }
+        let payload = serde_json::from_slice(&request.payload)
+            .map_err(|e| Status::invalid_argument(format!("undecodable payload: {e}")))?;
+        Ok((node, request.from, payload))
+    }
+}
+
+fn reply<T: Serialize>(value: &T) -> Result<Response<PeerReply>, Status> {
+    serde_json::to_vec(value)
+        .map(|payload| Response::new(PeerReply { payload }))
+        .map_err(|e| Status::internal(format!("encode reply: {e}")))
+}
+
+#[tonic::async_trait]
+impl Peer for PeerService {
+    async fn vote(&self, request: Request<PeerRequest>) -> Result<Response<PeerReply>, Status> {
+        let (node, _, rpc): (_, _, VoteRequest<NodeId>) = self.open(request)?;
+        reply(&node.raft().vote(rpc).await)
+    }
+
+    async fn append_entries(
+        &self,
+        request: Request<PeerRequest>,
+    ) -> Result<Response<PeerReply>, Status> {
+        let (node, _, rpc): (_, _, AppendEntriesRequest<TypeConfig>) = self.open(request)?;
+        reply(&node.raft().append_entries(rpc).await)
+    }
+
+    async fn install_snapshot(
+        &self,
+        request: Request<PeerRequest>,
+    ) -> Result<Response<PeerReply>, Status> {
+        let (node, _, rpc): (_, _, InstallSnapshotRequest<TypeConfig>) = self.open(request)?;
+        reply(&node.raft().install_snapshot(rpc).await)
+    }
+
+    async fn propose(&self, request: Request<PeerRequest>) -> Result<Response<PeerReply>, Status> {
+        let (node, _, command): (_, _, Command) = self.open(request)?;
+        reply(&node.propose_local(command).await)
+    }
+
+    async fn keep_alive(
+        &self,
+        request: Request<PeerRequest>,
+    ) -> Result<Response<PeerReply>, Status> {
+        let (node, _, lease): (_, _, u64) = self.open(request)?;
+        reply(&node.keep_alive_local(lease).await)
+    }
+
+    async fn read_index(
+        &self,
+        request: Request<PeerRequest>,
+    ) -> Result<Response<PeerReply>, Status> {
+        let (node, _, ()): (_, _, ()) = self.open(request)?;
+        let result: Result<u64, PeerFailure> = node.read_index_local().await;
+        reply(&result)
+    }
+}
+
+struct ClientService {
+    node: Weak<NodeInner>,
+}
+
+impl ClientService {
+    fn node(&self) -> Result<RaftNode, Status> {
+        self.node
+            .upgrade()
+            .map(RaftNode::from_inner)
+            .ok_or_else(gone)
+    }
+}
+
+type EventStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+fn status(e: ha_core::Error) -> Status {
+    to_status(&e)
+}
+
+#[tonic::async_trait]
+impl Coordination for ClientService {
+    async fn register(
+        &self,
+        request: Request<proto::RegisterRequest>,
+    ) -> Result<Response<proto::RegisterReply>, Status> {
+        let node = self.node()?;
+        let request = request.into_inner();
+        let member = member_from_proto(required(request.member, "member").map_err(status)?)
+            .map_err(status)?;
+        let lease = node
+            .register(&member, Duration::from_millis(request.ttl_ms))
+            .await
+            .map_err(status)?;
+        Ok(Response::new(proto::RegisterReply {
+            lease: lease.id.get(),
+            ttl_ms: lease.ttl.as_millis() as u64,
+        }))
+    }
+
+    async fn keep_alive(
+        &self,
+        request: Request<proto::LeaseRequest>,
+    ) -> Result<Response<proto::KeepAliveReply>, Status> {
+        let ttl = self
+            .node()?
+            .keep_alive(LeaseId::new(request.into_inner().lease))
+            .await
+            .map_err(status)?;
+        Ok(Response::new(proto::KeepAliveReply {
+            ttl_ms: ttl.as_millis() as u64,
+        }))
+    }
+
+    async fn revoke(
+        &self,
+        request: Request<proto::LeaseRequest>,
+    ) -> Result<Response<proto::Empty>, Status> {
+        self.node()?
+            .revoke(LeaseId::new(request.into_inner().lease))
+            .await
+            .map_err(status)?;
+        Ok(Response::new(proto::Empty {}))
+    }
+
+    async fn campaign(
+        &self,
+        request: Request<proto::CampaignRequest>,
+    ) -> Result<Response<proto::LeaderKey>, Status> {
+        let node = self.node()?;
+        let request = request.into_inner();
+        let election = ElectionName::new(request.election).map_err(status)?;
+        // If the client goes away, tonic drops this future, which withdraws the candidacy.
+        let key = node
+            .campaign(LeaseId::new(request.lease), &election, request.value.into())
+            .await
+            .map_err(status)?;
+        Ok(Response::new(key_to_proto(&key)))
+    }
+
+    async fn resign(
+        &self,
+        request: Request<proto::LeaderKey>,
+    ) -> Result<Response<proto::Empty>, Status> {
+        let key = key_from_proto(request.into_inner()).map_err(status)?;
+        self.node()?.resign(&key).await.map_err(status)?;
+        Ok(Response::new(proto::Empty {}))
+    }
+
+    async fn proclaim(
+        &self,
+        request: Request<proto::ProclaimRequest>,
+    ) -> Result<Response<proto::Empty>, Status> {
+        let request = request.into_inner();
+        let key = key_from_proto(required(request.key, "key").map_err(status)?).map_err(status)?;
+        self.node()?
+            .proclaim(&key, request.value.into())
+            .await
+            .map_err(status)?;
+        Ok(Response::new(proto::Empty {}))
+    }
+
+    async fn leader(
+        &self,
+        request: Request<proto::ElectionRequest>,
+    ) -> Result<Response<proto::LeaderReply>, Status> {
+        let election = ElectionName::new(request.into_inner().election).map_err(status)?;
+        let leader = self.node()?.leader(&election).await.map_err(status)?;
+        Ok(Response::new(proto::LeaderReply {
+            leader: leader.as_ref().map(leader_to_proto),
+        }))
+    }
+
+    type WatchStream = EventStream<proto::LeaderEvent>;
+
+    async fn watch(
+        &self,
+        request: Request<proto::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let request = request.into_inner();
+        let election = ElectionName::new(request.election).map_err(status)?;
+        let updates = self
+            .node()?
+            .watch_updates(election.as_str(), request.after_revision)
+            .await
+            .map_err(status)?;
+        let stream = UnboundedReceiverStream::new(updates).map(move |update| {
+            let revision = update.revision;
+            let event = update_to_event(&election, update);
+            Ok(proto::LeaderEvent {
+                revision,
+                leader: event.leader().map(leader_to_proto),
+            })
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn members(
+        &self,
+        request: Request<proto::RoleRequest>,
+    ) -> Result<Response<proto::MembersReply>, Status> {
+        let role = Role::new(request.into_inner().role).map_err(status)?;
+        let members = self.node()?.members(&role).await.map_err(status)?;
+        Ok(Response::new(proto::MembersReply {
+            members: members.iter().map(member_to_proto).collect(),
+        }))
+    }
+
+    type WatchMembersStream = EventStream<proto::MemberEvent>;
+
+    async fn watch_members(
+        &self,
+        request: Request<proto::RoleRequest>,
+    ) -> Result<Response<Self::WatchMembersStream>, Status> {
+        let role = Role::new(request.into_inner().role).map_err(status)?;
+        let updates = self
+            .node()?
+            .member_updates(role.as_str())
+            .await
+            .map_err(status)?;
+        let stream = UnboundedReceiverStream::new(updates).map(|update| {
+            use proto::member_event::Kind;
+            let (kind, members) = match member_update_to_event(update).map_err(status)? {
+                ha_core::MemberEvent::Snapshot(members) => (Kind::Snapshot, members),
+                ha_core::MemberEvent::Joined(member) => (Kind::Joined, vec![member]),
+                ha_core::MemberEvent::Left(member) => (Kind::Left, vec![member]),
+            };
+            Ok(proto::MemberEvent {
+                kind: kind as i32,
+                members: members.iter().map(member_to_proto).collect(),
+            })
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+}

@@ -1,0 +1,267 @@
+//! Conversions between the contract's types and what crosses the wire: protobuf messages
+//! of the client API, and `ha_core::Error` carried inside a gRPC status.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use ha_core::{
+    ElectionName, Error, FencingToken, Leader, LeaderKey, LeaseId, Member, Role, ServerId,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::proto;
+
+/// `ha_core::Error` in a form that survives serialization, so a remote caller gets the
+/// same typed error a local one would.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum WireError {
+    /// `Error::LeaseExpired`.
+    LeaseExpired(u64),
+    /// `Error::NotLeader`.
+    NotLeader {
+        /// Election.
+        election: String,
+        /// Current token.
+        current: Option<u64>,
+    },
+    /// `Error::AlreadyRegistered`.
+    AlreadyRegistered {
+        /// Role.
+        role: String,
+        /// Server id.
+        server_id: u64,
+    },
+    /// `Error::InvalidArgument`.
+    InvalidArgument {
+        /// What.
+        what: String,
+        /// Why.
+        reason: String,
+    },
+    /// `Error::Unavailable` (and anything retryable).
+    Unavailable(String),
+    /// `Error::Timeout`.
+    Timeout {
+        /// Operation.
+        operation: String,
+        /// Milliseconds.
+        after_ms: u64,
+    },
+    /// Everything else.
+    Other(String),
+}
+
+/// The `what` of an `InvalidArgument` must be `'static`; the known ones map back, the
+/// rest become "argument".
+fn static_what(what: &str) -> &'static str {
+    match what {
+        "ttl" => "ttl",
+        "role" => "role",
+        "election name" => "election name",
+        "url" => "url",
+        "drift" => "drift",
+        "margin" => "margin",
+        "member" => "member",
+        "raft configuration" => "raft configuration",
+        _ => "argument",
+    }
+}
+
+fn static_operation(operation: &str) -> &'static str {
+    match operation {
+        "keep_alive" => "keep_alive",
+        "revoke" => "revoke",
+        "resign" => "resign",
+        "campaign" => "campaign",
+        "propose" => "propose",
+        "read_index" => "read_index",
+        _ => "request",
+    }
+}
+
+impl From<&Error> for WireError {
+    fn from(error: &Error) -> Self {
+        match error {
+            Error::LeaseExpired { lease } => Self::LeaseExpired(lease.get()),
+            Error::NotLeader { election, current } => Self::NotLeader {
+                election: election.as_str().to_owned(),
+                current: current.map(FencingToken::get),
+            },
+            Error::AlreadyRegistered { role, server_id } => Self::AlreadyRegistered {
+                role: role.as_str().to_owned(),
+                server_id: server_id.get(),
+            },
+            Error::InvalidArgument { what, reason } => Self::InvalidArgument {
+                what: (*what).to_owned(),
+                reason: reason.clone(),
+            },
+            Error::Unavailable(reason) => Self::Unavailable(reason.clone()),
+            Error::Timeout { operation, after } => Self::Timeout {
+                operation: (*operation).to_owned(),
+                after_ms: after.as_millis() as u64,
+            },
+            other => Self::Other(other.to_string()),
+        }
+    }
+}
+
+impl From<WireError> for Error {
+    fn from(wire: WireError) -> Self {
+        let invalid = |reason: String| Error::InvalidArgument {
+            what: "argument",
+            reason,
+        };
+        match wire {
+            WireError::LeaseExpired(lease) => Error::LeaseExpired {
+                lease: LeaseId::new(lease),
+            },
+            WireError::NotLeader { election, current } => match ElectionName::new(election) {
+                Ok(election) => Error::NotLeader {
+                    election,
+                    current: current.map(FencingToken::new),
+                },
+                Err(e) => e,
+            },
+            WireError::AlreadyRegistered { role, server_id } => match Role::new(role) {
+                Ok(role) => Error::AlreadyRegistered {
+                    role,
+                    server_id: ServerId::new(server_id),
+                },
+                Err(e) => e,
+            },
+            WireError::InvalidArgument { what, reason } => Error::InvalidArgument {
+                what: static_what(&what),
+                reason,
+            },
+            WireError::Unavailable(reason) => Error::Unavailable(reason),
+            WireError::Timeout {
+                operation,
+                after_ms,
+            } => Error::Timeout {
+                operation: static_operation(&operation),
+                after: Duration::from_millis(after_ms),
+            },
+            WireError::Other(reason) => {
+                if reason.is_empty() {
+                    invalid("empty error".into())
+                } else {
+                    Error::Backend {
+                        backend: "raft",
+                        source: reason.into(),
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// An error as a gRPC status: a code that fits, the message, and the typed error as JSON
+/// in the details.
+pub fn to_status(error: &Error) -> tonic::Status {
+    let code = match error {
+        Error::LeaseExpired { .. } | Error::NotLeader { .. } => tonic::Code::FailedPrecondition,
+        Error::AlreadyRegistered { .. } => tonic::Code::AlreadyExists,
+        Error::InvalidArgument { .. } => tonic::Code::InvalidArgument,
+        Error::Unavailable(_) => tonic::Code::Unavailable,
+        Error::Timeout { .. } => tonic::Code::DeadlineExceeded,
+        _ => tonic::Code::Internal,
+    };
+    let details = serde_json::to_vec(&WireError::from(error)).unwrap_or_default();
+    tonic::Status::with_details(code, error.to_string(), details.into())
+}
+
+/// Back from a gRPC status: the typed error if the server sent one, else by code.
+pub fn from_status(status: &tonic::Status) -> Error {
+    if let Ok(wire) = serde_json::from_slice::<WireError>(status.details()) {
+        return wire.into();
+    }
+    match status.code() {
+        tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::Unknown => {
+            Error::Unavailable(status.message().to_owned())
+        }
+        tonic::Code::DeadlineExceeded => Error::Timeout {
+            operation: "request",
+            after: Duration::ZERO,
+        },
+        tonic::Code::InvalidArgument => Error::InvalidArgument {
+            what: "argument",
+            reason: status.message().to_owned(),
+        },
+        _ => Error::Backend {
+            backend: "raft",
+            source: format!("{}: {}", status.code(), status.message()).into(),
+        },
+    }
+}
+
+/// A member into protobuf.
+pub fn member_to_proto(member: &Member) -> proto::Member {
+    proto::Member {
+        server_id: member.server_id.get(),
+        role: member.role.as_str().to_owned(),
+        address: member.address.clone(),
+        metadata: member.metadata.clone().into_iter().collect(),
+    }
+}
+
+/// A member from protobuf, validated.
+pub fn member_from_proto(member: proto::Member) -> Result<Member, Error> {
+    let mut out = Member::new(
+        ServerId::new(member.server_id),
+        Role::new(member.role)?,
+        member.address,
+    );
+    out.metadata = member.metadata.into_iter().collect();
+    Ok(out)
+}
+
+/// A leader key into protobuf.
+pub fn key_to_proto(key: &LeaderKey) -> proto::LeaderKey {
+    proto::LeaderKey {
+        election: key.election.as_str().to_owned(),
+        lease: key.lease.get(),
+        token: key.token.get(),
+    }
+}
+
+/// A leader key from protobuf, validated.
+pub fn key_from_proto(key: proto::LeaderKey) -> Result<LeaderKey, Error> {
+    Ok(LeaderKey {
+        election: ElectionName::new(key.election)?,
+        lease: LeaseId::new(key.lease),
+        token: FencingToken::new(key.token),
+    })
+}
+
+/// A leader into protobuf.
+pub fn leader_to_proto(leader: &Leader) -> proto::Leader {
+    proto::Leader {
+        key: Some(key_to_proto(&leader.key)),
+        value: leader.value.to_vec(),
+        server_id: leader.server_id.map_or(0, ServerId::get),
+        has_server_id: leader.server_id.is_some(),
+    }
+}
+
+/// A leader from protobuf, validated.
+pub fn leader_from_proto(leader: proto::Leader) -> Result<Leader, Error> {
+    let key = leader.key.ok_or_else(|| Error::InvalidArgument {
+        what: "argument",
+        reason: "leader without a key".into(),
+    })?;
+    Ok(Leader {
+        key: key_from_proto(key)?,
+        value: Bytes::from(leader.value),
+        server_id: leader
+            .has_server_id
+            .then(|| ServerId::new(leader.server_id)),
+    })
+}
+
+/// A required message field, or a typed error naming it.
+pub fn required<T>(field: Option<T>, name: &str) -> Result<T, Error> {
+    field.ok_or_else(|| Error::InvalidArgument {
+        what: "argument",
+        reason: format!("missing field {name}"),
+    })
+}
