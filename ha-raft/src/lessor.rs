@@ -110,9 +110,18 @@ impl Lessor {
         });
     }
 
-    /// The earliest deadline, to know when to look again.
+    /// The earliest deadline of a lease not already being expired, to know when to
+    /// look again. (An expiring lease keeps its past deadline until its `Expire` entry
+    /// applies, which a leader without quorum never sees.)
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.with(|inner| inner.deadlines.values().min().copied())
+        self.with(|inner| {
+            inner
+                .deadlines
+                .iter()
+                .filter(|(id, _)| !inner.expiring.contains(id))
+                .map(|(_, deadline)| *deadline)
+                .min()
+        })
     }
 }
 
@@ -176,6 +185,11 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(600)).await;
         assert_eq!(lessor.due(1, &[(7, ttl)]), vec![7]);
         assert!(lessor.due(1, &[(7, ttl)]).is_empty(), "already expiring");
+        assert_eq!(
+            lessor.next_deadline(),
+            None,
+            "an expiring lease sets no wake-up"
+        );
         assert!(!lessor.renew(1, 7, ttl), "expiring leases are not renewed");
         // A new term forgets it all: fresh TTL.
         lessor.lead(2);

@@ -146,13 +146,15 @@ impl RaftNode {
             })?;
 
         let confirm_raft = raft.clone();
+        let confirm_timeout = config.request_timeout;
         let (confirmer, confirm_task) = Confirmer::spawn(move || {
             let raft = confirm_raft.clone();
             async move {
-                raft.ensure_linearizable()
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| e.to_string())
+                match tokio::time::timeout(confirm_timeout, raft.ensure_linearizable()).await {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err(format!("no quorum within {confirm_timeout:?}")),
+                }
             }
         });
         let inner = Arc::new(NodeInner {
@@ -330,6 +332,9 @@ impl RaftNode {
             task.abort();
             let _ = task.await;
         }
+        // Release the database now, as a dead process would, so the same data dir can
+        // be opened again while handles to this node remain.
+        self.inner.sm.close();
         info!(node = self.id(), "raft node stopped");
     }
 
@@ -437,7 +442,9 @@ impl NodeInner {
                     self.config.id
                 )));
             }
-            let reason = match attempt(self.target()).await {
+            let target = self.target();
+            tracing::trace!(node = self.config.id, operation, ?target, "attempt");
+            let reason = match attempt(target).await {
                 Attempt::Done(result) => return result,
                 Attempt::Retry(reason) => reason,
             };
@@ -451,9 +458,12 @@ impl NodeInner {
                 node = self.config.id,
                 operation, reason, "retrying against the leader"
             );
+            // At least a short pause (a minority leader's metrics change constantly, so
+            // waking on every change would spin), at most until the leader changes.
+            sleep(Duration::from_millis(10)).await;
             tokio::select! {
                 _ = metrics.changed() => {}
-                _ = sleep(Duration::from_millis(25)) => {}
+                _ = sleep(Duration::from_millis(40)) => {}
             }
         }
     }
@@ -511,12 +521,19 @@ impl NodeInner {
         &self,
         command: Command,
     ) -> std::result::Result<(u64, CommandResult), PeerFailure> {
-        match self.raft.client_write(command).await {
-            Ok(response) => Ok((response.log_id.index, response.data)),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
+        // A leader cut off from its quorum accepts the entry but can never commit it:
+        // bound the wait, and report the outcome as unknown.
+        let timeout = self.config.request_timeout;
+        match tokio::time::timeout(timeout, self.raft.client_write(command)).await {
+            Ok(Ok(response)) => Ok((response.log_id.index, response.data)),
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => {
                 Err(PeerFailure::NotLeader)
             }
-            Err(e) => Err(PeerFailure::Error(WireError::Unavailable(e.to_string()))),
+            Ok(Err(e)) => Err(PeerFailure::Error(WireError::Unavailable(e.to_string()))),
+            Err(_) => Err(PeerFailure::Error(WireError::Timeout {
+                operation: "propose".into(),
+                after_ms: timeout.as_millis() as u64,
+            })),
         }
     }
 
@@ -571,9 +588,9 @@ impl NodeInner {
 
     /// The leader's read index, on this node, which believes it leads.
     pub(crate) async fn read_index_local(&self) -> std::result::Result<u64, PeerFailure> {
-        match self.raft.get_read_log_id().await {
-            Ok((read, _applied)) => Ok(read.map_or(0, |l| l.index)),
-            Err(_) => Err(PeerFailure::NotLeader),
+        match tokio::time::timeout(self.config.request_timeout, self.raft.get_read_log_id()).await {
+            Ok(Ok((read, _applied))) => Ok(read.map_or(0, |l| l.index)),
+            _ => Err(PeerFailure::NotLeader),
         }
     }
 
@@ -616,10 +633,18 @@ impl NodeInner {
     async fn read_index(&self) -> Result<u64> {
         self.with_leader("read_index", |target| async move {
             match target {
-                Target::Me { .. } => match self.raft.ensure_linearizable().await {
-                    Ok(read) => Attempt::Done(Ok(read.map_or(0, |l| l.index))),
-                    Err(e) => Attempt::Retry(e.to_string()),
-                },
+                Target::Me { .. } => {
+                    match tokio::time::timeout(
+                        self.config.request_timeout,
+                        self.raft.ensure_linearizable(),
+                    )
+                    .await
+                    {
+                        Ok(Ok(read)) => Attempt::Done(Ok(read.map_or(0, |l| l.index))),
+                        Ok(Err(e)) => Attempt::Retry(e.to_string()),
+                        Err(_) => Attempt::Retry("leadership not confirmed by a quorum".into()),
+                    }
+                }
                 Target::Peer { id, addr } => {
                     let reply: std::result::Result<
                         std::result::Result<u64, PeerFailure>,
@@ -655,10 +680,12 @@ async fn lessor_loop(node: Weak<NodeInner>) {
     const TICK: Duration = Duration::from_millis(100);
     loop {
         let Some(inner) = node.upgrade() else { return };
+        let now = Instant::now();
         let wake = inner
             .lessor
             .next_deadline()
-            .map_or(Instant::now() + TICK, |d| d.min(Instant::now() + TICK));
+            .map_or(now + TICK, |d| d.min(now + TICK))
+            .max(now + Duration::from_millis(5));
         let shutdown = inner.shutdown.clone();
         drop(inner);
         tokio::select! {
@@ -672,7 +699,12 @@ async fn lessor_loop(node: Weak<NodeInner>) {
         };
         if inner.lessor.term() != Some(term) {
             // Apply everything committed in earlier terms before trusting the lease set.
-            if inner.raft.ensure_linearizable().await.is_err() {
+            let confirmed = tokio::time::timeout(
+                inner.config.request_timeout,
+                inner.raft.ensure_linearizable(),
+            )
+            .await;
+            if !matches!(confirmed, Ok(Ok(_))) {
                 continue;
             }
             inner.lessor.lead(term);

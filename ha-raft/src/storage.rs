@@ -283,7 +283,9 @@ pub struct StateMachineStore {
 struct SmShared {
     machine: Mutex<Machine>,
     applied: watch::Sender<u64>,
-    snapshots: sled::Tree,
+    /// `None` after [`StateMachineStore::close`], so a stopped node releases its sled
+    /// database (and the directory lock) even while handles to it remain.
+    snapshots: Mutex<Option<sled::Tree>>,
 }
 
 impl StateMachineStore {
@@ -309,7 +311,7 @@ impl StateMachineStore {
             shared: Arc::new(SmShared {
                 machine: Mutex::new(machine),
                 applied,
-                snapshots,
+                snapshots: Mutex::new(Some(snapshots)),
             }),
         })
     }
@@ -325,6 +327,24 @@ impl StateMachineStore {
     /// Follows the applied index.
     pub fn applied(&self) -> watch::Receiver<u64> {
         self.shared.applied.subscribe()
+    }
+
+    /// Releases the sled tree; later snapshot operations fail.
+    pub fn close(&self) {
+        self.shared
+            .snapshots
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+    }
+
+    fn snapshots(&self) -> StorageResult<sled::Tree> {
+        self.shared
+            .snapshots
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+            .ok_or_else(|| read_err(std::io::Error::other("state machine store is closed")))
     }
 
     fn notify_applied(&self, index: u64) {
@@ -359,7 +379,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
             meta: meta.clone(),
             data,
         };
-        put_json(&self.shared.snapshots, SNAPSHOT, &stored).await?;
+        put_json(&self.snapshots()?, SNAPSHOT, &stored).await?;
         Ok(Snapshot {
             meta,
             snapshot: Box::new(Cursor::new(stored.data)),
@@ -430,7 +450,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         };
         let state: State = serde_json::from_slice(&stored.data)
             .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
-        put_json(&self.shared.snapshots, SNAPSHOT, &stored).await?;
+        put_json(&self.snapshots()?, SNAPSHOT, &stored).await?;
         let index = {
             let mut machine = self.lock();
             let changes = diff(&machine.state, &state);
@@ -447,7 +467,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
 
     async fn get_current_snapshot(&mut self) -> StorageResult<Option<Snapshot<TypeConfig>>> {
         Ok(
-            get_json::<StoredSnapshot>(&self.shared.snapshots, SNAPSHOT)?.map(|stored| Snapshot {
+            get_json::<StoredSnapshot>(&self.snapshots()?, SNAPSHOT)?.map(|stored| Snapshot {
                 meta: stored.meta,
                 snapshot: Box::new(Cursor::new(stored.data)),
             }),

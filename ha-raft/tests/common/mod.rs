@@ -9,6 +9,16 @@ use std::time::Duration;
 use ha_core::Backend;
 use ha_raft::{FaultInjector, RaftNode, RaftNodeConfig};
 
+/// Logs to stderr when `RUST_LOG` is set (for debugging a failing test).
+pub fn init_tracing() {
+    if std::env::var("RUST_LOG").is_ok() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+    }
+}
+
 /// Free loopback ports: bind to port 0, note the port, release it.
 pub fn free_ports(n: usize) -> Vec<u16> {
     let listeners: Vec<_> = (0..n)
@@ -51,6 +61,7 @@ pub struct Group {
 impl Group {
     /// Starts `n` voters (ids 1..=n) and waits for a leader.
     pub async fn start(n: u64) -> Self {
+        init_tracing();
         let ports = free_ports(n as usize);
         let peers: BTreeMap<u64, String> = (1..=n)
             .zip(ports)
