@@ -103,6 +103,12 @@ impl RaftNode {
     /// be bound, or a storage failure.
     pub async fn start(config: RaftNodeConfig) -> Result<Self> {
         config.validate()?;
+        // Bind first: a taken port must fail before anything is started.
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .map_err(|e| {
+                RaftBackendError::Config(format!("cannot listen on {}: {e}", config.listen))
+            })?;
         let identity = Identity {
             cluster_id: config.cluster_id.clone(),
             node_id: config.id,
@@ -138,12 +144,6 @@ impl RaftNode {
         )
         .await
         .map_err(|e| RaftBackendError::Stopped(e.to_string()))?;
-
-        let listener = tokio::net::TcpListener::bind(config.listen)
-            .await
-            .map_err(|e| {
-                RaftBackendError::Config(format!("cannot listen on {}: {e}", config.listen))
-            })?;
 
         let confirm_raft = raft.clone();
         let confirm_timeout = config.request_timeout;
