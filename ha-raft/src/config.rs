@@ -47,8 +47,9 @@ pub struct RaftNodeConfig {
 }
 
 impl RaftNodeConfig {
-    /// A node with default timings: heartbeat 100 ms, election timeout 500–1000 ms,
-    /// request timeout 5 s, 16 MiB sled cache, a snapshot every 1000 entries.
+    /// A node with default timings: heartbeat 50 ms, election timeout 250–500 ms,
+    /// request timeout 5 s, 16 MiB sled cache, a snapshot every 1000 entries. A Raft
+    /// leader change must fit well inside the session TTL (TTL ≥ 3× failover).
     pub fn new(
         id: NodeId,
         listen: SocketAddr,
@@ -62,8 +63,8 @@ impl RaftNodeConfig {
             peers,
             data_dir: data_dir.into(),
             cluster_id: "ha".to_owned(),
-            heartbeat_interval: Duration::from_millis(100),
-            election_timeout: (Duration::from_millis(500), Duration::from_millis(1000)),
+            heartbeat_interval: Duration::from_millis(50),
+            election_timeout: (Duration::from_millis(250), Duration::from_millis(500)),
             request_timeout: Duration::from_secs(5),
             cache_capacity: 16 << 20,
             snapshot_every: 1000,

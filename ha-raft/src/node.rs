@@ -74,6 +74,8 @@ pub(crate) struct NodeInner {
     pool: Arc<PeerPool>,
     lessor: Lessor,
     confirmer: Confirmer,
+    /// Gone once openraft has dropped every handle to the log store.
+    log_store_alive: std::sync::Weak<()>,
     shutdown: CancellationToken,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -115,6 +117,7 @@ impl RaftNode {
         };
         let db = open_db(&config.data_dir, &identity, config.cache_capacity)?;
         let log_store = LogStore::new(&db)?;
+        let log_store_alive = log_store.liveness();
         let sm = StateMachineStore::new(&db)?;
         drop(db);
         let pool = Arc::new(PeerPool::new(
@@ -164,6 +167,7 @@ impl RaftNode {
             pool,
             lessor: Lessor::default(),
             confirmer,
+            log_store_alive,
             shutdown: CancellationToken::new(),
             tasks: Mutex::new(vec![confirm_task]),
         });
@@ -335,6 +339,15 @@ impl RaftNode {
         // Release the database now, as a dead process would, so the same data dir can
         // be opened again while handles to this node remain.
         self.inner.sm.close();
+        // openraft's replication tasks drop their log readers asynchronously after the
+        // core stops; wait (bounded) until the last one is gone.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.inner.log_store_alive.strong_count() > 0 && Instant::now() < deadline {
+            sleep(Duration::from_millis(5)).await;
+        }
+        if self.inner.log_store_alive.strong_count() > 0 {
+            warn!(node = self.id(), "log store still in use 5 s after shutdown");
+        }
         info!(node = self.id(), "raft node stopped");
     }
 

@@ -125,6 +125,9 @@ async fn put_json<T: Serialize>(tree: &sled::Tree, key: &[u8], value: &T) -> Sto
 pub struct LogStore {
     logs: sled::Tree,
     meta: sled::Tree,
+    /// Shared by every clone (openraft hands clones to its replication tasks), so the
+    /// owner can tell when the last one is gone and the database is released.
+    alive: Arc<()>,
 }
 
 impl LogStore {
@@ -140,7 +143,13 @@ impl LogStore {
         Ok(Self {
             logs: tree("logs")?,
             meta: tree("meta")?,
+            alive: Arc::new(()),
         })
+    }
+
+    /// Tells, through a weak handle, whether any clone of this store still exists.
+    pub fn liveness(&self) -> std::sync::Weak<()> {
+        Arc::downgrade(&self.alive)
     }
 
     fn decode(bytes: &[u8]) -> StorageResult<Entry<TypeConfig>> {

@@ -32,6 +32,7 @@ async fn session(backend: Arc<dyn Backend>, id: u64, ttl: Duration) -> Session {
 }
 
 const TTL: Duration = Duration::from_secs(2);
+const STANDBY_TTL: Duration = Duration::from_secs(10);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_node_with_raft_leader_and_active_fails_over_and_it_rejoins() {
@@ -39,7 +40,8 @@ async fn killing_the_node_with_raft_leader_and_active_fails_over_and_it_rejoins(
     let leader = group.leader().await;
     let follower = group.follower().await;
     let active = session(Arc::new(leader.clone()), 1, TTL).await;
-    let standby = Arc::new(session(Arc::new(follower.clone()), 2, TTL).await);
+    // The survivor's TTL must outlast a Raft leader change (TTL ≥ 3× failover).
+    let standby = Arc::new(session(Arc::new(follower.clone()), 2, STANDBY_TTL).await);
     let old = active
         .campaign(&election(), "active")
         .await
@@ -168,7 +170,8 @@ async fn a_partitioned_leader_cannot_renew_its_holder_fences_and_the_majority_mo
     let follower = group.nodes[&majority[0]].clone();
     let minority_backend: Arc<dyn Backend> = Arc::new(leader.clone());
     let active = session(Arc::clone(&minority_backend), 1, TTL).await;
-    let standby = Arc::new(session(Arc::new(follower.clone()), 2, TTL).await);
+    // The survivor's TTL must outlast a Raft leader change (TTL ≥ 3× failover).
+    let standby = Arc::new(session(Arc::new(follower.clone()), 2, STANDBY_TTL).await);
     let old = active
         .campaign(&election(), "active")
         .await
