@@ -107,8 +107,12 @@ impl Cluster {
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let cycles: usize = std::env::args().nth(1).map_or(Ok(10_000), |a| a.parse())?;
+    let defaults = RaftNodeConfig::new(0, "127.0.0.1:0".parse()?, BTreeMap::new(), ".");
     println!(
-        "3-node raft group on loopback, default timings (heartbeat 100 ms, election 500-1000 ms), {} cores",
+        "3-node raft group on loopback, default timings (heartbeat {:?}, election {:?}-{:?}), {} cores",
+        defaults.heartbeat_interval,
+        defaults.election_timeout.0,
+        defaults.election_timeout.1,
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     let mut cluster = Cluster::start().await?;

@@ -346,7 +346,10 @@ impl RaftNode {
             sleep(Duration::from_millis(5)).await;
         }
         if self.inner.log_store_alive.strong_count() > 0 {
-            warn!(node = self.id(), "log store still in use 5 s after shutdown");
+            warn!(
+                node = self.id(),
+                "log store still in use 5 s after shutdown"
+            );
         }
         info!(node = self.id(), "raft node stopped");
     }
