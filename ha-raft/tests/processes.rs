@@ -1,0 +1,255 @@
+//! Real processes: three `ha-raft-node` processes on loopback; the one hosting the Raft
+//! leader (and the active's session) is killed with SIGKILL, the group fails over, and the
+//! killed node restarts from its data dir and catches up. Every process is stopped by PID.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ha_core::{Backend, ElectionName, LossReason, Member, Role, ServerId, Session};
+use ha_raft::RaftClient;
+use tokio::time::Instant;
+
+/// What one process printed, with when.
+type Lines = Arc<Mutex<Vec<(Instant, String)>>>;
+
+struct Node {
+    child: Child,
+    lines: Lines,
+}
+
+/// The processes of one test; dropping it kills and reaps every one by PID.
+struct Processes {
+    peers: BTreeMap<u64, String>,
+    dirs: BTreeMap<u64, tempfile::TempDir>,
+    nodes: BTreeMap<u64, Node>,
+}
+
+impl Processes {
+    fn start(n: u64) -> Self {
+        let ports = common::free_ports(n as usize);
+        let peers: BTreeMap<u64, String> = (1..=n)
+            .zip(ports)
+            .map(|(id, port)| (id, format!("127.0.0.1:{port}")))
+            .collect();
+        let dirs = (1..=n)
+            .map(|id| (id, tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"))))
+            .collect();
+        let mut processes = Self {
+            peers,
+            dirs,
+            nodes: BTreeMap::new(),
+        };
+        for id in 1..=n {
+            processes.spawn(id);
+        }
+        processes
+    }
+
+    fn spawn(&mut self, id: u64) {
+        let peers = self
+            .peers
+            .iter()
+            .map(|(id, addr)| format!("{id}={addr}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ha-raft-node"))
+            .args([
+                "--id",
+                &id.to_string(),
+                "--listen",
+                &self.peers[&id],
+                "--peers",
+                &peers,
+            ])
+            .arg("--data")
+            .arg(self.dirs[&id].path())
+            .args(["--cluster", "process-test"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn node {id}: {e}"));
+        let lines: Lines = Arc::default();
+        if let Some(stdout) = child.stdout.take() {
+            let sink = Arc::clone(&lines);
+            std::thread::spawn(move || {
+                for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                    if let Ok(mut lines) = sink.lock() {
+                        lines.push((Instant::now(), line));
+                    }
+                }
+            });
+        }
+        self.nodes.insert(id, Node { child, lines });
+    }
+
+    /// SIGKILL, then reap.
+    fn kill(&mut self, id: u64) {
+        if let Some(mut node) = self.nodes.remove(&id) {
+            let _ = node.child.kill();
+            let _ = node.child.wait();
+        }
+    }
+
+    /// The leader a node last reported, and when, at or after `since`.
+    fn leader_seen(&self, id: u64, since: Instant) -> Option<(Instant, u64)> {
+        let lines = self.nodes.get(&id)?.lines.lock().ok()?;
+        lines
+            .iter()
+            .rev()
+            .filter(|(at, _)| *at >= since)
+            .find_map(|(at, line)| {
+                line.strip_prefix("leader ")
+                    .and_then(|l| l.parse().ok())
+                    .map(|l| (*at, l))
+            })
+    }
+
+    /// Waits until every running node reports the same leader (at or after `since`).
+    async fn agreed_leader(&self, since: Instant) -> (Instant, u64) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let seen: Vec<Option<(Instant, u64)>> = self
+                .nodes
+                .keys()
+                .map(|id| self.leader_seen(*id, since))
+                .collect();
+            if let Some(Some((_, leader))) = seen.first() {
+                if seen.iter().all(|s| s.map(|(_, l)| l) == Some(*leader))
+                    && self.nodes.contains_key(leader)
+                {
+                    let first = seen
+                        .iter()
+                        .flatten()
+                        .map(|(at, _)| *at)
+                        .min()
+                        .unwrap_or_else(Instant::now);
+                    return (first, *leader);
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no agreed leader among the processes: {seen:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+impl Drop for Processes {
+    fn drop(&mut self) {
+        let ids: Vec<u64> = self.nodes.keys().copied().collect();
+        for id in ids {
+            self.kill(id);
+        }
+    }
+}
+
+fn member(id: u64) -> Member {
+    Member::new(
+        ServerId::new(id),
+        Role::new("rootcoord").unwrap_or_else(|e| panic!("{e}")),
+        format!("10.0.0.{id}:53100"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_of_the_process_hosting_raft_leader_and_active() {
+    let started = Instant::now();
+    let mut processes = Processes::start(3);
+    let (_, leader) = processes.agreed_leader(started).await;
+    let election = ElectionName::new("rootcoord").unwrap_or_else(|e| panic!("{e}"));
+
+    // The active talks only to the leader's process, so it dies with it.
+    let active_backend: Arc<dyn Backend> = Arc::new(
+        RaftClient::connect([processes.peers[&leader].clone()])
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+    );
+    let others: Vec<String> = processes
+        .peers
+        .iter()
+        .filter(|(id, _)| **id != leader)
+        .map(|(_, addr)| addr.clone())
+        .collect();
+    let standby_backend: Arc<dyn Backend> = Arc::new(
+        RaftClient::connect(others)
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+    );
+    let active = Session::builder(active_backend, member(1))
+        .ttl(Duration::from_secs(2))
+        .register()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let standby = Arc::new(
+        Session::builder(standby_backend, member(2))
+            .ttl(Duration::from_secs(10))
+            .register()
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+    );
+    let old = active
+        .campaign(&election, "active")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let next = {
+        let (standby, election) = (Arc::clone(&standby), election.clone());
+        tokio::spawn(async move { standby.campaign(&election, "standby").await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!next.is_finished());
+
+    let killed_at = Instant::now();
+    processes.kill(leader);
+
+    let (new_leader_at, new_leader) = processes.agreed_leader(killed_at).await;
+    assert_ne!(new_leader, leader);
+    let reason = tokio::time::timeout(Duration::from_secs(10), old.lost())
+        .await
+        .unwrap_or_else(|_| panic!("the old active never stopped"));
+    assert_eq!(reason, LossReason::SelfFenced);
+    let took_over = match tokio::time::timeout(Duration::from_secs(20), next).await {
+        Ok(Ok(Ok(leadership))) => leadership,
+        other => panic!(
+            "standby not elected: {:?}",
+            other.map(|r| r.map(|l| l.map(|l| l.token())))
+        ),
+    };
+    let gap = killed_at.elapsed();
+    assert!(took_over.token() > old.token());
+    assert!(
+        gap >= Duration::from_secs(2),
+        "standby elected {gap:?} after the kill, before the TTL"
+    );
+    eprintln!(
+        "measured (processes, SIGKILL): new raft leader {:?} after the kill; standby ACTIVE {gap:?} after the kill (TTL 2s)",
+        new_leader_at - killed_at
+    );
+
+    // The killed node restarts from its data dir and serves the current leadership.
+    let restarted_at = Instant::now();
+    processes.spawn(leader);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while processes.leader_seen(leader, restarted_at).map(|(_, l)| l) != Some(new_leader) {
+        assert!(
+            Instant::now() < deadline,
+            "the restarted node never saw leader {new_leader}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let rejoined = RaftClient::connect([processes.peers[&leader].clone()])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let seen = rejoined
+        .leader(&election)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .map(|l| l.token());
+    assert_eq!(seen, Some(took_over.token()));
+    drop((old, active, took_over));
+}
