@@ -309,6 +309,40 @@ impl Backend for RaftClient {
     }
 }
 
+/// Opens a server stream on the current endpoint, moving to the next after a transient
+/// failure (at most 100 in a row). `None` once the consumer is gone or a final error was
+/// sent to it.
+async fn open_stream<T, E, F, Fut>(
+    client: &RaftClient,
+    tx: &mpsc::UnboundedSender<Result<E>>,
+    mut open: F,
+) -> Option<(usize, tonic::Streaming<T>)>
+where
+    F: FnMut(CoordinationClient<Channel>) -> Fut,
+    Fut: Future<Output = std::result::Result<tonic::Response<tonic::Streaming<T>>, Status>>,
+{
+    let mut failures = 0u32;
+    loop {
+        let (index, c) = client.client();
+        let opened = tokio::select! {
+            _ = tx.closed() => return None,
+            opened = open(c) => opened,
+        };
+        match opened {
+            Ok(stream) => return Some((index, stream.into_inner())),
+            Err(status) if transient(&status) && failures < 100 => {
+                failures += 1;
+                client.rotate(index);
+                sleep(Duration::from_millis(100)).await;
+            }
+            Err(status) => {
+                let _ = tx.send(Err(from_status(&status)));
+                return None;
+            }
+        }
+    }
+}
+
 /// Feeds a leader watch, reconnecting after failures and resuming after the last
 /// revision seen, so no change is lost or repeated.
 async fn follow_leader(
@@ -318,29 +352,18 @@ async fn follow_leader(
 ) {
     let mut after = 0u64;
     let mut last: Option<Option<(u64, Vec<u8>)>> = None;
-    let mut failures = 0u32;
     loop {
-        let (index, mut c) = client.client();
         let request = proto::WatchRequest {
             election: election.as_str().to_owned(),
             after_revision: after,
         };
-        let opened = tokio::select! {
-            _ = tx.closed() => return,
-            opened = c.watch(request) => opened,
-        };
-        let mut stream = match opened {
-            Ok(stream) => stream.into_inner(),
-            Err(status) if transient(&status) && failures < 100 => {
-                failures += 1;
-                client.rotate(index);
-                sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-            Err(status) => {
-                let _ = tx.send(Err(from_status(&status)));
-                return;
-            }
+        let Some((index, mut stream)) = open_stream(&client, &tx, |mut c| {
+            let request = request.clone();
+            async move { c.watch(request).await }
+        })
+        .await
+        else {
+            return;
         };
         loop {
             let message = tokio::select! {
@@ -349,7 +372,6 @@ async fn follow_leader(
             };
             match message {
                 Ok(Some(event)) => {
-                    failures = 0;
                     if event.revision <= after && last.is_some() {
                         continue;
                     }
@@ -386,28 +408,17 @@ async fn follow_members(
     tx: mpsc::UnboundedSender<Result<MemberEvent>>,
 ) {
     let mut known: Option<BTreeMap<ServerId, Member>> = None;
-    let mut failures = 0u32;
     loop {
-        let (index, mut c) = client.client();
         let request = proto::RoleRequest {
             role: role.as_str().to_owned(),
         };
-        let opened = tokio::select! {
-            _ = tx.closed() => return,
-            opened = c.watch_members(request) => opened,
-        };
-        let mut stream = match opened {
-            Ok(stream) => stream.into_inner(),
-            Err(status) if transient(&status) && failures < 100 => {
-                failures += 1;
-                client.rotate(index);
-                sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-            Err(status) => {
-                let _ = tx.send(Err(from_status(&status)));
-                return;
-            }
+        let Some((index, mut stream)) = open_stream(&client, &tx, |mut c| {
+            let request = request.clone();
+            async move { c.watch_members(request).await }
+        })
+        .await
+        else {
+            return;
         };
         loop {
             let message = tokio::select! {
@@ -418,7 +429,6 @@ async fn follow_members(
                 Ok(Some(event)) => event,
                 Ok(None) | Err(_) => break,
             };
-            failures = 0;
             let members: Result<Vec<Member>> =
                 event.members.into_iter().map(member_from_proto).collect();
             let members = match members {

@@ -19,6 +19,7 @@ use ha_core::{
 };
 use openraft::error::{ClientWriteError, InitializeError, RaftError};
 use openraft::{BasicNode, ServerState, SnapshotPolicy};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -499,37 +500,39 @@ impl NodeInner {
                         Err(PeerFailure::Error(e)) => Attempt::Done(Err(e.into())),
                     },
                     Target::Peer { id, addr } => {
-                        let reply: std::result::Result<
-                            std::result::Result<(u64, CommandResult), PeerFailure>,
-                            PeerError,
-                        > = self
-                            .pool
-                            .call(
-                                id,
-                                &addr,
-                                PeerRpc::Propose,
-                                &command,
-                                self.config.request_timeout,
-                            )
-                            .await;
-                        match reply {
-                            Ok(Ok(done)) => Attempt::Done(Ok(done)),
-                            Ok(Err(PeerFailure::NotLeader)) => {
-                                Attempt::Retry(format!("node {id} is not leader"))
-                            }
-                            Ok(Err(PeerFailure::Error(e))) => Attempt::Done(Err(e.into())),
-                            Err(e @ PeerError::Unreachable { .. }) => Attempt::Retry(e.to_string()),
-                            Err(e @ PeerError::Failed { .. }) if idempotent => {
-                                Attempt::Retry(e.to_string())
-                            }
-                            Err(e) => Attempt::Done(Err(Error::Unavailable(e.to_string()))),
-                        }
+                        self.forward(id, &addr, PeerRpc::Propose, &command, idempotent)
+                            .await
                     }
                     Target::Unknown => Attempt::Retry("no leader known".into()),
                 }
             }
         })
         .await
+    }
+
+    /// Sends a request to the leader `id` and maps its answer: "not leader" and an RPC
+    /// that never arrived are worth retrying; one that may have arrived is retried only
+    /// if `idempotent`.
+    async fn forward<Req: Serialize, T: DeserializeOwned>(
+        &self,
+        id: NodeId,
+        addr: &str,
+        rpc: PeerRpc,
+        request: &Req,
+        idempotent: bool,
+    ) -> Attempt<T> {
+        let reply: std::result::Result<std::result::Result<T, PeerFailure>, PeerError> = self
+            .pool
+            .call(id, addr, rpc, request, self.config.request_timeout)
+            .await;
+        match reply {
+            Ok(Ok(value)) => Attempt::Done(Ok(value)),
+            Ok(Err(PeerFailure::Error(e))) => Attempt::Done(Err(e.into())),
+            Ok(Err(PeerFailure::NotLeader)) => Attempt::Retry(format!("node {id} is not leader")),
+            Err(e @ PeerError::Unreachable { .. }) => Attempt::Retry(e.to_string()),
+            Err(e @ PeerError::Failed { .. }) if idempotent => Attempt::Retry(e.to_string()),
+            Err(e) => Attempt::Done(Err(Error::Unavailable(e.to_string()))),
+        }
     }
 
     /// Appends a command on this node, which believes it leads.
@@ -662,27 +665,7 @@ impl NodeInner {
                     }
                 }
                 Target::Peer { id, addr } => {
-                    let reply: std::result::Result<
-                        std::result::Result<u64, PeerFailure>,
-                        PeerError,
-                    > = self
-                        .pool
-                        .call(
-                            id,
-                            &addr,
-                            PeerRpc::ReadIndex,
-                            &(),
-                            self.config.request_timeout,
-                        )
-                        .await;
-                    match reply {
-                        Ok(Ok(index)) => Attempt::Done(Ok(index)),
-                        Ok(Err(PeerFailure::Error(e))) => Attempt::Done(Err(e.into())),
-                        Ok(Err(PeerFailure::NotLeader)) => {
-                            Attempt::Retry(format!("node {id} is not leader"))
-                        }
-                        Err(e) => Attempt::Retry(e.to_string()),
-                    }
+                    self.forward(id, &addr, PeerRpc::ReadIndex, &(), true).await
                 }
                 Target::Unknown => Attempt::Retry("no leader known".into()),
             }
@@ -906,27 +889,9 @@ impl Backend for RaftNode {
                         }
                     },
                     Target::Peer { id, addr } => {
-                        let reply: std::result::Result<
-                            std::result::Result<u64, PeerFailure>,
-                            PeerError,
-                        > = inner
-                            .pool
-                            .call(
-                                id,
-                                &addr,
-                                PeerRpc::KeepAlive,
-                                &lease.get(),
-                                inner.config.request_timeout,
-                            )
-                            .await;
-                        match reply {
-                            Ok(Ok(ttl)) => Attempt::Done(Ok(ttl)),
-                            Ok(Err(PeerFailure::Error(e))) => Attempt::Done(Err(e.into())),
-                            Ok(Err(PeerFailure::NotLeader)) => {
-                                Attempt::Retry(format!("node {id} is not leader"))
-                            }
-                            Err(e) => Attempt::Retry(e.to_string()),
-                        }
+                        inner
+                            .forward(id, &addr, PeerRpc::KeepAlive, &lease.get(), true)
+                            .await
                     }
                     Target::Unknown => Attempt::Retry("no leader known".into()),
                 }
