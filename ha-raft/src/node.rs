@@ -180,7 +180,10 @@ impl RaftNode {
         ));
         node.spawn(lessor_loop(Arc::downgrade(&node.inner)));
         node.spawn(watchdog(Arc::downgrade(&node.inner)));
-        node.bootstrap().await?;
+        if let Err(e) = node.bootstrap().await {
+            node.shutdown().await;
+            return Err(e);
+        }
         info!(
             node = node.inner.config.id,
             listen = %node.inner.config.listen,
