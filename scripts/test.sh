@@ -5,11 +5,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# System packages the tests need (etcd for the etcd backend's tests, protoc for its build).
+# System packages the tests need (etcd for the etcd backend's tests, protoc and its
+# well-known types for the etcd backend's build).
 missing=()
 command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
 command -v etcdctl >/dev/null 2>&1 || missing+=(etcd-client)
 command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler)
+# protoc's well-known types (google/protobuf/*.proto), which etcd-client's protos import.
+[ -f /usr/include/google/protobuf/descriptor.proto ] || missing+=(libprotobuf-dev)
 if ((${#missing[@]})); then
   echo "installing: ${missing[*]}"
   sudo=""

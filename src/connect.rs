@@ -12,7 +12,8 @@ const SCHEMES: &[(&str, &str)] = &[("memory", "memory"), ("raft", "raft"), ("etc
 /// - `memory://` — a new in-process [`MemoryBackend`](crate::memory::MemoryBackend)
 ///   (feature `memory`); each call returns an independent one.
 /// - `raft://host:port[,host:port...]` — an embedded Raft group (feature `raft`).
-/// - `etcd://host:port[,host:port...][/prefix]` — an etcd cluster (feature `etcd`).
+/// - `etcd://host:port[,host:port...][/prefix]` — an etcd cluster (feature `etcd`;
+///   prefix default `ha`).
 ///
 /// # Errors
 /// `InvalidArgument` for a malformed URL or an unknown scheme, `FeatureDisabled` for a
@@ -51,6 +52,24 @@ pub async fn connect(url: &str) -> Result<Arc<dyn Backend>> {
                 )));
             }
             Ok(Arc::new(crate::raft::RaftClient::connect(endpoints).await?))
+        }
+        #[cfg(feature = "etcd")]
+        "etcd" => {
+            let (hosts, prefix) = match rest.split_once('/') {
+                Some((hosts, prefix)) => (hosts, prefix.trim_end_matches('/')),
+                None => (rest, ""),
+            };
+            let endpoints: Vec<&str> = hosts.split(',').collect();
+            if endpoints.iter().any(|e| e.is_empty() || !e.contains(':')) {
+                return Err(invalid(format!(
+                    "{url:?}: expected etcd://host:port[,host:port...][/prefix]"
+                )));
+            }
+            let mut config = crate::etcd::EtcdConfig::new(endpoints);
+            if !prefix.is_empty() {
+                config = config.with_prefix(prefix);
+            }
+            Ok(Arc::new(crate::etcd::EtcdBackend::connect(config).await?))
         }
         _ => {
             let _ = rest;

@@ -16,3 +16,8 @@ pub use ha_memory as memory;
 #[cfg(feature = "raft")]
 #[cfg_attr(docsrs, doc(cfg(feature = "raft")))]
 pub use ha_raft as raft;
+
+/// The etcd backend: [`etcd::EtcdBackend`], [`etcd::EtcdConfig`].
+#[cfg(feature = "etcd")]
+#[cfg_attr(docsrs, doc(cfg(feature = "etcd")))]
+pub use ha_etcd as etcd;

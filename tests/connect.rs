@@ -33,6 +33,7 @@ async fn malformed_and_unknown_urls_are_invalid_arguments() {
     }
 }
 
+#[cfg(not(feature = "etcd"))]
 #[tokio::test]
 async fn backends_not_compiled_in_name_their_feature() {
     for (url, feature) in [("etcd://127.0.0.1:2379", "etcd")] {
@@ -69,6 +70,23 @@ async fn raft_urls_are_checked_and_unreachable_groups_are_unavailable() {
     match ha::connect("raft://127.0.0.1:1").await {
         Err(Error::Unavailable(reason)) => assert!(reason.contains("127.0.0.1:1"), "{reason}"),
         other => panic!("unreachable group gave {other:?}"),
+    }
+    assert!(started.elapsed() < std::time::Duration::from_secs(30));
+}
+
+#[cfg(feature = "etcd")]
+#[tokio::test]
+async fn etcd_urls_are_checked_and_unreachable_clusters_are_unavailable() {
+    for url in ["etcd://", "etcd://127.0.0.1:1,", "etcd://nohostport/x"] {
+        match ha::connect(url).await {
+            Err(Error::InvalidArgument { what: "url", .. }) => {}
+            other => panic!("{url:?} gave {other:?}"),
+        }
+    }
+    let started = std::time::Instant::now();
+    match ha::connect("etcd://127.0.0.1:1/prefix").await {
+        Err(Error::Unavailable(_)) | Err(Error::Timeout { .. }) => {}
+        other => panic!("unreachable etcd gave {other:?}"),
     }
     assert!(started.elapsed() < std::time::Duration::from_secs(30));
 }

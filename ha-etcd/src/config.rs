@@ -1,0 +1,69 @@
+//! How to reach etcd and where in its keyspace `ha` lives.
+
+use std::time::Duration;
+
+/// etcd's shortest lease TTL with its default election timing (1.5 s, rounded up).
+pub const MIN_TTL: Duration = Duration::from_secs(2);
+
+/// Connection settings for [`EtcdBackend`](crate::EtcdBackend).
+#[derive(Clone)]
+pub struct EtcdConfig {
+    /// `host:port` of each etcd member (a scheme may be given: `http://host:port`).
+    pub endpoints: Vec<String>,
+    /// Key prefix every `ha` key lives under (default `ha`).
+    pub prefix: String,
+    /// How long connecting may take.
+    pub connect_timeout: Duration,
+    /// How long one request may take.
+    pub request_timeout: Duration,
+    /// User name and password, for etcd with auth enabled.
+    pub user: Option<(String, String)>,
+}
+
+impl std::fmt::Debug for EtcdConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdConfig")
+            .field("endpoints", &self.endpoints)
+            .field("prefix", &self.prefix)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("request_timeout", &self.request_timeout)
+            .field("user", &self.user.as_ref().map(|(name, _)| name))
+            .finish()
+    }
+}
+
+impl EtcdConfig {
+    /// Settings for these endpoints with prefix `ha` and 5 s timeouts.
+    pub fn new<I, S>(endpoints: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        Self {
+            endpoints: endpoints.into_iter().map(Into::into).collect(),
+            prefix: "ha".to_owned(),
+            connect_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(5),
+            user: None,
+        }
+    }
+
+    /// Sets the key prefix (no trailing `/`).
+    pub fn with_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// Sets both timeouts.
+    pub fn with_timeouts(mut self, connect: Duration, request: Duration) -> Self {
+        self.connect_timeout = connect;
+        self.request_timeout = request;
+        self
+    }
+
+    /// Authenticates as `user`.
+    pub fn with_user(mut self, user: impl Into<String>, password: impl Into<String>) -> Self {
+        self.user = Some((user.into(), password.into()));
+        self
+    }
+}
