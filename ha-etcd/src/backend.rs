@@ -251,8 +251,26 @@ impl EtcdBackend {
         own: &str,
         token: i64,
     ) -> Result<()> {
+        // Ride out a short etcd outage (a restart); give up after this long without an answer.
+        const OUTAGE: Duration = Duration::from_secs(30);
+        let mut unreachable_since: Option<tokio::time::Instant> = None;
         loop {
-            let (revision, candidates) = self.candidates(election).await?;
+            let (revision, candidates) = match self.candidates(election).await {
+                Ok(read) => {
+                    unreachable_since = None;
+                    read
+                }
+                Err(e) if e.is_retryable() => {
+                    let since = *unreachable_since.get_or_insert_with(tokio::time::Instant::now);
+                    if since.elapsed() > OUTAGE {
+                        return Err(e);
+                    }
+                    debug!(election = %election, error = %e, "etcd unreachable while campaigning, retrying");
+                    sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             if !candidates.iter().any(|kv| kv.key() == own.as_bytes()) {
                 return if self.lease_alive(lease).await? {
                     Err(Error::NotLeader {

@@ -12,6 +12,7 @@ use ha_etcd::{EtcdBackend, EtcdConfig};
 
 pub struct Etcd {
     child: Child,
+    binary: String,
     pub endpoint: String,
     pub peer_port: u16,
     pub dir: tempfile::TempDir,
@@ -31,6 +32,24 @@ fn find(binary: &str) -> Option<String> {
         .find(|candidate| std::path::Path::new(candidate).is_file())
 }
 
+fn spawn(binary: &str, endpoint: &str, peer_port: u16, dir: &std::path::Path) -> Child {
+    let peer = format!("http://127.0.0.1:{peer_port}");
+    Command::new(binary)
+        .arg("--name=ha-test")
+        .arg(format!("--data-dir={}", dir.display()))
+        .arg(format!("--listen-client-urls=http://{endpoint}"))
+        .arg(format!("--advertise-client-urls=http://{endpoint}"))
+        .arg(format!("--listen-peer-urls={peer}"))
+        .arg(format!("--initial-advertise-peer-urls={peer}"))
+        .arg(format!("--initial-cluster=ha-test={peer}"))
+        .arg("--logger=zap")
+        .arg("--log-level=error")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn etcd: {e}"))
+}
+
 impl Etcd {
     /// Starts etcd, or returns `None` (outside CI) when it is not installed.
     pub fn start() -> Option<Self> {
@@ -44,33 +63,48 @@ impl Etcd {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
         let (client_port, peer_port) = (free_port(), free_port());
         let endpoint = format!("127.0.0.1:{client_port}");
-        let peer = format!("http://127.0.0.1:{peer_port}");
-        let child = Command::new(binary)
-            .arg("--name=ha-test")
-            .arg(format!("--data-dir={}", dir.path().display()))
-            .arg(format!("--listen-client-urls=http://{endpoint}"))
-            .arg(format!("--advertise-client-urls=http://{endpoint}"))
-            .arg(format!("--listen-peer-urls={peer}"))
-            .arg(format!("--initial-advertise-peer-urls={peer}"))
-            .arg(format!("--initial-cluster=ha-test={peer}"))
-            .arg("--logger=zap")
-            .arg("--log-level=error")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn etcd: {e}"));
+        let child = spawn(&binary, &endpoint, peer_port, dir.path());
         let etcd = Self {
             child,
+            binary,
             endpoint,
             peer_port,
             dir,
         };
+        etcd.wait_listening();
+        Some(etcd)
+    }
+
+    fn wait_listening(&self) {
         let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(&etcd.endpoint).is_err() {
+        while std::net::TcpStream::connect(&self.endpoint).is_err() {
             assert!(Instant::now() < deadline, "etcd did not listen within 30 s");
             std::thread::sleep(Duration::from_millis(20));
         }
-        Some(etcd)
+    }
+
+    /// Kills the server (SIGKILL) and starts it again on the same ports and data dir.
+    pub fn restart(&mut self, down_for: Duration) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        std::thread::sleep(down_for);
+        self.child = spawn(
+            &self.binary,
+            &self.endpoint,
+            self.peer_port,
+            self.dir.path(),
+        );
+        self.wait_listening();
+    }
+
+    /// Sends a signal (`STOP`, `CONT`) to the server by PID.
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap_or_else(|e| panic!("kill: {e}"));
+        assert!(status.success(), "kill -{signal} failed");
     }
 
     /// A backend on this server under a prefix no other test uses.
@@ -83,14 +117,15 @@ impl Etcd {
         );
         EtcdBackend::connect(EtcdConfig::new([self.endpoint.clone()]).with_prefix(prefix)).await
     }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
 }
 
 impl Drop for Etcd {
     fn drop(&mut self) {
+        // A stopped process must be continued to die cleanly under SIGKILL's reaping.
+        let _ = Command::new("kill")
+            .arg("-CONT")
+            .arg(self.child.id().to_string())
+            .status();
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
