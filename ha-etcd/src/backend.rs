@@ -120,6 +120,14 @@ impl EtcdBackend {
         if let Some((user, password)) = &config.user {
             options = options.with_user(user.clone(), password.clone());
         }
+        if let Some(tls) = &config.tls {
+            let mut tls_options = etcd_client::TlsOptions::new()
+                .ca_certificate(etcd_client::Certificate::from_pem(&tls.ca_pem));
+            if let Some((cert, key)) = &tls.identity {
+                tls_options = tls_options.identity(etcd_client::Identity::from_pem(cert, key));
+            }
+            options = options.with_tls(tls_options);
+        }
         let connect = Client::connect(config.endpoints.clone(), Some(options));
         let mut client = match timeout(config.connect_timeout, connect).await {
             Ok(client) => client.map_err(map)?,

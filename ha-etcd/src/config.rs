@@ -18,6 +18,18 @@ pub struct EtcdConfig {
     pub request_timeout: Duration,
     /// User name and password, for etcd with auth enabled.
     pub user: Option<(String, String)>,
+    /// TLS: the CA that signed etcd's certificate, and optionally this client's
+    /// certificate and key (for etcd started with `--client-cert-auth`). PEM.
+    pub tls: Option<EtcdTls>,
+}
+
+/// PEM material for a TLS connection to etcd.
+#[derive(Clone)]
+pub struct EtcdTls {
+    /// The CA certificate(s) that sign etcd's server certificate.
+    pub ca_pem: Vec<u8>,
+    /// This client's certificate and private key, for mutual TLS.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
 }
 
 impl std::fmt::Debug for EtcdConfig {
@@ -28,6 +40,7 @@ impl std::fmt::Debug for EtcdConfig {
             .field("connect_timeout", &self.connect_timeout)
             .field("request_timeout", &self.request_timeout)
             .field("user", &self.user.as_ref().map(|(name, _)| name))
+            .field("tls", &self.tls.as_ref().map(|t| t.identity.is_some()))
             .finish()
     }
 }
@@ -45,6 +58,7 @@ impl EtcdConfig {
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(5),
             user: None,
+            tls: None,
         }
     }
 
@@ -59,6 +73,43 @@ impl EtcdConfig {
         self.connect_timeout = connect;
         self.request_timeout = request;
         self
+    }
+
+    /// Connects over TLS, trusting `ca_pem`, presenting `identity` (certificate and key,
+    /// PEM) when given. Endpoints without a scheme then use `https://`.
+    pub fn with_tls(
+        mut self,
+        ca_pem: impl Into<Vec<u8>>,
+        identity: Option<(Vec<u8>, Vec<u8>)>,
+    ) -> Self {
+        self.tls = Some(EtcdTls {
+            ca_pem: ca_pem.into(),
+            identity,
+        });
+        self
+    }
+
+    /// [`with_tls`](Self::with_tls) from PEM files.
+    ///
+    /// # Errors
+    /// `InvalidArgument` naming the file that cannot be read.
+    pub fn with_tls_files(
+        self,
+        ca: impl AsRef<std::path::Path>,
+        identity: Option<(&std::path::Path, &std::path::Path)>,
+    ) -> ha_core::Result<Self> {
+        let read = |path: &std::path::Path| {
+            std::fs::read(path).map_err(|e| ha_core::Error::InvalidArgument {
+                what: "argument",
+                reason: format!("cannot read TLS file {}: {e}", path.display()),
+            })
+        };
+        let ca = read(ca.as_ref())?;
+        let identity = match identity {
+            Some((cert, key)) => Some((read(cert)?, read(key)?)),
+            None => None,
+        };
+        Ok(self.with_tls(ca, identity))
     }
 
     /// Authenticates as `user`.

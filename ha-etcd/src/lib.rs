@@ -7,5 +7,5 @@ mod error;
 pub mod keys;
 
 pub use backend::EtcdBackend;
-pub use config::{EtcdConfig, MIN_TTL};
+pub use config::{EtcdConfig, EtcdTls, MIN_TTL};
 pub use error::EtcdBackendError;

@@ -4,15 +4,26 @@
 
 #![allow(dead_code)]
 
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use ha_etcd::{EtcdBackend, EtcdConfig};
 
+/// Server-side TLS files: etcd then serves clients over https and requires a client
+/// certificate signed by the CA.
+#[derive(Clone)]
+pub struct ServerTls {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
 pub struct Etcd {
     child: Child,
     binary: String,
+    tls: Option<ServerTls>,
     pub endpoint: String,
     pub peer_port: u16,
     pub dir: tempfile::TempDir,
@@ -29,16 +40,31 @@ fn find(binary: &str) -> Option<String> {
     let path = std::env::var("PATH").unwrap_or_default();
     path.split(':')
         .map(|dir| format!("{dir}/{binary}"))
-        .find(|candidate| std::path::Path::new(candidate).is_file())
+        .find(|candidate| Path::new(candidate).is_file())
 }
 
-fn spawn(binary: &str, endpoint: &str, peer_port: u16, dir: &std::path::Path) -> Child {
+fn spawn(
+    binary: &str,
+    endpoint: &str,
+    peer_port: u16,
+    dir: &Path,
+    tls: Option<&ServerTls>,
+) -> Child {
     let peer = format!("http://127.0.0.1:{peer_port}");
-    Command::new(binary)
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let mut command = Command::new(binary);
+    if let Some(tls) = tls {
+        command
+            .arg(format!("--cert-file={}", tls.cert.display()))
+            .arg(format!("--key-file={}", tls.key.display()))
+            .arg(format!("--trusted-ca-file={}", tls.ca.display()))
+            .arg("--client-cert-auth");
+    }
+    command
         .arg("--name=ha-test")
         .arg(format!("--data-dir={}", dir.display()))
-        .arg(format!("--listen-client-urls=http://{endpoint}"))
-        .arg(format!("--advertise-client-urls=http://{endpoint}"))
+        .arg(format!("--listen-client-urls={scheme}://{endpoint}"))
+        .arg(format!("--advertise-client-urls={scheme}://{endpoint}"))
         .arg(format!("--listen-peer-urls={peer}"))
         .arg(format!("--initial-advertise-peer-urls={peer}"))
         .arg(format!("--initial-cluster=ha-test={peer}"))
@@ -53,6 +79,15 @@ fn spawn(binary: &str, endpoint: &str, peer_port: u16, dir: &std::path::Path) ->
 impl Etcd {
     /// Starts etcd, or returns `None` (outside CI) when it is not installed.
     pub fn start() -> Option<Self> {
+        Self::start_with(None)
+    }
+
+    /// Starts etcd serving clients over TLS with client certificates required.
+    pub fn start_tls(tls: ServerTls) -> Option<Self> {
+        Self::start_with(Some(tls))
+    }
+
+    fn start_with(tls: Option<ServerTls>) -> Option<Self> {
         let Some(binary) = find("etcd") else {
             if std::env::var_os("CI").is_some() {
                 panic!("etcd is not installed but CI is set: install etcd-server (scripts/test.sh does)");
@@ -63,10 +98,11 @@ impl Etcd {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
         let (client_port, peer_port) = (free_port(), free_port());
         let endpoint = format!("127.0.0.1:{client_port}");
-        let child = spawn(&binary, &endpoint, peer_port, dir.path());
+        let child = spawn(&binary, &endpoint, peer_port, dir.path(), tls.as_ref());
         let etcd = Self {
             child,
             binary,
+            tls,
             endpoint,
             peer_port,
             dir,
@@ -88,11 +124,13 @@ impl Etcd {
         let _ = self.child.kill();
         let _ = self.child.wait();
         std::thread::sleep(down_for);
+        let tls = self.tls.clone();
         self.child = spawn(
             &self.binary,
             &self.endpoint,
             self.peer_port,
             self.dir.path(),
+            tls.as_ref(),
         );
         self.wait_listening();
     }
@@ -121,7 +159,7 @@ impl Etcd {
 
 impl Drop for Etcd {
     fn drop(&mut self) {
-        // A stopped process must be continued to die cleanly under SIGKILL's reaping.
+        // A stopped process is continued first, so nothing is left paused.
         let _ = Command::new("kill")
             .arg("-CONT")
             .arg(self.child.id().to_string())
