@@ -3,7 +3,7 @@
 //! leader node stops, and the on-disk size after many campaign/resign cycles.
 //! A measurement, not a test: it asserts nothing and prints what it saw.
 //!
-//! Run: `cargo run --release -p ha-raft --example measure -- [cycles]` (default 10000)
+//! Run: `cargo run --release -p ha-raft --example raft_measure -- [cycles]` (default 10000)
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -2,7 +2,7 @@
 //! starts itself (the `etcd` binary from PATH, loopback ports, a temp data dir) and stops
 //! by PID. A measurement, not a test: it prints what it saw.
 //!
-//! Run: `cargo run --release -p ha-etcd --example measure`
+//! Run: `cargo run --release -p ha-etcd --example etcd_measure`
 
 use std::process::{Command, Stdio};
 use std::sync::Arc;
