@@ -675,6 +675,87 @@ fn head(candidates: &BTreeMap<i64, KeyValue>) -> Option<&KeyValue> {
     candidates.values().next()
 }
 
+/// What an [`EventFeed`] yields next.
+enum Feed {
+    /// The events of one watch response, in revision order.
+    Events(Vec<etcd_client::Event>),
+    /// The history after the feed's revision was compacted away: re-read.
+    Compacted,
+    /// The consumer went away.
+    Closed,
+}
+
+/// A watch of a key prefix from a revision on that reconnects after a broken stream,
+/// resuming after the last event it delivered, so nothing is lost or repeated.
+struct EventFeed {
+    client: Client,
+    prefix: String,
+    next: i64,
+    watch: Option<etcd_client::WatchStream>,
+}
+
+impl EventFeed {
+    /// A feed of every change after revision `after`.
+    fn new(client: Client, prefix: String, after: i64) -> Self {
+        Self {
+            client,
+            prefix,
+            next: after + 1,
+            watch: None,
+        }
+    }
+
+    /// The next batch of events; gives up only when the consumer of `tx` is gone.
+    async fn next<T>(&mut self, tx: &mpsc::UnboundedSender<T>) -> Feed {
+        loop {
+            let mut watch = match self.watch.take() {
+                Some(watch) => watch,
+                None => {
+                    let options = WatchOptions::new()
+                        .with_prefix()
+                        .with_prev_key()
+                        .with_start_revision(self.next);
+                    let opened = tokio::select! {
+                        _ = tx.closed() => return Feed::Closed,
+                        opened = self.client.watch(self.prefix.as_str(), Some(options)) => opened,
+                    };
+                    match opened {
+                        Ok(watch) => watch,
+                        Err(_) => {
+                            sleep(Duration::from_millis(200)).await;
+                            continue;
+                        }
+                    }
+                }
+            };
+            let message = tokio::select! {
+                _ = tx.closed() => return Feed::Closed,
+                message = watch.message() => message,
+            };
+            match message {
+                Ok(Some(response)) if response.compact_revision() > 0 => return Feed::Compacted,
+                Ok(Some(response)) if response.canceled() => {} // reopen from `next`
+                Ok(Some(response)) => {
+                    self.watch = Some(watch);
+                    let events = response.events().to_vec();
+                    if let Some(last) = events
+                        .iter()
+                        .filter_map(|e| e.kv())
+                        .map(|kv| kv.mod_revision())
+                        .max()
+                    {
+                        self.next = self.next.max(last + 1);
+                    }
+                    if !events.is_empty() {
+                        return Feed::Events(events);
+                    }
+                }
+                Ok(None) | Err(_) => sleep(Duration::from_millis(200)).await,
+            }
+        }
+    }
+}
+
 /// Follows an election: reads all candidates, then applies every watch event in order,
 /// reporting the head after each one that changes it. On compaction it re-reads.
 async fn follow_election(
@@ -702,58 +783,32 @@ async fn follow_election(
             .into_iter()
             .map(|kv| (kv.create_revision(), kv))
             .collect();
-        let mut next = revision + 1;
+        let mut feed = EventFeed::new(backend.client.clone(), prefix.clone(), revision);
         if !report(&backend, &election, &candidates, &mut reported, &tx).await {
             return;
         }
         loop {
-            let options = WatchOptions::new().with_prefix().with_start_revision(next);
-            let mut client = backend.client.clone();
-            let opened = tokio::select! {
-                _ = tx.closed() => return,
-                opened = client.watch(prefix.as_str(), Some(options)) => opened,
-            };
-            let mut watch = match opened {
-                Ok(watch) => watch,
-                Err(_) => {
-                    sleep(Duration::from_millis(200)).await;
-                    continue;
-                }
-            };
-            loop {
-                let message = tokio::select! {
-                    _ = tx.closed() => return,
-                    message = watch.message() => message,
-                };
-                let response = match message {
-                    Ok(Some(response)) => response,
-                    Ok(None) | Err(_) => {
-                        sleep(Duration::from_millis(200)).await;
-                        break; // resume from `next`
-                    }
-                };
-                if response.compact_revision() > 0 {
+            let events = match feed.next(&tx).await {
+                Feed::Events(events) => events,
+                Feed::Compacted => {
                     debug!(election = %election, "watch compacted, re-reading");
                     continue 'reread;
                 }
-                if response.canceled() {
-                    break;
+                Feed::Closed => return,
+            };
+            failures = 0;
+            for event in &events {
+                let Some(kv) = event.kv() else { continue };
+                match event.event_type() {
+                    EventType::Put => {
+                        candidates.insert(kv.create_revision(), kv.clone());
+                    }
+                    EventType::Delete => {
+                        candidates.retain(|_, c| c.key() != kv.key());
+                    }
                 }
-                failures = 0;
-                for event in response.events() {
-                    let Some(kv) = event.kv() else { continue };
-                    next = next.max(kv.mod_revision() + 1);
-                    match event.event_type() {
-                        EventType::Put => {
-                            candidates.insert(kv.create_revision(), kv.clone());
-                        }
-                        EventType::Delete => {
-                            candidates.retain(|_, c| c.key() != kv.key());
-                        }
-                    }
-                    if !report(&backend, &election, &candidates, &mut reported, &tx).await {
-                        return;
-                    }
+                if !report(&backend, &election, &candidates, &mut reported, &tx).await {
+                    return;
                 }
             }
         }
@@ -850,59 +905,33 @@ async fn follow_members(
             }
         }
         let mut members = fresh;
-        let mut next = revision + 1;
+        let mut feed = EventFeed::new(backend.client.clone(), prefix.clone(), revision);
         loop {
-            let options = WatchOptions::new()
-                .with_prefix()
-                .with_prev_key()
-                .with_start_revision(next);
-            let mut client = backend.client.clone();
-            let opened = tokio::select! {
-                _ = tx.closed() => return,
-                opened = client.watch(prefix.as_str(), Some(options)) => opened,
-            };
-            let Ok(mut watch) = opened else {
-                sleep(Duration::from_millis(200)).await;
-                continue;
-            };
-            loop {
-                let message = tokio::select! {
-                    _ = tx.closed() => return,
-                    message = watch.message() => message,
-                };
-                let response = match message {
-                    Ok(Some(response)) => response,
-                    Ok(None) | Err(_) => {
-                        sleep(Duration::from_millis(200)).await;
-                        break;
-                    }
-                };
-                if response.compact_revision() > 0 {
+            let events = match feed.next(&tx).await {
+                Feed::Events(events) => events,
+                Feed::Compacted => {
                     known = Some(members);
                     continue 'reread;
                 }
-                if response.canceled() {
-                    break;
-                }
-                for event in response.events() {
-                    let Some(kv) = event.kv() else { continue };
-                    next = next.max(kv.mod_revision() + 1);
-                    let out = match event.event_type() {
-                        EventType::Put => match MemberRecord::decode(kv) {
-                            Ok(member) => {
-                                members.insert(kv.key().to_vec(), member.clone());
-                                Ok(MemberEvent::Joined(member))
-                            }
-                            Err(e) => Err(e),
-                        },
-                        EventType::Delete => match members.remove(kv.key()) {
-                            Some(member) => Ok(MemberEvent::Left(member)),
-                            None => continue,
-                        },
-                    };
-                    if tx.send(out).is_err() {
-                        return;
-                    }
+                Feed::Closed => return,
+            };
+            for event in &events {
+                let Some(kv) = event.kv() else { continue };
+                let out = match event.event_type() {
+                    EventType::Put => match MemberRecord::decode(kv) {
+                        Ok(member) => {
+                            members.insert(kv.key().to_vec(), member.clone());
+                            Ok(MemberEvent::Joined(member))
+                        }
+                        Err(e) => Err(e),
+                    },
+                    EventType::Delete => match members.remove(kv.key()) {
+                        Some(member) => Ok(MemberEvent::Left(member)),
+                        None => continue,
+                    },
+                };
+                if tx.send(out).is_err() {
+                    return;
                 }
             }
         }
