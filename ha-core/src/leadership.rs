@@ -211,7 +211,7 @@ async fn resign_with_retries(shared: &LeadershipShared) -> Result<()> {
 async fn monitor(shared: Arc<LeadershipShared>) {
     let mut session_state = shared.session.subscribe();
     let mut backoff = Duration::from_millis(50);
-    'subscribe: loop {
+    loop {
         let mut events = shared.session.backend.watch(&shared.key.election);
         loop {
             tokio::select! {
@@ -249,6 +249,5 @@ async fn monitor(shared: Arc<LeadershipShared>) {
             _ = sleep(backoff) => {}
         }
         backoff = (backoff * 2).min(Duration::from_secs(1));
-        continue 'subscribe;
     }
 }

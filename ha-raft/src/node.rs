@@ -569,18 +569,22 @@ impl NodeInner {
         };
         let expired = || PeerFailure::Error(WireError::LeaseExpired(lease));
         let ttl = |sm: &StateMachineStore| sm.lock().state.leases.get(&lease).map(|l| l.ttl_ms);
-        let known = ttl(&self.sm);
-        if let Some(ttl_ms) = known {
-            if !self
+        // Records the renewal in this term, or says why it cannot be.
+        let renew = |ttl_ms: u64| {
+            if self
                 .lessor
                 .renew(term, lease, Duration::from_millis(ttl_ms))
             {
-                return Err(if self.lessor.is_expiring(lease) {
-                    expired()
-                } else {
-                    PeerFailure::NotLeader
-                });
+                Ok(())
+            } else if self.lessor.is_expiring(lease) {
+                Err(expired())
+            } else {
+                Err(PeerFailure::NotLeader)
             }
+        };
+        let known = ttl(&self.sm);
+        if let Some(ttl_ms) = known {
+            renew(ttl_ms)?;
         }
         // A quorum round that starts after the renewal was recorded: a deposed leader
         // fails here and the keepalive is not acknowledged.
@@ -591,16 +595,8 @@ impl NodeInner {
         let Some(ttl_ms) = ttl(&self.sm) else {
             return Err(expired());
         };
-        if known.is_none()
-            && !self
-                .lessor
-                .renew(term, lease, Duration::from_millis(ttl_ms))
-        {
-            return Err(if self.lessor.is_expiring(lease) {
-                expired()
-            } else {
-                PeerFailure::NotLeader
-            });
+        if known.is_none() {
+            renew(ttl_ms)?;
         }
         if self.lessor.is_expiring(lease) {
             return Err(expired());
