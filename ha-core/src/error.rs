@@ -76,6 +76,15 @@ pub enum Error {
     #[error("{0} is closed")]
     Closed(&'static str),
 
+    /// The activation of an [`ActiveStandby`](crate::ActiveStandby) returned an error or
+    /// panicked; its leadership was resigned.
+    #[error("the activation failed: {source}")]
+    Activation {
+        /// What the activation returned.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync + 'static>,
+    },
+
     /// A backend-specific failure that fits no other variant.
     #[error("{backend} backend: {source}")]
     Backend {

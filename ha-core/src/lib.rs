@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 #![deny(missing_docs)]
 
+mod active_standby;
 mod backend;
 mod error;
 mod leadership;
@@ -10,6 +11,10 @@ mod types;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 
+pub use active_standby::{
+    Active, ActiveStandby, ActiveStandbyBuilder, BoxError, CoordinatorEvent, LossPolicy, Outcome,
+    Readiness, RoleState, DEFAULT_STANDBY_LOG_INTERVAL,
+};
 pub use backend::{Backend, LeaderStream, MemberStream};
 pub use error::{Error, Result};
 pub use leadership::Leadership;

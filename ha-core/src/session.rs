@@ -305,8 +305,8 @@ impl Session {
         member: Member,
         options: SessionOptions,
     ) -> Result<Self> {
-        options.validate()?;
         backend.capabilities().check_ttl(options.ttl)?;
+        options.validate()?;
         let sent = Instant::now();
         let lease = backend.register(&member, options.ttl).await?;
         let (state, _) = watch::channel(SessionState::Alive);
@@ -491,6 +491,8 @@ async fn keepalive_loop(shared: Arc<SessionShared>) {
         };
         match outcome {
             Ok(Ok(granted)) => {
+                metrics::histogram!("ha_keepalive_seconds", "backend" => shared.backend.name())
+                    .record(sent.elapsed().as_secs_f64());
                 shared.extend(sent, granted);
                 next = sent + granted / 3;
             }

@@ -127,6 +127,14 @@ name_type!(
     "election name"
 );
 
+impl ElectionName {
+    /// The election a role's replicas campaign in by default: the role's own name (one
+    /// active per role). Infallible: both names follow the same rules.
+    pub fn from_role(role: &Role) -> Self {
+        Self(role.as_str().to_owned())
+    }
+}
+
 /// A liveness session on the backend. It lives while it is kept alive; when it ends,
 /// its member record and its candidacies end with it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
