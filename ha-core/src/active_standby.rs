@@ -223,11 +223,28 @@ impl Active {
     /// Reports the activation ready: the leader value becomes `"active <address>"` and
     /// the role state `Active { ready: true }`. Call it once the coordinator serves.
     ///
+    /// While the backend is unreachable (a Raft leader change, an etcd restart) it keeps
+    /// trying for as long as the leadership holds.
+    ///
     /// # Errors
-    /// `NotLeader` if the leadership already ended, or the backend's error.
+    /// `NotLeader` if the leadership ended first, or the backend's non-retryable error.
     pub async fn ready(&self) -> Result<()> {
         let value = Readiness::Active.leader_value(&self.shared.config.address);
-        self.leadership.proclaim(value).await?;
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match self.leadership.proclaim(value.clone()).await {
+                Ok(()) => break,
+                Err(error) if error.is_retryable() && self.is_valid() => {
+                    debug!(%error, "proclaiming ready failed, retrying");
+                    tokio::select! {
+                        () = sleep(backoff) => {}
+                        () = self.stopping.cancelled() => return Err(error),
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+                Err(error) => return Err(error),
+            }
+        }
         let token = self.token();
         let changed = self.shared.state.send_if_modified(|state| {
             let activating =
@@ -779,7 +796,7 @@ async fn wait_in_line(
         shared.set_state(RoleState::Standby);
         let leader = config.backend.leader(&config.election).await.ok().flatten();
         if config.enabled {
-            info!(leader = ?leader.as_ref().and_then(|l| l.server_id), "{role} is in STANDBY ...");
+            info!(leader = %leader_id(leader.as_ref()), "{role} is in STANDBY ...");
         }
         shared.emit(CoordinatorEvent::Standby { leader });
         let value = Readiness::Activating.leader_value(&config.address);
@@ -797,7 +814,7 @@ async fn wait_in_line(
                 won = &mut campaign => break won,
                 _ = log_every.tick() => {
                     let leader = config.backend.leader(&config.election).await.ok().flatten();
-                    info!(leader = ?leader.and_then(|l| l.server_id), "{role} is in STANDBY ...");
+                    info!(leader = %leader_id(leader.as_ref()), "{role} is in STANDBY ...");
                 }
             }
         };
@@ -828,4 +845,11 @@ async fn wait_in_line(
             }
         }
     }
+}
+
+/// The leader's server id for a log line, or `none`.
+fn leader_id(leader: Option<&Leader>) -> String {
+    leader
+        .and_then(|l| l.server_id)
+        .map_or_else(|| "none".to_owned(), |id| id.to_string())
 }

@@ -1,0 +1,215 @@
+//! `ha run` and `ha node [--active-standby]`: an ActiveStandby coordinator driven from the
+//! command line, its events printed, its metrics and probes served.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ha::{
+    Active, ActiveStandby, Backend, CoordinatorEvent, ElectionName, LossPolicy, Outcome, Role,
+    ServerId,
+};
+
+use crate::elect::{connect, fail};
+use crate::output::{Event, Printer};
+use crate::{http, shutdown_signal, Common, CoordinatorArgs, Exit};
+
+/// `ha run`: the coordinator on `--backend`.
+pub async fn run(args: &CoordinatorArgs, common: &Common) -> Exit {
+    let backend = match connect(common).await {
+        Ok(backend) => backend,
+        Err(exit) => return exit,
+    };
+    let server_id = ServerId::new(common.server_id());
+    drive(
+        backend,
+        args,
+        common.ttl(),
+        server_id,
+        Printer::new(common.json),
+    )
+    .await
+}
+
+/// The activation of a command-line coordinator: it holds the role, reports ready at
+/// once, and serves nothing but its probes until it is stopped.
+async fn hold(active: Active) -> Result<(), ha::Error> {
+    active.ready().await?;
+    active.stopping().cancelled().await;
+    Ok(())
+}
+
+/// Runs the coordinator loop until SIGINT/SIGTERM or a loss, printing its events.
+pub async fn drive(
+    backend: Arc<dyn Backend>,
+    args: &CoordinatorArgs,
+    ttl: Duration,
+    server_id: ServerId,
+    printer: Printer,
+) -> Exit {
+    let role = match Role::new(args.role.as_str()) {
+        Ok(role) => role,
+        Err(e) => return fail("bad role", &e),
+    };
+    let election = match &args.election {
+        Some(name) => match ElectionName::new(name.as_str()) {
+            Ok(election) => election,
+            Err(e) => return fail("bad election", &e),
+        },
+        None => ElectionName::from_role(&role),
+    };
+    if !(args.standby_log_interval.is_finite() && args.standby_log_interval > 0.0) {
+        eprintln!("ha: --standby-log-interval must be a positive number of seconds");
+        return Exit::Usage;
+    }
+    let builder = ActiveStandby::builder(backend, role, server_id)
+        .address(args.address.as_str())
+        .election(election.clone())
+        .ttl(ttl)
+        .standby_log_interval(Duration::from_secs_f64(args.standby_log_interval))
+        .on_loss(if args.recampaign {
+            LossPolicy::Recampaign
+        } else {
+            LossPolicy::Exit
+        })
+        .enabled(!args.exclusive)
+        .shutdown_on(shutdown_signal());
+    let mut events = builder.subscribe();
+    let state = builder.watch_state();
+    if let Some(addr) = args.metrics_addr {
+        if let Err(e) = http::serve(addr, state).await {
+            eprintln!("ha: cannot serve metrics on {addr}: {e}");
+            return Exit::Usage;
+        }
+    }
+    let coordinator = builder.spawn(hold);
+    let me = Some(server_id);
+    loop {
+        let event = match events.recv().await {
+            Ok(event) => event,
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                eprintln!("ha: {n} events were not printed (output too slow)");
+                continue;
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+        };
+        let line = match event {
+            CoordinatorEvent::Registered { lease, .. } => {
+                Event::new("registered").lease(lease).server_id(me)
+            }
+            CoordinatorEvent::Standby { leader } => {
+                let line = Event::new("standby").election(&election).server_id(me);
+                match leader {
+                    Some(leader) => line.value(&leader.value),
+                    None => line,
+                }
+            }
+            CoordinatorEvent::Elected { token } => Event::new("elected")
+                .election(&election)
+                .token(token)
+                .server_id(me)
+                .value(args.address.as_bytes()),
+            CoordinatorEvent::Ready { token } => Event::new("proclaimed")
+                .election(&election)
+                .token(token)
+                .server_id(me)
+                .value(args.address.as_bytes()),
+            CoordinatorEvent::Lost { token, reason } => Event::new("lost")
+                .election(&election)
+                .token(token)
+                .server_id(me)
+                .reason(reason),
+            CoordinatorEvent::SessionLost { reason } => Event::new("lost")
+                .election(&election)
+                .server_id(me)
+                .reason(reason),
+            CoordinatorEvent::Resigned { token } => Event::new("resigned")
+                .election(&election)
+                .token(token)
+                .server_id(me),
+            CoordinatorEvent::Stopped => Event::new("stopped").server_id(me),
+            _ => continue,
+        };
+        printer.print(&line);
+        if line.event == "stopped" {
+            break;
+        }
+    }
+    match coordinator.wait().await {
+        Ok(Outcome::Lost(_)) => Exit::Lost,
+        Ok(_) => Exit::Clean,
+        Err(e) => fail("the coordinator stopped", &e),
+    }
+}
+
+/// `ha node`: one embedded Raft member, optionally with a coordinator on it.
+#[cfg(feature = "raft")]
+pub async fn node(args: crate::NodeArgs) -> Exit {
+    use ha::raft::{RaftNode, RaftNodeConfig};
+    use std::collections::BTreeMap;
+
+    let printer = Printer::new(args.json);
+    let mut peers = BTreeMap::new();
+    for pair in &args.peers {
+        let Some((id, addr)) = pair.split_once('=') else {
+            eprintln!("ha node: --peers: {pair:?} is not ID=HOST:PORT");
+            return Exit::Usage;
+        };
+        let Ok(id) = id.trim().parse::<u64>() else {
+            eprintln!("ha node: --peers: {id:?} is not a node id");
+            return Exit::Usage;
+        };
+        peers.insert(id, addr.trim().to_owned());
+    }
+    let mut config = RaftNodeConfig::new(args.id, args.listen, peers, &args.data);
+    if let Some(cluster) = &args.cluster {
+        config = config.with_cluster_id(cluster.as_str());
+    }
+    let node = match RaftNode::start(config).await {
+        Ok(node) => node,
+        Err(e) => return fail(&format!("cannot start node {}", args.id), &e),
+    };
+    printer.print(&Event::new("node_ready").node(args.id));
+    let leader_task = tokio::spawn(print_raft_leaders(node.clone(), printer));
+    let exit = if args.active_standby {
+        let backend: Arc<dyn Backend> = Arc::new(node.clone());
+        drive(
+            backend,
+            &args.coordinator,
+            Duration::from_secs_f64(args.ttl),
+            ServerId::new(args.id),
+            printer,
+        )
+        .await
+    } else {
+        if let Some(addr) = args.coordinator.metrics_addr {
+            let (_, state) = tokio::sync::watch::channel(ha::RoleState::Standby);
+            if let Err(e) = http::serve(addr, state).await {
+                eprintln!("ha: cannot serve metrics on {addr}: {e}");
+                return Exit::Usage;
+            }
+        }
+        shutdown_signal().await;
+        Exit::Clean
+    };
+    leader_task.abort();
+    node.shutdown().await;
+    exit
+}
+
+#[cfg(feature = "raft")]
+async fn print_raft_leaders(node: ha::raft::RaftNode, printer: Printer) {
+    let mut metrics = node.raft().metrics();
+    let mut known = None;
+    loop {
+        let leader = metrics.borrow_and_update().current_leader;
+        if leader != known {
+            known = leader;
+            if let Some(leader) = leader {
+                printer.print(&Event::new("raft_leader").node(leader));
+            }
+        }
+        if metrics.changed().await.is_err() {
+            return;
+        }
+    }
+}

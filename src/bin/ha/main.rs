@@ -1,0 +1,304 @@
+//! `ha`: elect, follow and run highly available coordinators from the command line, on
+//! any backend (`memory://`, `raft://...`, `etcd://...`), and `ha demo`, the failover
+//! demo on an embedded Raft group of three processes.
+
+mod coordinator;
+#[cfg(feature = "raft")]
+mod demo;
+mod elect;
+mod http;
+mod output;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Exit codes, as `ha --help` documents them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// Finished cleanly (including a resign on SIGINT/SIGTERM).
+    Clean = 0,
+    /// `ha demo` failed (it says why).
+    Failed = 1,
+    /// Bad usage: an unknown flag, an invalid name, URL or TTL.
+    Usage = 2,
+    /// The leadership or the session was lost (or another instance holds the role).
+    Lost = 3,
+    /// The backend could not be reached.
+    Unavailable = 4,
+}
+
+impl Exit {
+    /// The exit code for an error from the library.
+    pub fn of(error: &ha::Error) -> Self {
+        use ha::Error as E;
+        match error {
+            E::InvalidArgument { .. } | E::FeatureDisabled { .. } => Self::Usage,
+            E::LeaseExpired { .. }
+            | E::NotLeader { .. }
+            | E::AlreadyRegistered { .. }
+            | E::Closed(_)
+            | E::Activation { .. } => Self::Lost,
+            _ => Self::Unavailable,
+        }
+    }
+}
+
+impl From<Exit> for ExitCode {
+    fn from(exit: Exit) -> Self {
+        ExitCode::from(exit as u8)
+    }
+}
+
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  clean: finished, or resigned on SIGINT/SIGTERM
+  1  ha demo failed (it says why)
+  2  bad usage: unknown flag, invalid name, URL or TTL
+  3  leadership or session lost, or the role is held by another instance (exclusive mode)
+  4  backend unavailable";
+
+/// Highly available coordinators: one ACTIVE, hot STANDBYs, fencing tokens.
+#[derive(Debug, Parser)]
+#[command(name = "ha", version, after_help = EXIT_CODES)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Flags every command that talks to a backend shares.
+#[derive(Debug, Clone, Args)]
+pub struct Common {
+    /// The backend: memory://, raft://host:port,... or etcd://host:port,...[/prefix].
+    #[arg(long, env = "HA_BACKEND", default_value = "memory://")]
+    pub backend: String,
+    /// Session TTL in seconds: how long a crashed holder keeps the role.
+    #[arg(long, default_value_t = 10.0, value_parser = parse_ttl)]
+    pub ttl: f64,
+    /// This process's server id (default: its PID).
+    #[arg(long)]
+    pub id: Option<u64>,
+    /// Print one JSON object per line per event instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl Common {
+    /// The TTL as a duration.
+    pub fn ttl(&self) -> Duration {
+        Duration::from_secs_f64(self.ttl)
+    }
+
+    /// The server id: `--id` or the PID.
+    pub fn server_id(&self) -> u64 {
+        self.id.unwrap_or_else(|| u64::from(std::process::id()))
+    }
+}
+
+fn parse_ttl(text: &str) -> Result<f64, String> {
+    let ttl: f64 = text
+        .parse()
+        .map_err(|e| format!("{text:?} is not a number of seconds: {e}"))?;
+    if !(ttl.is_finite() && ttl > 0.0 && ttl <= 3600.0) {
+        return Err(format!("{ttl} s is outside (0, 3600]"));
+    }
+    Ok(ttl)
+}
+
+/// Flags of the ActiveStandby coordinator (`run`, and `node --active-standby`).
+#[derive(Debug, Clone, Args)]
+pub struct CoordinatorArgs {
+    /// The coordinator role (also the election, unless --election is given).
+    #[arg(long, default_value = "rootcoord")]
+    pub role: String,
+    /// The election to campaign in (default: the role).
+    #[arg(long)]
+    pub election: Option<String>,
+    /// The address published for clients while ACTIVE.
+    #[arg(long, default_value = "")]
+    pub address: String,
+    /// After a loss, go back to STANDBY instead of exiting with code 3.
+    #[arg(long)]
+    pub recampaign: bool,
+    /// Run as the single exclusive instance of the role (no standbys): refuse to start
+    /// while another instance is alive.
+    #[arg(long)]
+    pub exclusive: bool,
+    /// Seconds between "{role} is in STANDBY ..." log lines.
+    #[arg(long, default_value_t = 10.0)]
+    pub standby_log_interval: f64,
+    /// Serve /metrics, /healthz and /role (200 only while ACTIVE) on this address.
+    #[arg(long)]
+    pub metrics_addr: Option<SocketAddr>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Campaign in an election with a value, print when elected, hold until SIGINT or
+    /// SIGTERM, then resign. With --listen, print every leader change instead.
+    Elect {
+        /// The election.
+        election: String,
+        /// The value to publish while leading (required unless --listen).
+        value: Option<String>,
+        /// Follow the election's leader instead of campaigning.
+        #[arg(long)]
+        listen: bool,
+        /// The role to register in (default: the election's name).
+        #[arg(long)]
+        role: Option<String>,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Print the current leader of an election.
+    Leader {
+        /// The election.
+        election: String,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Print the live members of a role.
+    Members {
+        /// The role.
+        role: String,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Run an ActiveStandby coordinator of a role on the backend (an idle one that only
+    /// holds the role and reports ready), until SIGINT/SIGTERM.
+    Run {
+        #[command(flatten)]
+        coordinator: CoordinatorArgs,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Run one member of an embedded Raft group, optionally with an ActiveStandby
+    /// coordinator on it.
+    Node(NodeArgs),
+    /// Start three `ha node` processes (embedded Raft, role rootcoord, TTL 3 s), kill the
+    /// ACTIVE with SIGKILL and measure the takeover, then SIGTERM the next ACTIVE and
+    /// measure the handoff; cleans up everything.
+    Demo {
+        /// Session TTL in seconds.
+        #[arg(long, default_value_t = 3.0, value_parser = parse_ttl)]
+        ttl: f64,
+    },
+}
+
+/// `ha node` flags.
+#[derive(Debug, Clone, Args)]
+pub struct NodeArgs {
+    /// This member's Raft node id.
+    #[arg(long)]
+    pub id: u64,
+    /// The address to serve Raft and the client API on.
+    #[arg(long)]
+    pub listen: SocketAddr,
+    /// Every voter of the group: ID=HOST:PORT,ID=HOST:PORT,...
+    #[arg(long, value_delimiter = ',')]
+    pub peers: Vec<String>,
+    /// The data directory (sled).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// The cluster id, so members of different groups refuse each other.
+    #[arg(long)]
+    pub cluster: Option<String>,
+    /// Also run an ActiveStandby coordinator on this member.
+    #[arg(long)]
+    pub active_standby: bool,
+    /// Session TTL in seconds (with --active-standby).
+    #[arg(long, default_value_t = 10.0, value_parser = parse_ttl)]
+    pub ttl: f64,
+    /// Print one JSON object per line per event instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// The coordinator's flags (with --active-standby).
+    #[command(flatten)]
+    pub coordinator: CoordinatorArgs,
+}
+
+fn init_logging() {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn,sled=warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let exit = match cli.command {
+        Command::Elect {
+            election,
+            value,
+            listen,
+            role,
+            common,
+        } => {
+            if listen {
+                elect::listen(&election, &common).await
+            } else if let Some(value) = value {
+                elect::campaign(&election, &value, role.as_deref(), &common).await
+            } else {
+                eprintln!("ha elect: a value is required unless --listen is given");
+                Exit::Usage
+            }
+        }
+        Command::Leader { election, common } => elect::leader(&election, &common).await,
+        Command::Members { role, common } => elect::members(&role, &common).await,
+        Command::Run {
+            coordinator,
+            common,
+        } => coordinator::run(&coordinator, &common).await,
+        Command::Node(node) => node_command(node).await,
+        Command::Demo { ttl } => demo_command(ttl).await,
+    };
+    exit.into()
+}
+
+#[cfg(feature = "raft")]
+async fn node_command(node: NodeArgs) -> Exit {
+    coordinator::node(node).await
+}
+
+#[cfg(not(feature = "raft"))]
+async fn node_command(_node: NodeArgs) -> Exit {
+    eprintln!("ha node: this build has no Raft backend; enable the Cargo feature \"raft\"");
+    Exit::Usage
+}
+
+#[cfg(feature = "raft")]
+async fn demo_command(ttl: f64) -> Exit {
+    demo::run(Duration::from_secs_f64(ttl)).await
+}
+
+#[cfg(not(feature = "raft"))]
+async fn demo_command(_ttl: f64) -> Exit {
+    eprintln!("ha demo: this build has no Raft backend; enable the Cargo feature \"raft\"");
+    Exit::Usage
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut terminate) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = terminate.recv() => {}
+            }
+        }
+        Err(error) => {
+            tracing::warn!(%error, "cannot handle SIGTERM; only SIGINT stops this process");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
