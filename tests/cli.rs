@@ -1,0 +1,442 @@
+//! The `ha` binary as users run it: real processes, real sockets, real signals.
+//!
+//! - raft: three `ha node --active-standby` processes; SIGKILL the ACTIVE → a STANDBY is
+//!   ACTIVE within TTL + 2 s; restart it; SIGTERM the next ACTIVE → handoff within 1 s;
+//!   fencing tokens increase.
+//! - etcd: three `ha run` processes on a real etcd: the same, and exclusive mode.
+//! - `ha demo` runs to completion; bad usage exits with 2.
+//!
+//! Every process is started with kill_on_drop and stopped by PID at the end.
+
+#![cfg(all(feature = "cli", feature = "raft"))]
+
+#[cfg(feature = "etcd")]
+#[path = "../ha-etcd/tests/common/mod.rs"]
+mod etcd_fixture;
+
+use std::collections::BTreeMap;
+use std::process::{ExitStatus, Stdio};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+use tokio::time::timeout;
+
+const HA: &str = env!("CARGO_BIN_EXE_ha");
+const TTL: Duration = Duration::from_secs(2);
+
+fn unix_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("no free port: {e}"))
+}
+
+/// An event line from one of the processes.
+#[derive(Debug)]
+struct Line {
+    from: u64,
+    json: Value,
+}
+
+impl Line {
+    fn is(&self, event: &str) -> bool {
+        self.json["event"] == event
+    }
+    fn token(&self) -> u64 {
+        self.json["token"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no token in {}", self.json))
+    }
+    fn at(&self) -> u64 {
+        self.json["at_unix_us"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no time in {}", self.json))
+    }
+}
+
+/// A set of `ha` processes whose JSON event lines arrive on one channel.
+struct Procs {
+    children: BTreeMap<u64, Child>,
+    sender: mpsc::UnboundedSender<Line>,
+    lines: mpsc::UnboundedReceiver<Line>,
+    seen: Vec<Line>,
+}
+
+impl Procs {
+    fn new() -> Self {
+        let (sender, lines) = mpsc::unbounded_channel();
+        Self {
+            children: BTreeMap::new(),
+            sender,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    fn start(&mut self, id: u64, args: &[String]) {
+        let mut child = Command::new(HA)
+            .args(args)
+            .env("RUST_LOG", "warn,openraft=off,sled=off")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn ha {args:?}: {e}"));
+        let stdout = child.stdout.take().unwrap_or_else(|| panic!("no stdout"));
+        let sender = self.sender.clone();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stdout).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let json = serde_json::from_str(&line).unwrap_or_else(|e| {
+                    panic!("process {id} printed a non-JSON line {line:?}: {e}")
+                });
+                let _ = sender.send(Line { from: id, json });
+            }
+        });
+        self.children.insert(id, child);
+    }
+
+    async fn wait_for(
+        &mut self,
+        what: &str,
+        within: Duration,
+        pred: impl Fn(&Line) -> bool,
+    ) -> &Line {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let line = match timeout(
+                deadline.saturating_duration_since(tokio::time::Instant::now()),
+                self.lines.recv(),
+            )
+            .await
+            {
+                Ok(Some(line)) => line,
+                Ok(None) => panic!("event channel closed waiting for {what}"),
+                Err(_) => panic!(
+                    "no {what} within {within:?}; events so far: {:#?}",
+                    self.seen
+                ),
+            };
+            let hit = pred(&line);
+            self.seen.push(line);
+            if hit {
+                return self.seen.last().unwrap_or_else(|| unreachable!());
+            }
+        }
+    }
+
+    fn signal(&self, id: u64, signal: &str) -> u64 {
+        let pid = self.children[&id]
+            .id()
+            .unwrap_or_else(|| panic!("process {id} is not running"));
+        let at = unix_us();
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(pid.to_string())
+            .status()
+            .unwrap_or_else(|e| panic!("kill: {e}"));
+        assert!(status.success(), "kill -{signal} {pid} failed");
+        at
+    }
+
+    async fn exit_status(&mut self, id: u64, within: Duration) -> ExitStatus {
+        let mut child = self
+            .children
+            .remove(&id)
+            .unwrap_or_else(|| panic!("no process {id}"));
+        match timeout(within, child.wait()).await {
+            Ok(Ok(status)) => status,
+            Ok(Err(e)) => panic!("wait for {id}: {e}"),
+            Err(_) => panic!("process {id} did not exit within {within:?}"),
+        }
+    }
+
+    /// SIGTERM everything left, then SIGKILL what does not stop in 10 s.
+    async fn stop_all(&mut self) {
+        let ids: Vec<u64> = self.children.keys().copied().collect();
+        for id in &ids {
+            let _ = self.children[id].id().map(|pid| {
+                std::process::Command::new("kill")
+                    .arg("-TERM")
+                    .arg(pid.to_string())
+                    .status()
+            });
+        }
+        for id in ids {
+            if let Some(mut child) = self.children.remove(&id) {
+                if timeout(Duration::from_secs(10), child.wait())
+                    .await
+                    .is_err()
+                {
+                    let _ = child.kill().await;
+                }
+            }
+        }
+    }
+}
+
+/// The crash-then-graceful scenario on three coordinator processes. `restart` brings the
+/// killed process back before the graceful step (the Raft group needs it for quorum).
+async fn crash_then_handoff(procs: &mut Procs, restart: impl Fn(&mut Procs, u64)) {
+    let first = procs
+        .wait_for("a first ACTIVE", Duration::from_secs(30), |l| {
+            l.is("proclaimed")
+        })
+        .await;
+    let (active, t1) = (first.from, first.token());
+
+    // Crash: kill -9 the active.
+    let killed_at = procs.signal(active, "KILL");
+    let status = procs.exit_status(active, Duration::from_secs(10)).await;
+    assert!(!status.success());
+    let next = procs
+        .wait_for("a takeover", TTL + Duration::from_secs(20), |l| {
+            l.is("elected") && l.from != active
+        })
+        .await;
+    let (successor, t2) = (next.from, next.token());
+    let gap = Duration::from_micros(next.at().saturating_sub(killed_at));
+    eprintln!("crash takeover gap {gap:?} at TTL {TTL:?}");
+    assert!(
+        gap <= TTL + Duration::from_secs(2),
+        "takeover took {gap:?}, more than TTL + 2 s"
+    );
+    assert!(t2 > t1, "tokens increase: {t1} then {t2}");
+    procs
+        .wait_for("the successor ready", Duration::from_secs(10), |l| {
+            l.is("proclaimed") && l.from == successor
+        })
+        .await;
+
+    restart(procs, active);
+
+    // Graceful: SIGTERM the active; it stops, resigns, revokes, exits 0.
+    let termed_at = procs.signal(successor, "TERM");
+    let after = procs
+        .wait_for("a handoff", Duration::from_secs(10), |l| {
+            l.is("elected") && l.from != successor
+        })
+        .await;
+    let t3 = after.token();
+    let gap = Duration::from_micros(after.at().saturating_sub(termed_at));
+    eprintln!("graceful handoff gap {gap:?}");
+    assert!(gap < Duration::from_secs(1), "handoff took {gap:?}");
+    assert!(t3 > t2, "tokens increase: {t2} then {t3}");
+    let status = procs.exit_status(successor, Duration::from_secs(15)).await;
+    assert!(
+        status.success(),
+        "SIGTERM must end in a clean exit, got {status}"
+    );
+    let resigned = procs
+        .seen
+        .iter()
+        .any(|l| l.from == successor && l.is("resigned") && l.token() == t2);
+    assert!(
+        resigned,
+        "the successor printed its resign: {:#?}",
+        procs.seen
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raft_nodes_fail_over_on_kill_and_hand_over_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let ports: BTreeMap<u64, u16> = (1..=3).map(|id| (id, free_port())).collect();
+    let peers = ports
+        .iter()
+        .map(|(id, port)| format!("{id}=127.0.0.1:{port}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let args = |id: u64| -> Vec<String> {
+        vec![
+            "node".into(),
+            "--id".into(),
+            id.to_string(),
+            "--listen".into(),
+            format!("127.0.0.1:{}", ports[&id]),
+            "--peers".into(),
+            peers.clone(),
+            "--data".into(),
+            dir.path().join(id.to_string()).display().to_string(),
+            "--active-standby".into(),
+            "--ttl".into(),
+            TTL.as_secs().to_string(),
+            "--json".into(),
+        ]
+    };
+    let mut procs = Procs::new();
+    for id in 1..=3 {
+        procs.start(id, &args(id));
+    }
+    crash_then_handoff(&mut procs, |procs, id| procs.start(id, &args(id))).await;
+    procs.stop_all().await;
+}
+
+#[cfg(feature = "etcd")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_coordinators_fail_over_on_kill_and_hand_over_on_sigterm() {
+    let Some(etcd) = etcd_fixture::Etcd::start() else {
+        return;
+    };
+    let backend = format!("etcd://{}/ha-cli-{}", etcd.endpoint, std::process::id());
+    let args = |id: u64| -> Vec<String> {
+        [
+            "run",
+            "--backend",
+            &backend,
+            "--role",
+            "rootcoord",
+            "--id",
+            &id.to_string(),
+            "--ttl",
+            &TTL.as_secs().to_string(),
+            "--json",
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let mut procs = Procs::new();
+    for id in 1..=3 {
+        procs.start(id, &args(id));
+    }
+    crash_then_handoff(&mut procs, |_, _| {}).await;
+
+    // Exclusive mode: a second instance of a live role is refused with exit code 3.
+    let exclusive = |id: u64| -> Vec<String> {
+        [
+            "run",
+            "--backend",
+            &backend,
+            "--role",
+            "querycoord",
+            "--exclusive",
+            "--id",
+            &id.to_string(),
+            "--ttl",
+            "2",
+            "--json",
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    procs.start(10, &exclusive(10));
+    procs
+        .wait_for(
+            "the exclusive instance ACTIVE",
+            Duration::from_secs(20),
+            |l| l.from == 10 && l.is("proclaimed"),
+        )
+        .await;
+    procs.start(11, &exclusive(11));
+    let status = procs.exit_status(11, Duration::from_secs(20)).await;
+    assert_eq!(
+        status.code(),
+        Some(3),
+        "a second exclusive instance exits with 3"
+    );
+    procs.stop_all().await;
+}
+
+#[tokio::test]
+async fn the_demo_runs_to_completion() {
+    let output = timeout(
+        Duration::from_secs(120),
+        Command::new(HA)
+            .arg("demo")
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("ha demo did not finish in 120 s"))
+    .unwrap_or_else(|e| panic!("run ha demo: {e}"));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "ha demo failed: {}\n{stdout}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    for expected in ["takeover gap", "handoff gap", "removed", "summary"] {
+        assert!(
+            stdout.contains(expected),
+            "{expected:?} missing from:\n{stdout}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn bad_usage_exits_with_2_and_says_what_was_wrong() {
+    let cases: &[&[&str]] = &[
+        &["elect", "bad/name", "v"],
+        &["elect", "rootcoord"],
+        &["leader", "rootcoord", "--backend", "nosuch://x"],
+        &["leader", "rootcoord", "--backend", "raft://"],
+        &["run", "--ttl", "0"],
+        &["run", "--role", ""],
+        &["node", "--id", "1"],
+        &["frobnicate"],
+    ];
+    for args in cases {
+        let output = timeout(
+            Duration::from_secs(30),
+            Command::new(HA)
+                .args(*args)
+                .stdin(Stdio::null())
+                .kill_on_drop(true)
+                .output(),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("ha {args:?} hung"))
+        .unwrap_or_else(|e| panic!("run ha {args:?}: {e}"));
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "ha {args:?}: {stderr}");
+        assert!(!stderr.trim().is_empty(), "ha {args:?} said nothing");
+        assert!(
+            !stderr.contains("panicked"),
+            "ha {args:?} panicked: {stderr}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn memory_backend_elect_prints_json_and_resigns_on_sigterm() {
+    let mut procs = Procs::new();
+    procs.start(
+        1,
+        &[
+            "elect",
+            "rootcoord",
+            "10.0.0.1:53100",
+            "--backend",
+            "memory://",
+            "--id",
+            "7",
+            "--json",
+        ]
+        .map(String::from),
+    );
+    let elected = procs
+        .wait_for("elected", Duration::from_secs(20), |l| l.is("elected"))
+        .await;
+    assert_eq!(elected.json["server_id"], 7);
+    assert_eq!(elected.json["value"], "10.0.0.1:53100");
+    assert_eq!(elected.json["election"], "rootcoord");
+    procs.signal(1, "TERM");
+    procs
+        .wait_for("resigned", Duration::from_secs(20), |l| l.is("resigned"))
+        .await;
+    let status = procs.exit_status(1, Duration::from_secs(20)).await;
+    assert!(status.success(), "{status}");
+}
