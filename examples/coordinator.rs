@@ -135,7 +135,10 @@ async fn main() -> anyhow::Result<()> {
         highest = (token, ts);
         println!("timestamp {ts} from the ACTIVE with fencing token {token}");
         if !stopped && started.elapsed() > Duration::from_secs(2) {
-            if let Some(index) = running.iter().position(|(_, r)| r.state().is_ready_active()) {
+            if let Some(index) = running
+                .iter()
+                .position(|(_, r)| r.state().is_ready_active())
+            {
                 let (id, replica) = running.remove(index);
                 println!("-- rolling restart: stopping the ACTIVE replica {id} --");
                 replica.stop().await?;

@@ -161,6 +161,9 @@ pub async fn node(args: crate::NodeArgs) -> Exit {
         peers.insert(id, addr.trim().to_owned());
     }
     let mut config = RaftNodeConfig::new(args.id, args.listen, peers, &args.data);
+    if let Some(advertise) = &args.advertise {
+        config = config.with_advertise(advertise.as_str());
+    }
     if let Some(cluster) = &args.cluster {
         config = config.with_cluster_id(cluster.as_str());
     }

@@ -203,6 +203,9 @@ pub struct NodeArgs {
     /// The data directory (sled).
     #[arg(long)]
     pub data: PathBuf,
+    /// The address peers and clients dial to reach this member (default: --listen).
+    #[arg(long)]
+    pub advertise: Option<String>,
     /// The cluster id, so members of different groups refuse each other.
     #[arg(long)]
     pub cluster: Option<String>,
