@@ -63,6 +63,9 @@ pub enum RoleState {
         /// Whether the activation reported ready.
         ready: bool,
     },
+    /// The activation has stopped (leadership lost, shutdown, or it returned); the loop
+    /// is resigning, revoking or deciding what comes next. Not active: do not route here.
+    Stopping,
     /// The loop ended (shutdown, loss under [`LossPolicy::Exit`], or the activation
     /// returned).
     Stopped,
@@ -82,6 +85,7 @@ impl RoleState {
             Self::Standby => "standby",
             Self::Active { ready: false, .. } => "activating",
             Self::Active { ready: true, .. } => "active",
+            Self::Stopping => "stopping",
             Self::Stopped => "stopped",
         }
     }
@@ -220,6 +224,13 @@ impl Active {
         &self.stopping
     }
 
+    fn not_leader(&self) -> Error {
+        Error::NotLeader {
+            election: self.leadership.election().clone(),
+            current: None,
+        }
+    }
+
     /// Reports the activation ready: the leader value becomes `"active <address>"` and
     /// the role state `Active { ready: true }`. Call it once the coordinator serves.
     ///
@@ -234,11 +245,14 @@ impl Active {
         loop {
             match self.leadership.proclaim(value.clone()).await {
                 Ok(()) => break,
-                Err(error) if error.is_retryable() && self.is_valid() => {
+                Err(_) if !self.is_valid() || self.stopping.is_cancelled() => {
+                    return Err(self.not_leader());
+                }
+                Err(error) if error.is_retryable() => {
                     debug!(%error, "proclaiming ready failed, retrying");
                     tokio::select! {
                         () = sleep(backoff) => {}
-                        () = self.stopping.cancelled() => return Err(error),
+                        () = self.stopping.cancelled() => return Err(self.not_leader()),
                     }
                     backoff = (backoff * 2).min(Duration::from_secs(1));
                 }
@@ -246,9 +260,10 @@ impl Active {
             }
         }
         let token = self.token();
+        let still_active = self.is_valid() && !self.stopping.is_cancelled();
         let changed = self.shared.state.send_if_modified(|state| {
-            let activating =
-                matches!(state, RoleState::Active { token: t, ready: false } if *t == token);
+            let activating = still_active
+                && matches!(state, RoleState::Active { token: t, ready: false } if *t == token);
             if activating {
                 *state = RoleState::Active { token, ready: true };
             }
@@ -553,8 +568,10 @@ where
     Fut: Future<Output = std::result::Result<(), E>> + Send + 'static,
     E: Into<BoxError> + Send + 'static,
 {
+    let _stopped = StoppedOnDrop(Arc::clone(&shared));
     let config = &shared.config;
     let mut first = true;
+    let started = Instant::now();
     let mut backoff = Duration::from_millis(100);
     let result = loop {
         shared.set_state(RoleState::Starting);
@@ -565,9 +582,14 @@ where
         };
         let session = match registered {
             Ok(session) => session,
-            // After a loss, our own old lease may outlive a failed revoke until its TTL.
+            // The backend may still be starting (a Raft group electing its first
+            // leader), and our own old lease (a restart, or a loss whose revoke failed)
+            // holds our server id until its TTL: retry those, the first time for at
+            // most a TTL and the request time.
             Err(error)
-                if !first && (error.is_retryable() || is_own_registration(config, &error)) =>
+                if (error.is_retryable() || is_own_registration(config, &error))
+                    && (!first
+                        || started.elapsed() < config.session.ttl + Duration::from_secs(5)) =>
             {
                 warn!(%error, "cannot register a new session, retrying");
                 tokio::select! {
@@ -608,8 +630,6 @@ where
             }
         }
     };
-    shared.set_state(RoleState::Stopped);
-    shared.emit(CoordinatorEvent::Stopped);
     match &result {
         Ok(outcome) => info!(?outcome, "stopped"),
         Err(error) => warn!(%error, "stopped"),
@@ -619,6 +639,18 @@ where
 
 fn is_own_registration(config: &Config, error: &Error) -> bool {
     matches!(error, Error::AlreadyRegistered { server_id, .. } if *server_id == config.member.server_id)
+}
+
+/// Publishes `Stopped` when the loop ends, however it ends (a panic included), and
+/// ends the `shutdown_on` watcher.
+struct StoppedOnDrop(Arc<Shared>);
+
+impl Drop for StoppedOnDrop {
+    fn drop(&mut self) {
+        self.0.set_state(RoleState::Stopped);
+        self.0.emit(CoordinatorEvent::Stopped);
+        self.0.shutdown.cancel();
+    }
 }
 
 /// Registers a session; in exclusive mode (`enabled = false`) fails if another member of
@@ -631,7 +663,15 @@ async fn register(config: &Config) -> Result<Session> {
     if config.enabled {
         return Ok(session);
     }
-    let members = config.backend.members(&config.member.role).await?;
+    let members = match config.backend.members(&config.member.role).await {
+        Ok(members) => members,
+        Err(error) => {
+            if let Err(revoke) = session.close().await {
+                warn!(%revoke, "revoke after a failed exclusive check failed");
+            }
+            return Err(error);
+        }
+    };
     if let Some(other) = members
         .iter()
         .find(|m| m.server_id != config.member.server_id)
@@ -696,6 +736,16 @@ where
             running.abort();
             let _ = (&mut running).await;
         }
+        // Not active from here on, before any I/O (resign, revoke, probes).
+        shared.set_state(RoleState::Stopping);
+        // An activation that returned because its leadership had just ended (ready()
+        // said NotLeader before lost() fired) lost it; it did not finish or fail.
+        let ended = match ended {
+            ActiveEnd::Returned(_) if !leadership.is_valid() => {
+                ActiveEnd::Lost(leadership.lost().await)
+            }
+            ended => ended,
+        };
         match ended {
             ActiveEnd::Lost(reason) => {
                 let reason = refine_loss(session, reason).await;
@@ -794,7 +844,7 @@ async fn wait_in_line(
             return Err(SessionEnd::Lost(reason));
         }
         shared.set_state(RoleState::Standby);
-        let leader = config.backend.leader(&config.election).await.ok().flatten();
+        let leader = current_leader(config).await;
         if config.enabled {
             info!(leader = %leader_id(leader.as_ref()), "{role} is in STANDBY ...");
         }
@@ -802,18 +852,19 @@ async fn wait_in_line(
         let value = Readiness::Activating.leader_value(&config.address);
         let campaign = session.campaign(&config.election, value);
         tokio::pin!(campaign);
-        let mut log_every = interval_at(
-            Instant::now() + config.standby_log_interval,
-            config.standby_log_interval,
-        );
+        // Bounded so a zero or absurd interval cannot panic the loop.
+        let every = config
+            .standby_log_interval
+            .clamp(Duration::from_millis(10), Duration::from_secs(86_400));
+        let mut log_every = interval_at(Instant::now() + every, every);
         log_every.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let won = loop {
             tokio::select! {
                 biased;
                 () = shared.shutdown.cancelled() => return Err(SessionEnd::Shutdown),
                 won = &mut campaign => break won,
-                _ = log_every.tick() => {
-                    let leader = config.backend.leader(&config.election).await.ok().flatten();
+                _ = log_every.tick(), if config.enabled => {
+                    let leader = current_leader(config).await;
                     info!(leader = %leader_id(leader.as_ref()), "{role} is in STANDBY ...");
                 }
             }
@@ -852,4 +903,14 @@ fn leader_id(leader: Option<&Leader>) -> String {
     leader
         .and_then(|l| l.server_id)
         .map_or_else(|| "none".to_owned(), |id| id.to_string())
+}
+
+/// The current leader for a log line or event: best effort, and never long (the campaign
+/// is not polled meanwhile).
+async fn current_leader(config: &Config) -> Option<Leader> {
+    let lookup = config.backend.leader(&config.election);
+    match tokio::time::timeout(Duration::from_secs(1), lookup).await {
+        Ok(Ok(leader)) => leader,
+        _ => None,
+    }
 }

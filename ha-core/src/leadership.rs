@@ -137,7 +137,10 @@ impl Leadership {
     /// without a new election; the token stays.
     ///
     /// # Errors
-    /// `NotLeader` when the leadership is no longer valid, or the backend's error.
+    /// `NotLeader` when the leadership is no longer valid, or the backend's error. When
+    /// the backend answers `NotLeader` or `LeaseExpired`, the leadership is over: it is
+    /// marked lost (`Deposed` / `LeaseExpired`) before the error is returned, so
+    /// [`lost`](Self::lost) agrees with what the caller just learned.
     pub async fn proclaim(&self, value: impl Into<Bytes>) -> Result<()> {
         if !self.is_valid() {
             return Err(Error::NotLeader {
@@ -145,11 +148,22 @@ impl Leadership {
                 current: None,
             });
         }
-        self.shared
+        let result = self
+            .shared
             .session
             .backend
             .proclaim(&self.shared.key, value.into())
-            .await
+            .await;
+        match &result {
+            Err(Error::NotLeader { .. }) => {
+                self.shared.lose(LossReason::Deposed);
+            }
+            Err(Error::LeaseExpired { .. }) => {
+                self.shared.lose(LossReason::LeaseExpired);
+            }
+            _ => {}
+        }
+        result
     }
 
     /// Gives up the leadership so the next candidate takes over at once. The leadership

@@ -498,3 +498,66 @@ async fn dropping_the_handle_shuts_down_and_hands_over() {
     state_where(&mut a_state, "a stopped", |s| *s == RoleState::Stopped).await;
     b.stop().await.unwrap_or_else(|e| panic!("{e}"));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_zero_standby_log_interval_does_not_break_the_loop() {
+    let backend = MemoryBackend::new();
+    let a = builder(&backend, 1).standby_log_interval(Duration::ZERO);
+    let mut a_state = a.watch_state();
+    let a = a.spawn(serve);
+    state_where(&mut a_state, "a active", |s| s.is_ready_active()).await;
+    let b = builder(&backend, 2).standby_log_interval(Duration::ZERO);
+    let mut b_state = b.watch_state();
+    let b = b.spawn(serve);
+    state_where(&mut b_state, "b standby", |s| *s == RoleState::Standby).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(b.state(), RoleState::Standby);
+    a.stop().await.unwrap_or_else(|e| panic!("{e}"));
+    state_where(&mut b_state, "b active", |s| s.is_ready_active()).await;
+    b.stop().await.unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// An activation that gives up because ready() found its leadership gone lost the
+/// leadership; it did not fail. Under Recampaign the loop goes on.
+#[tokio::test(start_paused = true)]
+async fn an_activation_ending_on_a_lost_leadership_is_a_loss_not_a_failure() {
+    let backend = MemoryBackend::new();
+    let a = builder(&backend, 1).on_loss(LossPolicy::Recampaign);
+    let mut a_state = a.watch_state();
+    let mut a_events = a.subscribe();
+    let first = Arc::new(AtomicBool::new(true));
+    let expire = backend.clone();
+    let a = a.spawn(move |active: Active| {
+        let (backend, first) = (expire.clone(), Arc::clone(&first));
+        async move {
+            if first.swap(false, Ordering::SeqCst) {
+                // The lease dies while activating; ready() then hears NotLeader or
+                // LeaseExpired from the backend before the leader watch says so.
+                backend.expire_lease_fault(active.leadership().key().lease);
+                active.ready().await?;
+                unreachable!("ready() after the lease expired succeeded");
+            }
+            serve(active).await
+        }
+    });
+    let mut saw = Vec::new();
+    loop {
+        let event = next_event(&mut a_events).await;
+        let done = matches!(event, CoordinatorEvent::Ready { .. });
+        saw.push(event);
+        if done {
+            break;
+        }
+    }
+    assert!(
+        saw.iter()
+            .any(|e| matches!(e, CoordinatorEvent::Lost { .. })),
+        "{saw:?}"
+    );
+    assert!(
+        !saw.iter().any(|e| matches!(e, CoordinatorEvent::Stopped)),
+        "{saw:?}"
+    );
+    state_where(&mut a_state, "a active again", |s| s.is_ready_active()).await;
+    a.stop().await.unwrap_or_else(|e| panic!("{e}"));
+}

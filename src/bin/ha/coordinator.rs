@@ -57,10 +57,6 @@ pub async fn drive(
         },
         None => ElectionName::from_role(&role),
     };
-    if !(args.standby_log_interval.is_finite() && args.standby_log_interval > 0.0) {
-        eprintln!("ha: --standby-log-interval must be a positive number of seconds");
-        return Exit::Usage;
-    }
     let builder = ActiveStandby::builder(backend, role, server_id)
         .address(args.address.as_str())
         .election(election.clone())
@@ -184,15 +180,21 @@ pub async fn node(args: crate::NodeArgs) -> Exit {
         )
         .await
     } else {
-        if let Some(addr) = args.coordinator.metrics_addr {
-            let (_, state) = tokio::sync::watch::channel(ha::RoleState::Standby);
-            if let Err(e) = http::serve(addr, state).await {
+        let (_, state) = tokio::sync::watch::channel(ha::RoleState::Standby);
+        let served = match args.coordinator.metrics_addr {
+            Some(addr) => http::serve(addr, state).await.map_err(|e| {
                 eprintln!("ha: cannot serve metrics on {addr}: {e}");
-                return Exit::Usage;
+                Exit::Usage
+            }),
+            None => Ok(()),
+        };
+        match served {
+            Ok(()) => {
+                shutdown_signal().await;
+                Exit::Clean
             }
+            Err(exit) => exit,
         }
-        shutdown_signal().await;
-        Exit::Clean
     };
     leader_task.abort();
     node.shutdown().await;

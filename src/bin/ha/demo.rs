@@ -24,9 +24,14 @@ use crate::Exit;
 const NODES: [u64; 3] = [1, 2, 3];
 const ROLE: &str = "rootcoord";
 
-/// Runs the demo; any failure is reported and exits with code 1.
+/// Runs the demo; any failure is reported and exits with code 1. SIGINT/SIGTERM stop it
+/// early; the processes and the temp dir are cleaned up either way (the group's drop).
 pub async fn run(ttl: Duration) -> Exit {
-    match demo(ttl).await {
+    let outcome = tokio::select! {
+        outcome = demo(ttl) => outcome,
+        () = crate::shutdown_signal() => Err(anyhow!("interrupted; stopped every node")),
+    };
+    match outcome {
         Ok(()) => Exit::Clean,
         Err(error) => {
             eprintln!("ha demo failed: {error:#}");

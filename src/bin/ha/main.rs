@@ -58,7 +58,8 @@ Exit codes:
   0  clean: finished, or resigned on SIGINT/SIGTERM
   1  ha demo failed (it says why)
   2  bad usage: unknown flag, invalid name, URL or TTL
-  3  leadership or session lost, or the role is held by another instance (exclusive mode)
+  3  leadership or session lost, the activation failed, or the role is held by another
+     instance (exclusive mode)
   4  backend unavailable";
 
 /// Highly available coordinators: one ACTIVE, hot STANDBYs, fencing tokens.
@@ -78,7 +79,8 @@ pub struct Common {
     /// Session TTL in seconds: how long a crashed holder keeps the role.
     #[arg(long, default_value_t = 10.0, value_parser = parse_ttl)]
     pub ttl: f64,
-    /// This process's server id (default: its PID).
+    /// This process's server id, unique within the role (default: a random one; give a
+    /// fixed one to replicas that restart in place).
     #[arg(long)]
     pub id: Option<u64>,
     /// Print one JSON object per line per event instead of text.
@@ -92,9 +94,14 @@ impl Common {
         Duration::from_secs_f64(self.ttl)
     }
 
-    /// The server id: `--id` or the PID.
+    /// The server id: `--id`, or a random one (not the PID: every container's is 1).
     pub fn server_id(&self) -> u64 {
-        self.id.unwrap_or_else(|| u64::from(std::process::id()))
+        use std::hash::{BuildHasher, Hasher};
+        self.id.unwrap_or_else(|| {
+            let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+            hasher.write_u32(std::process::id());
+            hasher.finish() >> 16 // 48 bits: readable, and collisions stay unlikely
+        })
     }
 }
 
@@ -106,6 +113,16 @@ fn parse_ttl(text: &str) -> Result<f64, String> {
         return Err(format!("{ttl} s is outside (0, 3600]"));
     }
     Ok(ttl)
+}
+
+fn parse_interval(text: &str) -> Result<f64, String> {
+    let seconds: f64 = text
+        .parse()
+        .map_err(|e| format!("{text:?} is not a number of seconds: {e}"))?;
+    if !(0.01..=86_400.0).contains(&seconds) {
+        return Err(format!("{seconds} s is outside [0.01, 86400]"));
+    }
+    Ok(seconds)
 }
 
 /// Flags of the ActiveStandby coordinator (`run`, and `node --active-standby`).
@@ -127,8 +144,8 @@ pub struct CoordinatorArgs {
     /// while another instance is alive.
     #[arg(long)]
     pub exclusive: bool,
-    /// Seconds between "{role} is in STANDBY ..." log lines.
-    #[arg(long, default_value_t = 10.0)]
+    /// Seconds between "{role} is in STANDBY ..." log lines (0.01 to 86400).
+    #[arg(long, default_value_t = 10.0, value_parser = parse_interval)]
     pub standby_log_interval: f64,
     /// Serve /metrics, /healthz and /role (200 only while ACTIVE) on this address.
     #[arg(long)]
