@@ -186,15 +186,64 @@ impl Procs {
     }
 }
 
-/// The crash-then-graceful scenario on three coordinator processes. `restart` brings the
-/// killed process back before the graceful step (the Raft group needs it for quorum).
-async fn crash_then_handoff(procs: &mut Procs, restart: impl Fn(&mut Procs, u64)) {
-    let first = procs
+/// `GET path` on a local HTTP server: the status code and the body.
+async fn http_get(port: u16, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        // The process may still be starting its server: retry a refused connect (bounded).
+        let mut attempts = 0;
+        let mut stream = loop {
+            match tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
+                Ok(stream) => break stream,
+                Err(_) if attempts < 50 => {
+                    attempts += 1;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        stream
+            .write_all(
+                format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+            )
+            .await?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await?;
+        Ok::<_, std::io::Error>(response)
+    };
+    let response = timeout(Duration::from_secs(10), exchange)
+        .await
+        .unwrap_or_else(|_| panic!("GET {path} timed out"))
+        .unwrap_or_else(|e| panic!("GET {path}: {e}"));
+    let status = response
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {response:?}"));
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// The first ready ACTIVE (seen now or earlier) and its token.
+async fn first_active(procs: &mut Procs) -> (u64, u64) {
+    if let Some(line) = procs.seen.iter().find(|l| l.is("proclaimed")) {
+        return (line.from, line.token());
+    }
+    let line = procs
         .wait_for("a first ACTIVE", Duration::from_secs(30), |l| {
             l.is("proclaimed")
         })
         .await;
-    let (active, t1) = (first.from, first.token());
+    (line.from, line.token())
+}
+
+/// The crash-then-graceful scenario on three coordinator processes. `restart` brings the
+/// killed process back before the graceful step (the Raft group needs it for quorum).
+async fn crash_then_handoff(procs: &mut Procs, restart: impl Fn(&mut Procs, u64)) {
+    let (active, t1) = first_active(procs).await;
 
     // Crash: kill -9 the active.
     let killed_at = procs.signal(active, "KILL");
@@ -238,15 +287,12 @@ async fn crash_then_handoff(procs: &mut Procs, restart: impl Fn(&mut Procs, u64)
         status.success(),
         "SIGTERM must end in a clean exit, got {status}"
     );
-    let resigned = procs
-        .seen
-        .iter()
-        .any(|l| l.from == successor && l.is("resigned") && l.token() == t2);
-    assert!(
-        resigned,
-        "the successor printed its resign: {:#?}",
-        procs.seen
-    );
+    let resigned = |l: &Line| l.from == successor && l.is("resigned") && l.token() == t2;
+    if !procs.seen.iter().any(resigned) {
+        procs
+            .wait_for("the successor's resign", Duration::from_secs(10), resigned)
+            .await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -258,9 +304,12 @@ async fn raft_nodes_fail_over_on_kill_and_hand_over_on_sigterm() {
         .map(|(id, port)| format!("{id}=127.0.0.1:{port}"))
         .collect::<Vec<_>>()
         .join(",");
+    let metrics: BTreeMap<u64, u16> = (1..=3).map(|id| (id, free_port())).collect();
     let args = |id: u64| -> Vec<String> {
         vec![
             "node".into(),
+            "--metrics-addr".into(),
+            format!("127.0.0.1:{}", metrics[&id]),
             "--id".into(),
             id.to_string(),
             "--listen".into(),
@@ -278,6 +327,37 @@ async fn raft_nodes_fail_over_on_kill_and_hand_over_on_sigterm() {
     let mut procs = Procs::new();
     for id in 1..=3 {
         procs.start(id, &args(id));
+    }
+
+    // The probes: /role is 200 on the ready ACTIVE only, /metrics counts the election.
+    let active = first_active(&mut procs).await.0;
+    for id in 1..=3 {
+        let (status, body) = http_get(metrics[&id], "/role").await;
+        if id == active {
+            assert_eq!((status, body.trim()), (200, "active"), "node {id}");
+        } else {
+            assert_eq!(status, 503, "node {id}: {body}");
+        }
+        assert_eq!(http_get(metrics[&id], "/healthz").await.0, 200);
+    }
+    // The first keepalive goes out TTL/3 after registering: poll (bounded) until it shows.
+    let mut text = String::new();
+    for _ in 0..50 {
+        text = http_get(metrics[&active], "/metrics").await.1;
+        if text.contains("ha_keepalive_seconds_bucket") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for metric in [
+        "ha_elections_won_total",
+        "ha_active{",
+        "ha_keepalive_seconds_bucket",
+    ] {
+        assert!(
+            text.contains(metric),
+            "{metric} missing from /metrics:\n{text}"
+        );
     }
     crash_then_handoff(&mut procs, |procs, id| procs.start(id, &args(id))).await;
     procs.stop_all().await;
@@ -439,4 +519,30 @@ async fn memory_backend_elect_prints_json_and_resigns_on_sigterm() {
         .await;
     let status = procs.exit_status(1, Duration::from_secs(20)).await;
     assert!(status.success(), "{status}");
+}
+
+#[cfg(feature = "etcd")]
+#[tokio::test]
+async fn an_unreachable_backend_exits_with_4() {
+    let url = format!("etcd://127.0.0.1:{}", free_port());
+    for args in [
+        vec!["leader", "rootcoord"],
+        vec!["run", "--role", "rootcoord"],
+    ] {
+        let output = timeout(
+            Duration::from_secs(60),
+            Command::new(HA)
+                .args(&args)
+                .args(["--backend", &url])
+                .stdin(Stdio::null())
+                .kill_on_drop(true)
+                .output(),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("ha {args:?} hung"))
+        .unwrap_or_else(|e| panic!("run ha {args:?}: {e}"));
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(4), "ha {args:?}: {stderr}");
+        assert!(stderr.contains("unavailable"), "ha {args:?}: {stderr}");
+    }
 }
