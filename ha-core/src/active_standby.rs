@@ -251,6 +251,7 @@ impl Active {
                 Err(error) if error.is_retryable() => {
                     debug!(%error, "proclaiming ready failed, retrying");
                     tokio::select! {
+                        biased;
                         () = sleep(backoff) => {}
                         () = self.stopping.cancelled() => return Err(self.not_leader()),
                     }
@@ -436,6 +437,7 @@ impl ActiveStandbyBuilder {
             let shutdown = shared.shutdown.clone();
             tokio::spawn(async move {
                 tokio::select! {
+                    biased;
                     () = signal => shutdown.cancel(),
                     () = shutdown.cancelled() => {}
                 }
@@ -593,6 +595,7 @@ where
             {
                 warn!(%error, "cannot register a new session, retrying");
                 tokio::select! {
+                    biased;
                     () = shared.shutdown.cancelled() => break Ok(Outcome::Shutdown),
                     () = sleep(backoff) => {}
                 }
@@ -889,6 +892,7 @@ async fn wait_in_line(
                 }
                 warn!(%error, "campaign failed, retrying");
                 tokio::select! {
+                    biased;
                     () = shared.shutdown.cancelled() => return Err(SessionEnd::Shutdown),
                     () = sleep(backoff) => {}
                 }

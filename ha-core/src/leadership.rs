@@ -229,6 +229,7 @@ async fn monitor(shared: Arc<LeadershipShared>) {
         let mut events = shared.session.backend.watch(&shared.key.election);
         loop {
             tokio::select! {
+                biased;
                 _ = shared.cancel.cancelled() => return,
                 changed = session_state.wait_for(|s| *s != SessionState::Alive) => {
                     let reason = match changed.as_deref() {
@@ -259,6 +260,7 @@ async fn monitor(shared: Arc<LeadershipShared>) {
         }
         // The session deadline still fences us while the watch is down.
         tokio::select! {
+            biased;
             _ = shared.cancel.cancelled() => return,
             _ = sleep(backoff) => {}
         }

@@ -16,6 +16,29 @@ use crate::error::{Error, Result};
 use crate::leadership::Leadership;
 use crate::types::{ElectionName, Lease, LeaseId, Member};
 
+/// The test-only mutant that turns self-fencing off (see `testing::mutant`).
+pub(crate) mod mutant {
+    #[cfg(any(test, feature = "testing"))]
+    static NO_SELF_FENCE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+    #[cfg(any(test, feature = "testing"))]
+    pub(crate) fn set_no_self_fence(disabled: bool) {
+        NO_SELF_FENCE.store(disabled, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Whether self-fencing is off; always false outside tests.
+    pub(crate) fn no_self_fence() -> bool {
+        #[cfg(any(test, feature = "testing"))]
+        {
+            NO_SELF_FENCE.load(std::sync::atomic::Ordering::SeqCst)
+        }
+        #[cfg(not(any(test, feature = "testing")))]
+        {
+            false
+        }
+    }
+}
+
 /// Default session TTL: how long the backend keeps a silent session alive.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(10);
 
@@ -217,7 +240,17 @@ impl SessionShared {
     }
 
     pub(crate) fn is_valid(&self) -> bool {
-        self.state() == SessionState::Alive && Instant::now() < self.deadline()
+        self.state() == SessionState::Alive
+            && (Instant::now() < self.deadline() || mutant::no_self_fence())
+    }
+
+    /// The self-fence deadline, or (with the test-only mutant on) never.
+    fn fence_at(&self) -> Instant {
+        if mutant::no_self_fence() {
+            Instant::now() + Duration::from_secs(86_400 * 365)
+        } else {
+            self.deadline()
+        }
     }
 
     /// Marks the session lost, once; later reasons do not overwrite the first.
@@ -405,6 +438,7 @@ impl Session {
             "campaigning"
         );
         let key = tokio::select! {
+            biased;
             // Dropping the campaign future withdraws the candidacy (contract clause 4).
             key = shared.backend.campaign(shared.lease.id, election, value.into()) => key?,
             _ = shared.wait_lost() => return Err(shared.lost_error()),
@@ -469,8 +503,9 @@ async fn keepalive_loop(shared: Arc<SessionShared>) {
     let mut next = Instant::now() + ttl / 3;
     loop {
         tokio::select! {
+            biased;
             _ = shared.cancel.cancelled() => return,
-            _ = sleep_until(shared.deadline()) => {
+            _ = sleep_until(shared.fence_at()) => {
                 shared.lose(LossReason::SelfFenced);
                 return;
             }
@@ -482,8 +517,9 @@ async fn keepalive_loop(shared: Arc<SessionShared>) {
             shared.backend.keep_alive(shared.lease.id),
         );
         let outcome = tokio::select! {
+            biased;
             _ = shared.cancel.cancelled() => return,
-            _ = sleep_until(shared.deadline()) => {
+            _ = sleep_until(shared.fence_at()) => {
                 shared.lose(LossReason::SelfFenced);
                 return;
             }

@@ -151,6 +151,7 @@ async fn reaper(inner: Weak<Inner>) {
         match next {
             Some(deadline) => {
                 tokio::select! {
+                    biased;
                     _ = sleep_until(deadline) => {}
                     result = changed.changed() => if result.is_err() { return },
                 }

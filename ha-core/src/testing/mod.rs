@@ -21,7 +21,21 @@
 //! generous margins. Set `HA_CASE=<substring>` to run only matching cases.
 
 mod cases;
+pub mod history;
+pub mod participant;
 mod util;
+
+/// Test-only switches that break the runtime on purpose, to show that the checks
+/// catch the breakage. Never a public option: only with the `testing` feature.
+#[doc(hidden)]
+pub mod mutant {
+    /// Turns self-fencing off (or back on) for every session in this process: sessions
+    /// stay valid past their deadline until the backend says the lease is gone. The
+    /// history checker must report a violation with this on.
+    pub fn disable_self_fencing(disabled: bool) {
+        crate::session::mutant::set_no_self_fence(disabled);
+    }
+}
 
 use std::future::Future;
 use std::sync::Arc;
