@@ -62,6 +62,11 @@ impl Group {
     /// Starts `n` voters (ids 1..=n) and waits for a leader.
     pub async fn start(n: u64) -> Self {
         init_tracing();
+        // Groups started at once in one process must not pick the same free ports (a
+        // port is free again between `free_ports` and the node binding it): start one
+        // group at a time.
+        static STARTING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+        let _one_at_a_time = STARTING.lock().await;
         let ports = free_ports(n as usize);
         let peers: BTreeMap<u64, String> = (1..=n)
             .zip(ports)
