@@ -2,6 +2,7 @@
 //! on any backend.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::StreamExt;
 use ha::{Backend, ElectionName, LeaderEvent, Member, Role, ServerId, Session};
@@ -27,8 +28,14 @@ fn election_name(name: &str) -> Result<ElectionName, Exit> {
 }
 
 /// `ha elect <election> <value>`: campaign, hold until a signal, resign.
-pub async fn campaign(election: &str, value: &str, role: Option<&str>, common: &Common) -> Exit {
-    match campaign_inner(election, value, role, common).await {
+pub async fn campaign(
+    election: &str,
+    value: &str,
+    role: Option<&str>,
+    print_every: Option<Duration>,
+    common: &Common,
+) -> Exit {
+    match campaign_inner(election, value, role, print_every, common).await {
         Ok(exit) | Err(exit) => exit,
     }
 }
@@ -37,6 +44,7 @@ async fn campaign_inner(
     election: &str,
     value: &str,
     role: Option<&str>,
+    print_every: Option<Duration>,
     common: &Common,
 ) -> Result<Exit, Exit> {
     let printer = Printer::new(common.json);
@@ -79,9 +87,27 @@ async fn campaign_inner(
             .token(leadership.token())
             .server_id(Some(server_id)),
     );
+    let token = leadership.token();
+    let heartbeat = async {
+        let Some(every) = print_every.filter(|d| !d.is_zero()) else {
+            return std::future::pending().await;
+        };
+        loop {
+            tokio::time::sleep(every).await;
+            // Checked and printed in one step: a line means "valid at this instant".
+            if leadership.is_valid() {
+                printer.print(
+                    &Event::new("leading")
+                        .election(&election)
+                        .token(token)
+                        .server_id(Some(server_id)),
+                );
+            }
+        }
+    };
     tokio::select! {
+        () = heartbeat => unreachable!("the heartbeat never ends"),
         () = &mut signal => {
-            let token = leadership.token();
             if let Err(e) = leadership.resign().await {
                 eprintln!("ha: resign failed (the leadership ends with the session): {e}");
             }

@@ -167,6 +167,10 @@ enum Command {
         /// The role to register in (default: the election's name).
         #[arg(long)]
         role: Option<String>,
+        /// While leading, print a `leading` event every this many milliseconds, and only
+        /// while the leadership is valid (a heartbeat for monitors and history checks).
+        #[arg(long)]
+        print_every_ms: Option<u64>,
         #[command(flatten)]
         common: Common,
     },
@@ -261,12 +265,14 @@ async fn main() -> ExitCode {
             value,
             listen,
             role,
+            print_every_ms,
             common,
         } => {
             if listen {
                 elect::listen(&election, &common).await
             } else if let Some(value) = value {
-                elect::campaign(&election, &value, role.as_deref(), &common).await
+                let every = print_every_ms.map(std::time::Duration::from_millis);
+                elect::campaign(&election, &value, role.as_deref(), every, &common).await
             } else {
                 eprintln!("ha elect: a value is required unless --listen is given");
                 Exit::Usage
