@@ -140,11 +140,9 @@ async fn supervise(
                                 participant: id, lease, started, at, outcome: CampaignOutcome::Won(token),
                             }),
                             "leading" => history.record(Record::Acted { participant: id, token, at }),
-                            "lost" | "resigned" => {
-                                if json["token"].is_u64() {
-                                    let reason = json["reason"].as_str().unwrap_or("resigned").to_owned();
-                                    history.record(Record::Lost { participant: id, token, at, reason });
-                                }
+                            "lost" | "resigned" if json["token"].is_u64() => {
+                                let reason = json["reason"].as_str().unwrap_or("resigned").to_owned();
+                                history.record(Record::Lost { participant: id, token, at, reason });
                             }
                             _ => {}
                         }
