@@ -265,3 +265,67 @@ pub fn required<T>(field: Option<T>, name: &str) -> Result<T, Error> {
         reason: format!("missing field {name}"),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+        /// Whatever status a peer or server sends, with whatever details bytes, becomes
+        /// a typed error.
+        #[test]
+        fn any_status_becomes_an_error(
+            code in 0i32..20,
+            message in ".{0,100}",
+            details in proptest::collection::vec(any::<u8>(), 0..256),
+        ) {
+            let status = tonic::Status::with_details(tonic::Code::from_i32(code), message, details.into());
+            let _ = from_status(&status);
+        }
+
+        /// Errors that went out as JSON details come back as the same kind.
+        #[test]
+        fn mutated_error_details_never_panic(
+            flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..6),
+        ) {
+            let sent = to_status(&Error::NotLeader {
+                election: ElectionName::new("rootcoord").map_err(|e| TestCaseError::fail(e.to_string()))?,
+                current: Some(FencingToken::new(7)),
+            });
+            let mut details = sent.details().to_vec();
+            for (at, byte) in flips {
+                let i = at.index(details.len());
+                details[i] = byte;
+            }
+            let _ = from_status(&tonic::Status::with_details(sent.code(), "x", details.into()));
+        }
+
+        /// Protobuf records with any field values convert or give a typed error.
+        #[test]
+        fn any_proto_record_converts_or_is_refused(
+            server_id in any::<u64>(),
+            role in ".{0,300}",
+            address in ".{0,50}",
+            election in ".{0,300}",
+            lease in any::<u64>(),
+            token in any::<u64>(),
+            has_key in any::<bool>(),
+            has_server_id in any::<bool>(),
+        ) {
+            let _ = member_from_proto(proto::Member {
+                server_id, role, address, metadata: Default::default(),
+            });
+            let key = proto::LeaderKey { election, lease, token };
+            let _ = key_from_proto(key.clone());
+            let _ = leader_from_proto(proto::Leader {
+                key: has_key.then_some(key),
+                value: Vec::new(),
+                server_id,
+                has_server_id,
+            });
+        }
+    }
+}
