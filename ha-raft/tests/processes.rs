@@ -253,3 +253,111 @@ async fn sigkill_of_the_process_hosting_raft_leader_and_active() {
     assert_eq!(seen, Some(took_over.token()));
     drop((old, active, took_over));
 }
+
+/// kill -9 a random node while a client registers, campaigns and resigns, over and over
+/// (`HA_CRASH_ROUNDS`, default 10; 100 by hand). After each restart every acknowledged
+/// registration is still a member, no acknowledged resign comes back, and every new
+/// token is above every acknowledged one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_loop_loses_nothing_acknowledged() {
+    use rand::{Rng, SeedableRng};
+    let rounds: u64 = std::env::var("HA_CRASH_ROUNDS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(10);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let started = Instant::now();
+    let mut processes = Processes::start(3);
+    processes.agreed_leader(started).await;
+    let client: Arc<dyn Backend> = Arc::new(
+        RaftClient::connect(processes.peers.values().cloned())
+            .await
+            .unwrap_or_else(|e| panic!("{e}")),
+    );
+    let role = Role::new("crash").unwrap_or_else(|e| panic!("{e}"));
+    let mut sessions: Vec<Session> = Vec::new();
+    let mut highest_token = 0u64;
+    let mut resigned: Vec<(ElectionName, u64)> = Vec::new();
+    let mut next_id = 1u64;
+    for round in 0..rounds {
+        let victim = rng.random_range(1..=3u64);
+        let kill_after = Duration::from_millis(rng.random_range(20..400));
+        let traffic_until = Instant::now() + kill_after + Duration::from_millis(300);
+        let mut killed = false;
+        let mut k = 0;
+        while Instant::now() < traffic_until || !killed {
+            if !killed && Instant::now() >= traffic_until - Duration::from_millis(300) {
+                processes.kill(victim);
+                killed = true;
+            }
+            k += 1;
+            let member = Member::new(ServerId::new(next_id), role.clone(), "x");
+            let registered = tokio::time::timeout(
+                Duration::from_secs(3),
+                Session::builder(Arc::clone(&client), member)
+                    .ttl(Duration::from_secs(60))
+                    .register(),
+            )
+            .await;
+            let Ok(Ok(session)) = registered else {
+                continue;
+            };
+            next_id += 1;
+            let election =
+                ElectionName::new(format!("e{round}-{k}")).unwrap_or_else(|e| panic!("{e}"));
+            let won =
+                tokio::time::timeout(Duration::from_secs(3), session.campaign(&election, "v"))
+                    .await;
+            if let Ok(Ok(leadership)) = won {
+                let token = leadership.token().get();
+                assert!(
+                    token > highest_token,
+                    "round {round}: token {token} after {highest_token}"
+                );
+                highest_token = token;
+                if leadership.resign().await.is_ok() {
+                    resigned.push((election, token));
+                }
+            }
+            sessions.push(session);
+        }
+        processes.spawn(victim);
+        let since = Instant::now();
+        processes
+            .agreed_leader(since - Duration::from_secs(60))
+            .await;
+
+        // Every acknowledged registration whose session still lives is a member.
+        let members = tokio::time::timeout(Duration::from_secs(10), client.members(&role))
+            .await
+            .unwrap_or_else(|_| panic!("members timed out"))
+            .unwrap_or_else(|e| panic!("members: {e}"));
+        for session in sessions.iter().filter(|s| s.is_valid()) {
+            assert!(
+                members
+                    .iter()
+                    .any(|m| m.server_id == session.member().server_id),
+                "round {round}: acknowledged member {} is gone after the restart",
+                session.member().server_id
+            );
+        }
+        // No acknowledged resign came back.
+        for (election, token) in resigned.iter().rev().take(5) {
+            if let Ok(Some(leader)) = client.leader(election).await {
+                assert_ne!(
+                    leader.token().get(),
+                    *token,
+                    "round {round}: a resigned leadership is back"
+                );
+            }
+        }
+    }
+    let valid = sessions.iter().filter(|s| s.is_valid()).count();
+    eprintln!(
+        "crash loop: {rounds} kill -9 rounds, {} acknowledged registrations ({valid} still valid), {} resigns, highest token {highest_token}, in {:?}",
+        sessions.len(),
+        resigned.len(),
+        started.elapsed()
+    );
+    assert!(valid > 0 && !resigned.is_empty(), "the traffic did nothing");
+}
