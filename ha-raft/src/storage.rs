@@ -99,6 +99,22 @@ fn write_err(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
     StorageIOError::write(&e).into()
 }
 
+/// Flushes a tree to disk on tokio's blocking pool.
+///
+/// Not `Tree::flush_async`: in sled 0.34 its future holds a read guard of sled's
+/// process-wide concurrency lock across an await. When `apply_batch` then waits for that
+/// lock's write side on every runtime worker, the future is never polled again and the
+/// process deadlocks (sled#1308). Seen here as a hung Raft fault-schedule run with 48
+/// databases in one process; a synchronous flush on a blocking thread holds no guard
+/// across an await.
+async fn flush(tree: &sled::Tree) -> std::io::Result<()> {
+    let tree = tree.clone();
+    match tokio::task::spawn_blocking(move || tree.flush()).await {
+        Ok(flushed) => flushed.map(|_| ()).map_err(std::io::Error::other),
+        Err(join) => Err(std::io::Error::other(join)),
+    }
+}
+
 fn index_key(index: u64) -> [u8; 8] {
     index.to_be_bytes()
 }
@@ -116,7 +132,7 @@ fn get_json<T: for<'de> Deserialize<'de>>(
 async fn put_json<T: Serialize>(tree: &sled::Tree, key: &[u8], value: &T) -> StorageResult<()> {
     let bytes = serde_json::to_vec(value).map_err(write_err)?;
     tree.insert(key, bytes).map_err(write_err)?;
-    tree.flush_async().await.map_err(write_err)?;
+    flush(tree).await.map_err(write_err)?;
     Ok(())
 }
 
@@ -227,8 +243,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.logs.apply_batch(batch).map_err(write_err)?;
         // Durable before acknowledged: openraft counts this entry towards a quorum as soon
         // as the callback fires.
-        let flushed = self.logs.flush_async().await;
-        callback.log_io_completed(flushed.map(|_| ()).map_err(std::io::Error::other));
+        let flushed = flush(&self.logs).await;
+        callback.log_io_completed(flushed);
         Ok(())
     }
 
@@ -238,7 +254,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             batch.remove(key.map_err(write_err)?);
         }
         self.logs.apply_batch(batch).map_err(write_err)?;
-        self.logs.flush_async().await.map_err(write_err)?;
+        flush(&self.logs).await.map_err(write_err)?;
         Ok(())
     }
 
@@ -251,7 +267,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             batch.remove(key.map_err(write_err)?);
         }
         self.logs.apply_batch(batch).map_err(write_err)?;
-        self.logs.flush_async().await.map_err(write_err)?;
+        flush(&self.logs).await.map_err(write_err)?;
         Ok(())
     }
 }
