@@ -964,8 +964,19 @@ impl Backend for RaftNode {
                     }
                 }
             }
-            if applied.changed().await.is_err() {
-                return Err(Error::Unavailable("raft node stopped".into()));
+            // A node shut down under a waiting campaign must answer it: nothing will be
+            // applied on it again (found by the Raft fault schedules: a campaign waiting on
+            // a stopped node hung while its lease, renewed elsewhere, held the election).
+            tokio::select! {
+                biased;
+                () = self.inner.shutdown.cancelled() => {
+                    return Err(Error::Unavailable("raft node shut down".into()));
+                }
+                changed = applied.changed() => {
+                    if changed.is_err() {
+                        return Err(Error::Unavailable("raft node stopped".into()));
+                    }
+                }
             }
         }
     }
