@@ -41,6 +41,19 @@ fn free_port() -> u16 {
         .unwrap_or_else(|e| panic!("no free port: {e}"))
 }
 
+/// Runs `ha` with `args` to completion (killed if it outlives `within`).
+async fn run_ha(args: &[&str], within: Duration) -> std::process::Output {
+    let run = Command::new(HA)
+        .args(args)
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    timeout(within, run)
+        .await
+        .unwrap_or_else(|_| panic!("ha {args:?} did not finish within {within:?}"))
+        .unwrap_or_else(|e| panic!("run ha {args:?}: {e}"))
+}
+
 /// An event line from one of the processes.
 #[derive(Debug)]
 struct Line {
@@ -430,17 +443,7 @@ async fn etcd_coordinators_fail_over_on_kill_and_hand_over_on_sigterm() {
 
 #[tokio::test]
 async fn the_demo_runs_to_completion() {
-    let output = timeout(
-        Duration::from_secs(120),
-        Command::new(HA)
-            .arg("demo")
-            .stdin(Stdio::null())
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .unwrap_or_else(|_| panic!("ha demo did not finish in 120 s"))
-    .unwrap_or_else(|e| panic!("run ha demo: {e}"));
+    let output = run_ha(&["demo"], Duration::from_secs(120)).await;
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
         output.status.success(),
@@ -469,17 +472,7 @@ async fn bad_usage_exits_with_2_and_says_what_was_wrong() {
         &["frobnicate"],
     ];
     for args in cases {
-        let output = timeout(
-            Duration::from_secs(30),
-            Command::new(HA)
-                .args(*args)
-                .stdin(Stdio::null())
-                .kill_on_drop(true)
-                .output(),
-        )
-        .await
-        .unwrap_or_else(|_| panic!("ha {args:?} hung"))
-        .unwrap_or_else(|e| panic!("run ha {args:?}: {e}"));
+        let output = run_ha(args, Duration::from_secs(30)).await;
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert_eq!(output.status.code(), Some(2), "ha {args:?}: {stderr}");
         assert!(!stderr.trim().is_empty(), "ha {args:?} said nothing");
@@ -529,18 +522,8 @@ async fn an_unreachable_backend_exits_with_4() {
         vec!["leader", "rootcoord"],
         vec!["run", "--role", "rootcoord"],
     ] {
-        let output = timeout(
-            Duration::from_secs(60),
-            Command::new(HA)
-                .args(&args)
-                .args(["--backend", &url])
-                .stdin(Stdio::null())
-                .kill_on_drop(true)
-                .output(),
-        )
-        .await
-        .unwrap_or_else(|_| panic!("ha {args:?} hung"))
-        .unwrap_or_else(|e| panic!("run ha {args:?}: {e}"));
+        let args = [args.as_slice(), &["--backend", &url]].concat();
+        let output = run_ha(&args, Duration::from_secs(60)).await;
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert_eq!(output.status.code(), Some(4), "ha {args:?}: {stderr}");
         assert!(stderr.contains("unavailable"), "ha {args:?}: {stderr}");

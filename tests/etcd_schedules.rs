@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
-use ha_core::testing::history::{fault_seeds, CampaignOutcome, History, Record};
+use ha_core::testing::history::{fault_seeds, CampaignOutcome, History, Record, Totals};
 use ha_core::FencingToken;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -250,25 +250,18 @@ async fn etcd_fault_schedules_never_show_two_leaders() {
         .buffer_unordered(CONCURRENT)
         .collect()
         .await;
-    let (mut leaderships, mut actions, mut faults) = (0, 0, 0);
+    let mut totals = Totals::default();
     for (seed, history) in &results {
         let Some(history) = history else {
             return; // no etcd outside CI: the fixture said so loudly
         };
         let replay =
             format!("HA_FAULT_SEEDS={seed} cargo test --all-features --test etcd_schedules");
-        let report = history.assert_ok(Some(LIVENESS), *seed, &replay);
-        leaderships += report.leaderships;
-        actions += report.actions;
-        faults += report.faults;
+        totals.add(&history.assert_ok(Some(LIVENESS), *seed, &replay));
     }
-    eprintln!(
-        "etcd: {} schedules, {faults} faults, {leaderships} leaderships, {actions} actions, 0 violations, in {:?}",
-        seeds.len(),
-        started.elapsed()
-    );
+    eprintln!("etcd: {totals}, in {:?}", started.elapsed());
     assert!(
-        leaderships >= seeds.len(),
+        totals.leaderships >= seeds.len(),
         "the schedules elected almost nobody"
     );
 }

@@ -126,6 +126,42 @@ pub struct CheckReport {
     pub faults: usize,
 }
 
+/// What the checks of many runs add up to, for one summary line per test.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Totals {
+    /// Runs checked.
+    pub runs: usize,
+    /// Faults injected.
+    pub faults: usize,
+    /// Leaderships won.
+    pub leaderships: usize,
+    /// Actions recorded.
+    pub actions: usize,
+    /// Broken guarantees.
+    pub violations: usize,
+}
+
+impl Totals {
+    /// Adds one run's report.
+    pub fn add(&mut self, report: &CheckReport) {
+        self.runs += 1;
+        self.faults += report.faults;
+        self.leaderships += report.leaderships;
+        self.actions += report.actions;
+        self.violations += report.violations.len();
+    }
+}
+
+impl std::fmt::Display for Totals {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} schedules, {} faults, {} leaderships, {} actions, {} violations",
+            self.runs, self.faults, self.leaderships, self.actions, self.violations
+        )
+    }
+}
+
 /// The records of one run.
 #[derive(Debug, Default)]
 pub struct History {
