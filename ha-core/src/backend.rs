@@ -8,6 +8,7 @@ use bytes::Bytes;
 use futures::stream::BoxStream;
 
 use crate::error::Result;
+use crate::kv::{KvKey, KvWrite, KvWriteOutcome};
 use crate::types::{
     Capabilities, ElectionName, Leader, LeaderEvent, LeaderKey, Lease, LeaseId, Member,
     MemberEvent, Role,
@@ -65,6 +66,14 @@ pub type MemberStream = BoxStream<'static, Result<MemberEvent>>;
 /// 9. **members**: [`members`](Self::members) lists the live members of a role, by server
 ///    ID; [`watch_members`](Self::watch_members) yields a snapshot, then every join and
 ///    leave in order.
+/// 10. **guarded store**: each election has a key-value namespace.
+///    [`kv_write`](Self::kv_write) applies a write only if the guard key leads its
+///    election (it is the head of the queue, token and lease) at the moment the backend
+///    applies the write, checked in the same atomic step; otherwise nothing changes and
+///    it is `NotLeader` with the current leader's token if there is one. A key or value
+///    beyond [`Capabilities::kv_limits`] is `TooLarge`. [`kv_read`](Self::kv_read) is
+///    linearizable like `leader` and open to every caller, leader or not. The store
+///    outlives leaderships and sessions: what one leader wrote, the next one reads.
 #[async_trait]
 pub trait Backend: Send + Sync + Debug + 'static {
     /// A short name for logs and errors (`memory`, `etcd`, `raft`).
@@ -107,4 +116,10 @@ pub trait Backend: Send + Sync + Debug + 'static {
 
     /// Follows a role's members: a snapshot, then every join and leave (clause 9).
     fn watch_members(&self, role: &Role) -> MemberStream;
+
+    /// Applies `write` to the store of `guard.election` if `guard` leads it (clause 10).
+    async fn kv_write(&self, guard: &LeaderKey, write: KvWrite) -> Result<KvWriteOutcome>;
+
+    /// Reads a key of an election's store, linearizably (clause 10).
+    async fn kv_read(&self, election: &ElectionName, key: &KvKey) -> Result<Option<Bytes>>;
 }

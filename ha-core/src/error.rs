@@ -48,6 +48,17 @@ pub enum Error {
         reason: String,
     },
 
+    /// A key or value of the guarded store is longer than the backend's limit.
+    #[error("{what} too large: {size} bytes, the limit is {limit}")]
+    TooLarge {
+        /// `key` or `value`.
+        what: &'static str,
+        /// Its size in bytes.
+        size: usize,
+        /// The limit in bytes.
+        limit: usize,
+    },
+
     /// The URL names a backend this build does not include.
     #[error(
         "the {scheme}:// backend is not compiled in; enable the Cargo feature {feature:?} of `ha`"

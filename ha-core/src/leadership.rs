@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::error::{Error, Result};
+use crate::kv::{CasOutcome, KvKey, KvWrite, KvWriteOutcome};
 use crate::session::{LossReason, SessionShared, SessionState};
 use crate::types::{ElectionName, FencingToken, LeaderEvent, LeaderKey};
 
@@ -160,6 +161,118 @@ impl Leadership {
             }
             Err(Error::LeaseExpired { .. }) => {
                 self.shared.lose(LossReason::LeaseExpired);
+            }
+            _ => {}
+        }
+        result
+    }
+
+    /// Sets `key` in the election's guarded store to `value`, if this leadership is
+    /// still the election's current one when the backend applies the write.
+    ///
+    /// # Errors
+    /// `NotLeader` when the leadership is no longer valid here or no longer leads at the
+    /// backend (the leadership is then marked lost, as with [`proclaim`](Self::proclaim));
+    /// `InvalidArgument`/`TooLarge` for a bad key or value; `Timeout`/`Unavailable` when
+    /// the outcome is unknown (the write may or may not have been applied).
+    pub async fn put(&self, key: &str, value: impl Into<Bytes>) -> Result<()> {
+        let write = KvWrite::Put {
+            key: KvKey::new(key)?,
+            value: value.into(),
+        };
+        self.write(write).await.map(|_| ())
+    }
+
+    /// Removes `key` from the election's guarded store, under the same guard as
+    /// [`put`](Self::put). Returns whether the key existed.
+    ///
+    /// # Errors
+    /// As for [`put`](Self::put).
+    pub async fn delete(&self, key: &str) -> Result<bool> {
+        let write = KvWrite::Delete {
+            key: KvKey::new(key)?,
+        };
+        self.write(write).await.map(|outcome| outcome.applied)
+    }
+
+    /// Sets `key` to `new` only if it holds `expected` now (`None` = absent), under the
+    /// same guard as [`put`](Self::put).
+    ///
+    /// # Errors
+    /// As for [`put`](Self::put). A value that differs is not an error but
+    /// [`CasOutcome::Mismatch`] with the value the key holds.
+    pub async fn compare_and_set(
+        &self,
+        key: &str,
+        expected: Option<Bytes>,
+        new: impl Into<Bytes>,
+    ) -> Result<CasOutcome> {
+        let write = KvWrite::CompareAndSet {
+            key: KvKey::new(key)?,
+            expected,
+            new: Some(new.into()),
+        };
+        let outcome = self.write(write).await?;
+        Ok(if outcome.applied {
+            CasOutcome::Swapped
+        } else {
+            CasOutcome::Mismatch {
+                current: outcome.previous,
+            }
+        })
+    }
+
+    /// Reads `key` from the election's guarded store, linearizably. Reading needs no
+    /// leadership; this is [`Session::get`](crate::Session::get) for the election led.
+    ///
+    /// # Errors
+    /// `InvalidArgument`/`TooLarge` for a bad key, `Timeout`, or the backend's error.
+    pub async fn get(&self, key: &str) -> Result<Option<Bytes>> {
+        let session = &self.shared.session;
+        crate::kv::read(
+            session.backend.as_ref(),
+            session.request_timeout,
+            &self.shared.key.election,
+            key,
+        )
+        .await
+    }
+
+    /// Applies any guarded write (the general form of [`put`](Self::put),
+    /// [`delete`](Self::delete) and [`compare_and_set`](Self::compare_and_set)).
+    ///
+    /// # Errors
+    /// As for [`put`](Self::put).
+    pub async fn write(&self, write: KvWrite) -> Result<KvWriteOutcome> {
+        let shared = &self.shared;
+        let session = &shared.session;
+        // The backend checks the guard too; this local check keeps a leadership past
+        // its self-fence deadline from even trying.
+        if !self.is_valid() {
+            return Err(Error::NotLeader {
+                election: shared.key.election.clone(),
+                current: None,
+            });
+        }
+        session.backend.capabilities().kv_limits.check(&write)?;
+        let result = match timeout(
+            session.request_timeout,
+            session.backend.kv_write(&shared.key, write),
+        )
+        .await
+        {
+            Ok(result) => result,
+            Err(_) => Err(Error::Timeout {
+                operation: "kv_write",
+                after: session.request_timeout,
+            }),
+        };
+        match &result {
+            Err(Error::NotLeader { .. }) => {
+                shared.lose(LossReason::Deposed);
+            }
+            Err(Error::LeaseExpired { .. }) => {
+                shared.lose(LossReason::LeaseExpired);
             }
             _ => {}
         }

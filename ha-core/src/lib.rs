@@ -4,6 +4,7 @@
 mod active_standby;
 mod backend;
 mod error;
+mod kv;
 mod leadership;
 mod session;
 mod types;
@@ -17,6 +18,10 @@ pub use active_standby::{
 };
 pub use backend::{Backend, LeaderStream, MemberStream};
 pub use error::{Error, Result};
+pub use kv::{
+    CasOutcome, KvKey, KvLimits, KvWrite, KvWriteOutcome, DEFAULT_MAX_KEY_BYTES,
+    DEFAULT_MAX_VALUE_BYTES,
+};
 pub use leadership::Leadership;
 pub use session::{
     LossReason, Session, SessionBuilder, SessionOptions, SessionState, DEFAULT_DRIFT, DEFAULT_TTL,

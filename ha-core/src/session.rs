@@ -417,6 +417,23 @@ impl Session {
         self.shared.wait_lost().await
     }
 
+    /// Reads `key` from the guarded store of `election`, linearizably: the answer
+    /// reflects every write acknowledged before the call. Any session may read, leader or
+    /// not, so a standby can load the state it will take over.
+    ///
+    /// # Errors
+    /// `InvalidArgument`/`TooLarge` for a bad key, `Timeout` after the request timeout,
+    /// or the backend's error.
+    pub async fn get(&self, election: &ElectionName, key: &str) -> Result<Option<Bytes>> {
+        crate::kv::read(
+            self.shared.backend.as_ref(),
+            self.shared.request_timeout,
+            election,
+            key,
+        )
+        .await
+    }
+
     /// Campaigns in `election` with `value` and waits in line until this session leads.
     ///
     /// # Errors

@@ -11,6 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use crate::error::{Error, Result};
+use crate::kv::KvLimits;
 
 /// Longest role or election name, in bytes. Names become parts of storage keys, and
 /// etcd keeps the whole key in memory for every revision, so they stay short.
@@ -300,6 +301,8 @@ pub struct Capabilities {
     /// Whether the backend's clocks follow tokio's clock, so tests under
     /// `tokio::time::pause()` expire leases instantly and deterministically.
     pub virtual_time: bool,
+    /// Size limits of the guarded store ([`Backend::kv_write`](crate::Backend::kv_write)).
+    pub kv_limits: KvLimits,
 }
 
 impl Capabilities {
@@ -308,7 +311,17 @@ impl Capabilities {
         Self {
             min_ttl,
             virtual_time: false,
+            kv_limits: KvLimits {
+                max_key_bytes: crate::kv::DEFAULT_MAX_KEY_BYTES,
+                max_value_bytes: crate::kv::DEFAULT_MAX_VALUE_BYTES,
+            },
         }
+    }
+
+    /// Sets the guarded store's size limits.
+    pub const fn with_kv_limits(mut self, kv_limits: KvLimits) -> Self {
+        self.kv_limits = kv_limits;
+        self
     }
 
     /// Marks the backend as following tokio's (pausable) clock.

@@ -7,13 +7,15 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, KeyValue,
-    LeaseKeepAliveStream, LeaseKeeper, PutOptions, SortOrder, SortTarget, Txn, TxnOp, WatchOptions,
+    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions, KeyValue,
+    LeaseKeepAliveStream, LeaseKeeper, PutOptions, SortOrder, SortTarget, Txn, TxnOp,
+    TxnOpResponse, WatchOptions,
 };
 use futures::StreamExt;
 use ha_core::{
-    Backend, Capabilities, ElectionName, Error, FencingToken, Leader, LeaderEvent, LeaderKey,
-    LeaderStream, Lease, LeaseId, Member, MemberEvent, MemberStream, Result, Role, ServerId,
+    Backend, Capabilities, ElectionName, Error, FencingToken, KvKey, KvWrite, KvWriteOutcome,
+    Leader, LeaderEvent, LeaderKey, LeaderStream, Lease, LeaseId, Member, MemberEvent,
+    MemberStream, Result, Role, ServerId,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -370,7 +372,7 @@ impl Backend for EtcdBackend {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities::new(MIN_TTL)
+        Capabilities::new(MIN_TTL).with_kv_limits(self.config.kv_limits)
     }
 
     async fn register(&self, member: &Member, ttl: Duration) -> Result<Lease> {
@@ -663,11 +665,175 @@ impl Backend for EtcdBackend {
         Ok(members)
     }
 
+    async fn kv_write(&self, guard: &LeaderKey, write: KvWrite) -> Result<KvWriteOutcome> {
+        self.config.kv_limits.check(&write)?;
+        let prefix = self.prefix();
+        let candidate = keys::candidate_key(prefix, &guard.election, guard.lease);
+        let election = keys::election_prefix(prefix, &guard.election);
+        let key = keys::kv_key(prefix, &guard.election, write.key());
+        let token = guard.token.get() as i64;
+        // The guard, in the same transaction as the write: the writer's key exists with
+        // its token as create revision, and no candidate key of the election is older,
+        // so it heads the queue (etcd's range compare checks every key under the prefix).
+        let guard_holds = vec![
+            Compare::create_revision(candidate.as_str(), CompareOp::Equal, token),
+            Compare::create_revision(election.as_str(), CompareOp::Greater, token - 1)
+                .with_prefix(),
+        ];
+        let write_op = match &write {
+            KvWrite::Put { value, .. } => TxnOp::put(
+                key.as_str(),
+                value.to_vec(),
+                Some(PutOptions::new().with_prev_key()),
+            ),
+            KvWrite::Delete { .. } => {
+                TxnOp::delete(key.as_str(), Some(DeleteOptions::new().with_prev_key()))
+            }
+            KvWrite::CompareAndSet { expected, new, .. } => {
+                let matches = match expected {
+                    Some(value) => Compare::value(key.as_str(), CompareOp::Equal, value.to_vec()),
+                    None => Compare::create_revision(key.as_str(), CompareOp::Equal, 0),
+                };
+                let set = match new {
+                    Some(value) => TxnOp::put(
+                        key.as_str(),
+                        value.to_vec(),
+                        Some(PutOptions::new().with_prev_key()),
+                    ),
+                    None => TxnOp::delete(key.as_str(), Some(DeleteOptions::new().with_prev_key())),
+                };
+                TxnOp::txn(
+                    Txn::new()
+                        .when(vec![matches])
+                        .and_then(vec![set])
+                        .or_else(vec![TxnOp::get(key.as_str(), None)]),
+                )
+            }
+        };
+        let current_head = TxnOp::get(
+            election.as_str(),
+            Some(
+                GetOptions::new()
+                    .with_prefix()
+                    .with_sort(SortTarget::Create, SortOrder::Ascend)
+                    .with_limit(1),
+            ),
+        );
+        let txn = Txn::new()
+            .when(guard_holds)
+            .and_then(vec![write_op])
+            .or_else(vec![current_head]);
+        let mut client = self.client.clone();
+        let response = match timeout(self.config.request_timeout, client.txn(txn)).await {
+            Ok(Ok(response)) => response,
+            Ok(Err(error)) => return Err(kv_error(error, &write)),
+            Err(_) => {
+                return Err(Error::Timeout {
+                    operation: "kv_write",
+                    after: self.config.request_timeout,
+                })
+            }
+        };
+        let mut results = response.op_responses().into_iter();
+        if !response.succeeded() {
+            let current = match results.next() {
+                Some(TxnOpResponse::Get(get)) => get
+                    .kvs()
+                    .first()
+                    .map(|kv| FencingToken::new(kv.create_revision() as u64)),
+                _ => None,
+            };
+            return Err(Error::NotLeader {
+                election: guard.election.clone(),
+                current,
+            });
+        }
+        let outcome = match results.next() {
+            Some(TxnOpResponse::Put(put)) => KvWriteOutcome {
+                applied: true,
+                previous: put.prev_key().map(|kv| Bytes::copy_from_slice(kv.value())),
+            },
+            Some(TxnOpResponse::Delete(delete)) => deleted(&delete),
+            Some(TxnOpResponse::Txn(cas)) => {
+                let applied = cas.succeeded();
+                let previous = match cas.op_responses().into_iter().next() {
+                    Some(TxnOpResponse::Put(put)) => {
+                        put.prev_key().map(|kv| Bytes::copy_from_slice(kv.value()))
+                    }
+                    Some(TxnOpResponse::Delete(delete)) => deleted(&delete).previous,
+                    Some(TxnOpResponse::Get(get)) => get
+                        .kvs()
+                        .first()
+                        .map(|kv| Bytes::copy_from_slice(kv.value())),
+                    _ => None,
+                };
+                KvWriteOutcome { applied, previous }
+            }
+            other => {
+                return Err(Error::Backend {
+                    backend: "etcd",
+                    source: format!("unexpected transaction response {other:?}").into(),
+                })
+            }
+        };
+        Ok(outcome)
+    }
+
+    async fn kv_read(&self, election: &ElectionName, key: &KvKey) -> Result<Option<Bytes>> {
+        self.config.kv_limits.check_key(key)?;
+        let mut client = self.client.clone();
+        // etcd's default read is linearizable (a quorum read), which clause 10 asks for.
+        let response = self
+            .bounded(
+                "get",
+                client.get(keys::kv_key(self.prefix(), election, key), None),
+            )
+            .await?;
+        Ok(response
+            .kvs()
+            .first()
+            .map(|kv| Bytes::copy_from_slice(kv.value())))
+    }
+
     fn watch_members(&self, role: &Role) -> MemberStream {
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(follow_members(self.clone(), role.clone(), tx));
         UnboundedReceiverStream::new(rx).boxed()
     }
+}
+
+/// A guarded delete's outcome: applied when a key was there.
+fn deleted(delete: &etcd_client::DeleteResponse) -> KvWriteOutcome {
+    let previous = delete
+        .prev_kvs()
+        .first()
+        .map(|kv| Bytes::copy_from_slice(kv.value()));
+    KvWriteOutcome {
+        applied: delete.deleted() > 0,
+        previous,
+    }
+}
+
+/// Maps a failed guarded write: etcd's own request-size limit becomes `TooLarge`.
+fn kv_error(error: etcd_client::Error, write: &KvWrite) -> Error {
+    if let etcd_client::Error::GRpcStatus(status) = &error {
+        if status.message().contains("request is too large") {
+            let size = match write {
+                KvWrite::Put { value, .. } => value.len(),
+                KvWrite::Delete { .. } => 0,
+                KvWrite::CompareAndSet { expected, new, .. } => {
+                    expected.as_ref().map_or(0, Bytes::len) + new.as_ref().map_or(0, Bytes::len)
+                }
+            };
+            return Error::TooLarge {
+                what: "value",
+                size,
+                // etcd's --max-request-bytes default.
+                limit: 3 << 19,
+            };
+        }
+    }
+    map(error)
 }
 
 /// The head of a set of candidate keys: (token, value, lease).

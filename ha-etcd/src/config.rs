@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use ha_core::KvLimits;
+
 /// etcd's shortest lease TTL with its default election timing (1.5 s, rounded up).
 pub const MIN_TTL: Duration = Duration::from_secs(2);
 
@@ -21,6 +23,10 @@ pub struct EtcdConfig {
     /// TLS: the CA that signed etcd's certificate, and optionally this client's
     /// certificate and key (for etcd started with `--client-cert-auth`). PEM.
     pub tls: Option<EtcdTls>,
+    /// Size limits of the guarded store. etcd itself refuses requests above its
+    /// `--max-request-bytes` (1.5 MiB by default), which must leave room for a
+    /// compare-and-set carrying two values of the largest size.
+    pub kv_limits: KvLimits,
 }
 
 /// PEM material for a TLS connection to etcd.
@@ -59,7 +65,14 @@ impl EtcdConfig {
             request_timeout: Duration::from_secs(5),
             user: None,
             tls: None,
+            kv_limits: KvLimits::default(),
         }
+    }
+
+    /// Sets the guarded store's size limits.
+    pub fn with_kv_limits(mut self, kv_limits: KvLimits) -> Self {
+        self.kv_limits = kv_limits;
+        self
     }
 
     /// Sets the key prefix (no trailing `/`).

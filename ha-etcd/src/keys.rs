@@ -1,7 +1,7 @@
 //! The key layout. Elections use etcd's Go concurrency layout under
 //! `<prefix>/election/<name>/`, so `etcdctl elect <prefix>/election/<name>` interoperates.
 
-use ha_core::{ElectionName, LeaseId, Role, ServerId};
+use ha_core::{ElectionName, KvKey, LeaseId, Role, ServerId};
 
 /// `<prefix>/election/<name>/`: every candidate key of the election starts with this.
 pub fn election_prefix(prefix: &str, election: &ElectionName) -> String {
@@ -11,6 +11,12 @@ pub fn election_prefix(prefix: &str, election: &ElectionName) -> String {
 /// `<prefix>/election/<name>/<lease id in lowercase hex>`: one lease's candidacy.
 pub fn candidate_key(prefix: &str, election: &ElectionName, lease: LeaseId) -> String {
     format!("{}{lease}", election_prefix(prefix, election))
+}
+
+/// `<prefix>/kv/<election>/<key>`: one key of an election's guarded store. Outside the
+/// election's candidate prefix, so store keys never look like candidates.
+pub fn kv_key(prefix: &str, election: &ElectionName, key: &KvKey) -> String {
+    format!("{prefix}/kv/{election}/{key}")
 }
 
 /// `<prefix>/member/`: all member records.
@@ -40,6 +46,8 @@ mod tests {
             "ha/election/rootcoord/694d7a1b2c3d"
         );
         let r = Role::new("querycoord").unwrap_or_else(|e| panic!("{e}"));
+        let k = KvKey::new("segments/7").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(kv_key("ha", &e, &k), "ha/kv/rootcoord/segments/7");
         assert_eq!(
             member_key("p", &r, ServerId::new(19)),
             "p/member/querycoord/19"

@@ -7,8 +7,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
 use ha_core::{
-    Backend, Capabilities, ElectionName, Error, Leader, LeaderKey, LeaderStream, Lease, LeaseId,
-    Member, MemberStream, Result, Role,
+    Backend, Capabilities, ElectionName, Error, KvKey, KvLimits, KvWrite, KvWriteOutcome, Leader,
+    LeaderKey, LeaderStream, Lease, LeaseId, Member, MemberStream, Result, Role,
 };
 use tokio::sync::{mpsc, watch};
 use tokio::time::{sleep_until, Instant};
@@ -36,6 +36,7 @@ struct Inner {
     state: Mutex<State>,
     /// Bumped after every change, to wake campaigns and the lease reaper.
     changed: watch::Sender<u64>,
+    kv_limits: KvLimits,
 }
 
 impl Default for Inner {
@@ -43,6 +44,7 @@ impl Default for Inner {
         Self {
             state: Mutex::new(State::default()),
             changed: watch::channel(0).0,
+            kv_limits: KvLimits::default(),
         }
     }
 }
@@ -70,6 +72,16 @@ impl MemoryBackend {
     /// A new, empty backend.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A new, empty backend whose guarded store has these size limits.
+    pub fn with_kv_limits(kv_limits: KvLimits) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                kv_limits,
+                ..Inner::default()
+            }),
+        }
     }
 
     fn available(state: &State) -> Result<()> {
@@ -120,6 +132,13 @@ impl MemoryBackend {
     /// work again. Leases keep their deadlines and expire meanwhile.
     pub fn unavailable_fault(&self, unavailable: bool) {
         self.inner.lock().faults.unavailable = unavailable;
+    }
+
+    /// Breaks the guarded store on purpose: writes are applied without checking that
+    /// the writer leads, as a plain key-value store would. For showing that the history
+    /// checker catches what the guard prevents; never set it otherwise.
+    pub fn unguarded_writes_fault(&self, unguarded: bool) {
+        self.inner.lock().faults.unguarded_writes = unguarded;
     }
 
     /// When the server will expire the lease unless it is renewed; `None` if it is gone.
@@ -190,7 +209,9 @@ impl Backend for MemoryBackend {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities::new(MIN_TTL).with_virtual_time(true)
+        Capabilities::new(MIN_TTL)
+            .with_virtual_time(true)
+            .with_kv_limits(self.inner.kv_limits)
     }
 
     async fn register(&self, member: &Member, ttl: Duration) -> Result<Lease> {
@@ -338,6 +359,37 @@ impl Backend for MemoryBackend {
         let state = self.inner.lock();
         Self::available(&state)?;
         Ok(state.leader(election))
+    }
+
+    async fn kv_write(&self, guard: &LeaderKey, write: KvWrite) -> Result<KvWriteOutcome> {
+        self.inner.kv_limits.check(&write)?;
+        // Under the one lock: the guard is checked and the write applied in one step.
+        self.mutate(|state, _| {
+            match state.leader(&guard.election) {
+                Some(leader) if leader.key == *guard => {}
+                _ if state.faults.unguarded_writes => {}
+                other => {
+                    return Err(Error::NotLeader {
+                        election: guard.election.clone(),
+                        current: other.map(|l| l.token()),
+                    })
+                }
+            }
+            let slot = (guard.election.clone(), write.key().clone());
+            let (next, outcome) = write.apply_to(state.kv.get(&slot));
+            match next {
+                Some(value) => state.kv.insert(slot, value),
+                None => state.kv.remove(&slot),
+            };
+            Ok(outcome)
+        })
+    }
+
+    async fn kv_read(&self, election: &ElectionName, key: &KvKey) -> Result<Option<Bytes>> {
+        self.inner.kv_limits.check_key(key)?;
+        let state = self.inner.lock();
+        Self::available(&state)?;
+        Ok(state.kv.get(&(election.clone(), key.clone())).cloned())
     }
 
     fn watch(&self, election: &ElectionName) -> LeaderStream {

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use ha_core::{
-    ElectionName, FencingToken, Leader, LeaderEvent, LeaderKey, LeaseId, Member, MemberEvent, Role,
-    ServerId,
+    ElectionName, FencingToken, KvKey, Leader, LeaderEvent, LeaderKey, LeaseId, Member,
+    MemberEvent, Role, ServerId,
 };
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -47,6 +47,7 @@ pub(crate) struct Faults {
     pub(crate) failing_keep_alives: HashSet<LeaseId>,
     pub(crate) notification_delay: Duration,
     pub(crate) unavailable: bool,
+    pub(crate) unguarded_writes: bool,
 }
 
 #[derive(Debug)]
@@ -57,6 +58,8 @@ pub(crate) struct State {
     pub(crate) leases: HashMap<LeaseId, LeaseEntry>,
     pub(crate) members: BTreeMap<(Role, ServerId), LeaseId>,
     pub(crate) elections: HashMap<ElectionName, Election>,
+    /// The guarded store of every election; it outlives leaderships.
+    pub(crate) kv: HashMap<(ElectionName, KvKey), Bytes>,
     pub(crate) member_watchers: Vec<(Role, Subscriber<MemberEvent>)>,
     pub(crate) faults: Faults,
     pub(crate) reaper_started: bool,
@@ -70,6 +73,7 @@ impl Default for State {
             leases: HashMap::new(),
             members: BTreeMap::new(),
             elections: HashMap::new(),
+            kv: HashMap::new(),
             member_watchers: Vec::new(),
             faults: Faults::default(),
             reaper_started: false,

@@ -25,6 +25,10 @@ fn fault_schedules_never_show_two_leaders() {
         totals.leaderships > seeds.len(),
         "the schedules elected almost nobody"
     );
+    assert!(
+        totals.writes >= seeds.len(),
+        "the schedules made almost no guarded writes: {totals}"
+    );
 }
 
 #[test]

@@ -12,8 +12,9 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
 use ha_core::{
-    Backend, Capabilities, ElectionName, Error, Leader, LeaderEvent, LeaderKey, LeaderStream,
-    Lease, LeaseId, Member, MemberEvent, MemberStream, Result, Role, ServerId,
+    Backend, Capabilities, ElectionName, Error, KvKey, KvLimits, KvWrite, KvWriteOutcome, Leader,
+    LeaderEvent, LeaderKey, LeaderStream, Lease, LeaseId, Member, MemberEvent, MemberStream,
+    Result, Role, ServerId,
 };
 use tokio::sync::mpsc;
 use tokio::time::{sleep, Instant};
@@ -25,8 +26,8 @@ use crate::config::MIN_TTL;
 use crate::proto::coordination_client::CoordinationClient;
 use crate::proto::{self, member_event::Kind};
 use crate::wire::{
-    from_status, key_from_proto, key_to_proto, leader_from_proto, member_from_proto,
-    member_to_proto,
+    from_status, key_from_proto, key_to_proto, kv_outcome_from_proto, kv_read_from_proto,
+    kv_write_to_proto, leader_from_proto, member_from_proto, member_to_proto,
 };
 
 /// Default time one call may take, retries across endpoints included.
@@ -36,6 +37,7 @@ pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone)]
 pub struct RaftClient {
     inner: Arc<ClientInner>,
+    kv_limits: KvLimits,
 }
 
 #[derive(Debug)]
@@ -110,6 +112,7 @@ impl RaftClient {
                 current: AtomicUsize::new(0),
                 request_timeout,
             }),
+            kv_limits: KvLimits::default(),
         };
         // Prove one endpoint is there: a read that every member can answer.
         let probe = ElectionName::new("ha-connect-probe")?;
@@ -123,11 +126,20 @@ impl RaftClient {
         Ok(client)
     }
 
+    /// Sets the guarded store's size limits this client checks before sending; they
+    /// should match the nodes' (`RaftNodeConfig::kv_limits`), which check again.
+    pub fn with_kv_limits(mut self, kv_limits: KvLimits) -> Self {
+        self.kv_limits = kv_limits;
+        self
+    }
+
     fn client(&self) -> (usize, CoordinationClient<Channel>) {
         let index = self.inner.current.load(Ordering::Relaxed) % self.inner.channels.len();
         (
             index,
-            CoordinationClient::new(self.inner.channels[index].clone()),
+            CoordinationClient::new(self.inner.channels[index].clone())
+                .max_decoding_message_size(64 << 20)
+                .max_encoding_message_size(64 << 20),
         )
     }
 
@@ -176,7 +188,7 @@ impl Backend for RaftClient {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities::new(MIN_TTL)
+        Capabilities::new(MIN_TTL).with_kv_limits(self.kv_limits)
     }
 
     async fn register(&self, member: &Member, ttl: Duration) -> Result<Lease> {
@@ -280,6 +292,45 @@ impl Backend for RaftClient {
             .await?
             .into_inner();
         reply.leader.map(leader_from_proto).transpose()
+    }
+
+    async fn kv_write(&self, guard: &LeaderKey, write: KvWrite) -> Result<KvWriteOutcome> {
+        self.kv_limits.check(&write)?;
+        let request = kv_write_to_proto(guard, &write);
+        // One attempt: a write that failed in transit may have been applied, and a retry
+        // would report on that instead of on itself. The caller learns the outcome is
+        // unknown; the next call goes to the next endpoint.
+        let (index, mut client) = self.client();
+        let timeout = self.inner.request_timeout;
+        match tokio::time::timeout(timeout, client.kv_write(request)).await {
+            Ok(Ok(reply)) => Ok(kv_outcome_from_proto(reply.into_inner())),
+            Ok(Err(status)) => {
+                if transient(&status) {
+                    self.rotate(index);
+                }
+                Err(from_status(&status))
+            }
+            Err(_) => Err(Error::Timeout {
+                operation: "kv_write",
+                after: timeout,
+            }),
+        }
+    }
+
+    async fn kv_read(&self, election: &ElectionName, key: &KvKey) -> Result<Option<Bytes>> {
+        self.kv_limits.check_key(key)?;
+        let request = proto::KvReadRequest {
+            election: election.as_str().to_owned(),
+            key: key.as_str().to_owned(),
+        };
+        let reply = self
+            .call(|mut c| {
+                let request = request.clone();
+                async move { c.kv_read(request).await }
+            })
+            .await?
+            .into_inner();
+        Ok(kv_read_from_proto(reply))
     }
 
     fn watch(&self, election: &ElectionName) -> LeaderStream {

@@ -6,6 +6,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ha_core::KvLimits;
+
 use crate::command::NodeId;
 use crate::error::RaftBackendError;
 use crate::network::FaultInjector;
@@ -42,6 +44,9 @@ pub struct RaftNodeConfig {
     pub cache_capacity: u64,
     /// Build a snapshot (and purge the log behind it) after this many entries.
     pub snapshot_every: u64,
+    /// Size limits of the guarded store; writes beyond them are refused before they
+    /// reach the log.
+    pub kv_limits: KvLimits,
     /// Test-only network faults shared by the nodes of a test group.
     pub faults: Option<Arc<FaultInjector>>,
 }
@@ -68,8 +73,15 @@ impl RaftNodeConfig {
             request_timeout: Duration::from_secs(5),
             cache_capacity: 16 << 20,
             snapshot_every: 1000,
+            kv_limits: KvLimits::default(),
             faults: None,
         }
+    }
+
+    /// Sets the guarded store's size limits.
+    pub fn with_kv_limits(mut self, kv_limits: KvLimits) -> Self {
+        self.kv_limits = kv_limits;
+        self
     }
 
     /// Sets the cluster id.

@@ -14,8 +14,9 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
 use ha_core::{
-    Backend, Capabilities, ElectionName, Error, FencingToken, Leader, LeaderEvent, LeaderKey,
-    LeaderStream, Lease, LeaseId, Member, MemberEvent, MemberStream, Result, Role, ServerId,
+    Backend, Capabilities, ElectionName, Error, FencingToken, KvKey, KvWrite, KvWriteOutcome,
+    Leader, LeaderEvent, LeaderKey, LeaderStream, Lease, LeaseId, Member, MemberEvent,
+    MemberStream, Result, Role, ServerId,
 };
 use openraft::error::{ClientWriteError, InitializeError, RaftError};
 use openraft::{BasicNode, ServerState, SnapshotPolicy};
@@ -28,7 +29,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::command::{Command, CommandResult, MemberRecord, NodeId, Raft};
+use crate::command::{Command, CommandResult, KvOp, MemberRecord, NodeId, Raft};
 use crate::config::{RaftNodeConfig, MIN_TTL};
 use crate::error::RaftBackendError;
 use crate::hub::{LeaderUpdate, MemberUpdate};
@@ -135,6 +136,7 @@ impl RaftNode {
             install_snapshot_timeout: ms(config.request_timeout),
             snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_every),
             max_in_snapshot_log_to_keep: config.snapshot_every / 10,
+            max_payload_entries: max_payload_entries(&config.kv_limits),
             ..Default::default()
         }
         .validate()
@@ -490,9 +492,11 @@ impl NodeInner {
 
     /// Appends a command through the leader; returns its log index and result.
     async fn propose(&self, command: Command) -> Result<(u64, CommandResult)> {
-        // Every command but Register is idempotent: retried after an unknown outcome it
-        // does no harm. A Register retried could meet its own first attempt.
-        let idempotent = !matches!(command, Command::Register { .. });
+        // Lease and election commands are idempotent: retried after an unknown outcome
+        // they do no harm. A Register retried could meet its own first attempt, and a
+        // guarded write retried would report on itself (a compare-and-set that applied
+        // would come back as a mismatch), so those surface the unknown outcome instead.
+        let idempotent = !matches!(command, Command::Register { .. } | Command::KvWrite { .. });
         self.with_leader("propose", |target| {
             let command = command.clone();
             async move {
@@ -671,6 +675,16 @@ impl NodeInner {
         })
         .await
     }
+}
+
+/// Entries per AppendEntries message (openraft's default is 300), so that a batch of the
+/// largest guarded writes stays near 4 MiB: openraft gives one AppendEntries a heartbeat
+/// interval to complete, and the follower must decode and persist it in that time.
+fn max_payload_entries(limits: &ha_core::KvLimits) -> u64 {
+    const BUDGET: usize = 4 << 20;
+    // Base64 of the largest value (or a compare-and-set's two), plus key and envelope.
+    let largest = (limits.max_value_bytes * 2).div_ceil(3) * 4 + limits.max_key_bytes + 4096;
+    (BUDGET / largest).clamp(1, 300) as u64
 }
 
 /// Expires leases whose deadline passed, while this node leads.
@@ -852,7 +866,7 @@ impl Backend for RaftNode {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities::new(MIN_TTL)
+        Capabilities::new(MIN_TTL).with_kv_limits(self.inner.config.kv_limits)
     }
 
     async fn register(&self, member: &Member, ttl: Duration) -> Result<Lease> {
@@ -1042,6 +1056,43 @@ impl Backend for RaftNode {
             .iter()
             .map(|r| r.to_member().map_err(Error::from))
             .collect()
+    }
+
+    async fn kv_write(&self, guard: &LeaderKey, write: KvWrite) -> Result<KvWriteOutcome> {
+        self.inner.config.kv_limits.check(&write)?;
+        let command = Command::KvWrite {
+            election: guard.election.as_str().to_owned(),
+            lease: guard.lease.get(),
+            token: guard.token.get(),
+            op: KvOp::from_write(&write),
+        };
+        match self.inner.propose(command).await?.1 {
+            CommandResult::KvWritten { applied, previous } => Ok(KvWriteOutcome {
+                applied,
+                previous: previous.map(|blob| Bytes::from(blob.0)),
+            }),
+            CommandResult::NotLeader { current } => Err(Error::NotLeader {
+                election: guard.election.clone(),
+                current: current.map(FencingToken::new),
+            }),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn kv_read(&self, election: &ElectionName, key: &KvKey) -> Result<Option<Bytes>> {
+        self.inner.config.kv_limits.check_key(key)?;
+        let value = self
+            .inner
+            .linearizable(|machine| {
+                machine
+                    .state
+                    .kv
+                    .get(election.as_str())
+                    .and_then(|store| store.get(key.as_str()))
+                    .map(|blob| Bytes::copy_from_slice(&blob.0))
+            })
+            .await?;
+        Ok(value)
     }
 
     fn watch_members(&self, role: &Role) -> MemberStream {

@@ -6,7 +6,7 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
-use ha_core::{Backend, ElectionName, LeaseId, Role};
+use ha_core::{Backend, ElectionName, KvKey, LeaseId, Role};
 use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -21,8 +21,8 @@ use crate::proto::coordination_server::{Coordination, CoordinationServer};
 use crate::proto::peer_server::{Peer, PeerServer};
 use crate::proto::{self, PeerReply, PeerRequest};
 use crate::wire::{
-    key_from_proto, key_to_proto, leader_to_proto, member_from_proto, member_to_proto, required,
-    to_status,
+    key_from_proto, key_to_proto, kv_outcome_to_proto, kv_read_to_proto, kv_write_from_proto,
+    leader_to_proto, member_from_proto, member_to_proto, required, to_status,
 };
 
 /// Serves both services on `listener` until `shutdown`.
@@ -38,7 +38,11 @@ pub(crate) async fn serve(
                 .max_decoding_message_size(64 << 20)
                 .max_encoding_message_size(64 << 20),
         )
-        .add_service(CoordinationServer::new(ClientService { node }))
+        .add_service(
+            CoordinationServer::new(ClientService { node })
+                .max_decoding_message_size(64 << 20)
+                .max_encoding_message_size(64 << 20),
+        )
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled_owned())
         .await;
     if let Err(e) = result {
@@ -232,6 +236,30 @@ impl Coordination for ClientService {
             .await
             .map_err(status)?;
         Ok(Response::new(proto::Empty {}))
+    }
+
+    async fn kv_write(
+        &self,
+        request: Request<proto::KvWriteRequest>,
+    ) -> Result<Response<proto::KvWriteReply>, Status> {
+        let (guard, write) = kv_write_from_proto(request.into_inner()).map_err(status)?;
+        let outcome = self.node()?.kv_write(&guard, write).await.map_err(status)?;
+        Ok(Response::new(kv_outcome_to_proto(&outcome)))
+    }
+
+    async fn kv_read(
+        &self,
+        request: Request<proto::KvReadRequest>,
+    ) -> Result<Response<proto::KvReadReply>, Status> {
+        let request = request.into_inner();
+        let election = ElectionName::new(request.election).map_err(status)?;
+        let key = KvKey::new(request.key).map_err(status)?;
+        let value = self
+            .node()?
+            .kv_read(&election, &key)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(kv_read_to_proto(value.as_ref())))
     }
 
     async fn leader(

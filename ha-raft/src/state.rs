@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::command::{Command, CommandResult, MemberRecord};
+use crate::command::{Blob, Command, CommandResult, MemberRecord};
 
 /// One session.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -66,6 +66,10 @@ pub struct State {
     pub members: BTreeMap<String, BTreeMap<u64, u64>>,
     /// Election → token → candidate; the first entry leads.
     pub elections: BTreeMap<String, BTreeMap<u64, CandidateRecord>>,
+    /// Election → key → value: the guarded stores. Absent from snapshots written before
+    /// the guarded store existed, hence the default.
+    #[serde(default)]
+    pub kv: BTreeMap<String, BTreeMap<String, Blob>>,
 }
 
 impl State {
@@ -177,6 +181,35 @@ impl State {
                     },
                 }
             }
+            Command::KvWrite {
+                election,
+                lease,
+                token,
+                op,
+            } => match self.head(election) {
+                // The guard, checked in the same apply that writes: nothing can come
+                // between them, and every replica decides the same.
+                Some(head) if head.token == *token && head.lease == *lease => {
+                    let store = self.kv.entry(election.clone()).or_default();
+                    let previous = store.get(op.key()).cloned();
+                    let (next, applied) = op.apply(previous.as_ref());
+                    match next {
+                        Some(value) => {
+                            store.insert(op.key().to_owned(), value);
+                        }
+                        None => {
+                            store.remove(op.key());
+                        }
+                    }
+                    if store.is_empty() {
+                        self.kv.remove(election);
+                    }
+                    CommandResult::KvWritten { applied, previous }
+                }
+                other => CommandResult::NotLeader {
+                    current: other.as_ref().map(|h| h.token),
+                },
+            },
         };
         (result, changes)
     }
@@ -259,6 +292,7 @@ impl State {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::command::KvOp;
 
     fn member(id: u64) -> MemberRecord {
         MemberRecord {
@@ -394,6 +428,68 @@ mod tests {
         let (result, changes) = s.apply(7, &proclaim(a, 3));
         assert_eq!(result, CommandResult::Ok);
         assert_eq!(changes.len(), 1);
+    }
+
+    #[test]
+    fn kv_write_only_from_the_head() {
+        let mut s = State::default();
+        let a = register(&mut s, 1, 1);
+        let b = register(&mut s, 2, 2);
+        campaign(&mut s, 3, a, "a");
+        campaign(&mut s, 4, b, "b");
+        let write = |lease, token, value: &str| Command::KvWrite {
+            election: "e".into(),
+            lease,
+            token,
+            op: KvOp::Put {
+                key: "k".into(),
+                value: value.into(),
+            },
+        };
+        assert_eq!(
+            s.apply(5, &write(b, 4, "queued")).0,
+            CommandResult::NotLeader { current: Some(3) }
+        );
+        assert_eq!(
+            s.apply(6, &write(a, 3, "one")).0,
+            CommandResult::KvWritten {
+                applied: true,
+                previous: None
+            }
+        );
+        s.apply(7, &Command::Expire { lease: a });
+        assert_eq!(
+            s.apply(8, &write(a, 3, "stale")).0,
+            CommandResult::NotLeader { current: Some(4) }
+        );
+        assert_eq!(
+            s.apply(9, &write(b, 4, "two")).0,
+            CommandResult::KvWritten {
+                applied: true,
+                previous: Some("one".into())
+            }
+        );
+        let cas = Command::KvWrite {
+            election: "e".into(),
+            lease: b,
+            token: 4,
+            op: KvOp::CompareAndSet {
+                key: "k".into(),
+                expected: Some("one".into()),
+                new: None,
+            },
+        };
+        assert_eq!(
+            s.apply(10, &cas).0,
+            CommandResult::KvWritten {
+                applied: false,
+                previous: Some("two".into())
+            }
+        );
+        // Snapshots from before the guarded store still load.
+        let old = r#"{"leases":{},"members":{},"elections":{}}"#;
+        let loaded: State = serde_json::from_str(old).unwrap_or_default();
+        assert!(loaded.kv.is_empty());
     }
 
     #[test]

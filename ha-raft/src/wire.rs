@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use ha_core::{
-    ElectionName, Error, FencingToken, Leader, LeaderKey, LeaseId, Member, Role, ServerId,
+    ElectionName, Error, FencingToken, KvKey, KvWrite, KvWriteOutcome, Leader, LeaderKey, LeaseId,
+    Member, Role, ServerId,
 };
 use serde::{Deserialize, Serialize};
 
@@ -38,6 +39,15 @@ pub enum WireError {
         /// Why.
         reason: String,
     },
+    /// `Error::TooLarge`.
+    TooLarge {
+        /// `key` or `value`.
+        what: String,
+        /// Bytes.
+        size: u64,
+        /// Limit in bytes.
+        limit: u64,
+    },
     /// `Error::Unavailable` (and anything retryable).
     Unavailable(String),
     /// `Error::Timeout`.
@@ -63,6 +73,8 @@ fn static_what(what: &str) -> &'static str {
         "margin" => "margin",
         "member" => "member",
         "raft configuration" => "raft configuration",
+        "key" => "key",
+        "value" => "value",
         _ => "argument",
     }
 }
@@ -75,6 +87,8 @@ fn static_operation(operation: &str) -> &'static str {
         "campaign" => "campaign",
         "propose" => "propose",
         "read_index" => "read_index",
+        "kv_write" => "kv_write",
+        "kv_read" => "kv_read",
         _ => "request",
     }
 }
@@ -94,6 +108,11 @@ impl From<&Error> for WireError {
             Error::InvalidArgument { what, reason } => Self::InvalidArgument {
                 what: (*what).to_owned(),
                 reason: reason.clone(),
+            },
+            Error::TooLarge { what, size, limit } => Self::TooLarge {
+                what: (*what).to_owned(),
+                size: *size as u64,
+                limit: *limit as u64,
             },
             Error::Unavailable(reason) => Self::Unavailable(reason.clone()),
             Error::Timeout { operation, after } => Self::Timeout {
@@ -133,6 +152,11 @@ impl From<WireError> for Error {
                 what: static_what(&what),
                 reason,
             },
+            WireError::TooLarge { what, size, limit } => Error::TooLarge {
+                what: if what == "key" { "key" } else { "value" },
+                size: usize::try_from(size).unwrap_or(usize::MAX),
+                limit: usize::try_from(limit).unwrap_or(usize::MAX),
+            },
             WireError::Unavailable(reason) => Error::Unavailable(reason),
             WireError::Timeout {
                 operation,
@@ -162,6 +186,7 @@ pub fn to_status(error: &Error) -> tonic::Status {
         Error::LeaseExpired { .. } | Error::NotLeader { .. } => tonic::Code::FailedPrecondition,
         Error::AlreadyRegistered { .. } => tonic::Code::AlreadyExists,
         Error::InvalidArgument { .. } => tonic::Code::InvalidArgument,
+        Error::TooLarge { .. } => tonic::Code::OutOfRange,
         Error::Unavailable(_) => tonic::Code::Unavailable,
         Error::Timeout { .. } => tonic::Code::DeadlineExceeded,
         _ => tonic::Code::Internal,
@@ -231,6 +256,82 @@ pub fn key_from_proto(key: proto::LeaderKey) -> Result<LeaderKey, Error> {
         lease: LeaseId::new(key.lease),
         token: FencingToken::new(key.token),
     })
+}
+
+fn kv_value(value: Option<&Bytes>) -> Option<proto::KvValue> {
+    value.map(|v| proto::KvValue { data: v.to_vec() })
+}
+
+fn kv_bytes(value: Option<proto::KvValue>) -> Option<Bytes> {
+    value.map(|v| Bytes::from(v.data))
+}
+
+/// A guarded write into protobuf.
+pub fn kv_write_to_proto(guard: &LeaderKey, write: &KvWrite) -> proto::KvWriteRequest {
+    use proto::kv_write_request::Op;
+    let op = match write {
+        KvWrite::Put { value, .. } => Op::Put(proto::KvValue {
+            data: value.to_vec(),
+        }),
+        KvWrite::Delete { .. } => Op::Delete(proto::Empty {}),
+        KvWrite::CompareAndSet { expected, new, .. } => Op::CompareAndSet(proto::KvCompareAndSet {
+            expected: kv_value(expected.as_ref()),
+            new: kv_value(new.as_ref()),
+        }),
+    };
+    proto::KvWriteRequest {
+        guard: Some(key_to_proto(guard)),
+        key: write.key().as_str().to_owned(),
+        op: Some(op),
+    }
+}
+
+/// A guarded write from protobuf, validated.
+pub fn kv_write_from_proto(request: proto::KvWriteRequest) -> Result<(LeaderKey, KvWrite), Error> {
+    use proto::kv_write_request::Op;
+    let guard = key_from_proto(required(request.guard, "guard")?)?;
+    let key = KvKey::new(request.key)?;
+    let write = match required(request.op, "op")? {
+        Op::Put(value) => KvWrite::Put {
+            key,
+            value: Bytes::from(value.data),
+        },
+        Op::Delete(_) => KvWrite::Delete { key },
+        Op::CompareAndSet(cas) => KvWrite::CompareAndSet {
+            key,
+            expected: kv_bytes(cas.expected),
+            new: kv_bytes(cas.new),
+        },
+    };
+    Ok((guard, write))
+}
+
+/// A guarded write's outcome into protobuf.
+pub fn kv_outcome_to_proto(outcome: &KvWriteOutcome) -> proto::KvWriteReply {
+    proto::KvWriteReply {
+        applied: outcome.applied,
+        previous: kv_value(outcome.previous.as_ref()),
+    }
+}
+
+/// A guarded write's outcome from protobuf.
+pub fn kv_outcome_from_proto(reply: proto::KvWriteReply) -> KvWriteOutcome {
+    KvWriteOutcome {
+        applied: reply.applied,
+        previous: kv_bytes(reply.previous),
+    }
+}
+
+/// A read's answer into protobuf.
+pub fn kv_read_to_proto(value: Option<&Bytes>) -> proto::KvReadReply {
+    proto::KvReadReply {
+        value: kv_value(value),
+    }
+}
+
+/// A read's answer from protobuf.
+pub fn kv_read_from_proto(reply: proto::KvReadReply) -> Option<Bytes> {
+    kv_bytes(reply.value)
 }
 
 /// A leader into protobuf.

@@ -8,7 +8,7 @@ use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
 use openraft::{Entry, EntryPayload, LeaderId, LogId, Vote};
 use proptest::prelude::*;
 
-use ha_raft::command::{Command, MemberRecord, TypeConfig};
+use ha_raft::command::{Blob, Command, KvOp, MemberRecord, TypeConfig};
 use ha_raft::state::State;
 use ha_raft::storage::Identity;
 
@@ -41,6 +41,16 @@ fn valid_entries() -> Vec<Vec<u8>> {
             value: b"x".to_vec(),
         },
         Command::Expire { lease: 42 },
+        Command::KvWrite {
+            election: "rootcoord".into(),
+            lease: 42,
+            token: 43,
+            op: KvOp::CompareAndSet {
+                key: "segments/7".into(),
+                expected: Some(Blob(b"growing".to_vec())),
+                new: None,
+            },
+        },
     ];
     let mut encoded: Vec<Vec<u8>> = commands
         .into_iter()
@@ -127,6 +137,17 @@ proptest! {
                     .prop_map(|(election, lease, token)| Command::Resign { election, lease, token }),
                 (".{0,20}", any::<u64>(), any::<u64>(), proptest::collection::vec(any::<u8>(), 0..8))
                     .prop_map(|(election, lease, token, value)| Command::Proclaim { election, lease, token, value }),
+                (".{0,4}", 0..8u64, 0..8u64, ".{0,8}", proptest::option::of(proptest::collection::vec(any::<u8>(), 0..8)), any::<bool>())
+                    .prop_map(|(election, lease, token, key, value, cas)| Command::KvWrite {
+                        election,
+                        lease,
+                        token,
+                        op: match (cas, value) {
+                            (true, value) => KvOp::CompareAndSet { key, expected: None, new: value.map(Blob) },
+                            (false, Some(value)) => KvOp::Put { key, value: Blob(value) },
+                            (false, None) => KvOp::Delete { key },
+                        },
+                    }),
             ],
             0..40,
         ),

@@ -20,8 +20,8 @@ use futures::StreamExt;
 use ha_core::testing::history::{fault_seeds, History, Record, Totals};
 use ha_core::testing::participant::{Command, Participant, Setup};
 use ha_core::{
-    Backend, Capabilities, ElectionName, Error, LeaderKey, LeaderStream, Lease, LeaseId, Member,
-    MemberStream, Result, Role,
+    Backend, Capabilities, ElectionName, Error, KvKey, KvWrite, KvWriteOutcome, LeaderKey,
+    LeaderStream, Lease, LeaseId, Member, MemberStream, Result, Role,
 };
 use ha_raft::RaftNode;
 use rand::rngs::StdRng;
@@ -105,6 +105,12 @@ impl Backend for Slot {
             Ok(node) => node.watch_members(role),
             Err(e) => futures::stream::once(async move { Err(e) }).boxed(),
         }
+    }
+    async fn kv_write(&self, guard: &LeaderKey, write: KvWrite) -> Result<KvWriteOutcome> {
+        self.node()?.kv_write(guard, write).await
+    }
+    async fn kv_read(&self, election: &ElectionName, key: &KvKey) -> Result<Option<Bytes>> {
+        self.node()?.kv_read(election, key).await
     }
 }
 
@@ -241,5 +247,9 @@ async fn fault_schedules_never_show_two_leaders() {
     assert!(
         totals.leaderships >= seeds.len(),
         "the schedules elected almost nobody"
+    );
+    assert!(
+        totals.writes >= seeds.len(),
+        "the schedules made almost no guarded writes: {totals}"
     );
 }

@@ -64,7 +64,10 @@ pub enum Record {
         /// Why (a `LossReason` name, or `resigned`).
         reason: String,
     },
-    /// A guarded write was attempted; `accepted` is the store's answer.
+    /// A guarded write of a counter was attempted; `accepted` is the store's answer.
+    /// Each leadership reads the counter once it is elected and then writes `read + 1`,
+    /// `read + 2`, ... with plain puts, never reusing a value, so only the guard can keep
+    /// a stale leader from writing a value twice or a lower token above a higher one.
     Write {
         /// Who.
         participant: u64,
@@ -72,6 +75,8 @@ pub enum Record {
         token: FencingToken,
         /// When the answer came.
         at: Micros,
+        /// The counter value written.
+        value: u64,
         /// Whether the store accepted it.
         accepted: bool,
     },
@@ -122,6 +127,8 @@ pub struct CheckReport {
     pub acted: usize,
     /// Actions recorded.
     pub actions: usize,
+    /// Guarded writes accepted.
+    pub writes: usize,
     /// Faults injected.
     pub faults: usize,
 }
@@ -137,6 +144,8 @@ pub struct Totals {
     pub leaderships: usize,
     /// Actions recorded.
     pub actions: usize,
+    /// Guarded writes accepted.
+    pub writes: usize,
     /// Broken guarantees.
     pub violations: usize,
 }
@@ -148,6 +157,7 @@ impl Totals {
         self.faults += report.faults;
         self.leaderships += report.leaderships;
         self.actions += report.actions;
+        self.writes += report.writes;
         self.violations += report.violations.len();
     }
 }
@@ -156,8 +166,8 @@ impl std::fmt::Display for Totals {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} schedules, {} faults, {} leaderships, {} actions, {} violations",
-            self.runs, self.faults, self.leaderships, self.actions, self.violations
+            "{} schedules, {} faults, {} leaderships, {} actions, {} accepted writes, {} violations",
+            self.runs, self.faults, self.leaderships, self.actions, self.writes, self.violations
         )
     }
 }
@@ -208,8 +218,8 @@ impl History {
     /// Checks the history: (1) no two leaderships acted at overlapping times (each
     /// leadership's span runs from its election to its last action; at one instant,
     /// recording order decides); (2) a token names
-    /// one leadership, and leaderships that acted did so in token order; (3) the store
-    /// never accepted a write with a token lower than one it accepted before; (4) when
+    /// one leadership, and leaderships that acted did so in token order; (3) the guarded
+    /// counter never accepted a value twice, nor a lower token above a higher one; (4) when
     /// `liveness` is given and the run recorded `Healed`, some leadership acted within
     /// that bound after it.
     pub fn check(&self, liveness: Option<Duration>) -> CheckReport {
@@ -331,35 +341,43 @@ impl History {
             }
         }
 
-        // 3. Accepted writes never go back in token order.
-        let mut writes: Vec<(Micros, u64, FencingToken)> = records
+        // 3. Accepted counter writes: no value twice, and in value order (the store's
+        // order) tokens never go back.
+        let mut writes: Vec<(u64, FencingToken, u64, Micros)> = records
             .iter()
             .filter_map(|r| match r {
                 Record::Write {
                     participant,
                     token,
                     at,
+                    value,
                     accepted: true,
-                } => Some((*at, *participant, *token)),
+                } => Some((*value, *token, *participant, *at)),
                 _ => None,
             })
             .collect();
+        report.writes = writes.len();
         writes.sort();
-        let mut highest: Option<(u64, FencingToken)> = None;
-        for (at, participant, token) in writes {
-            if let Some((by, high)) = highest {
-                if token < high {
-                    report.violations.push(Violation {
-                        clause: 3,
-                        what: format!(
-                            "a write with token {token} by p{participant} was accepted at {} after one with token {high} by p{by}",
-                            secs(at)
-                        ),
-                    });
-                    continue;
-                }
+        for pair in writes.windows(2) {
+            let ((v0, t0, p0, at0), (v1, t1, p1, at1)) = (pair[0], pair[1]);
+            if v0 == v1 {
+                report.violations.push(Violation {
+                    clause: 3,
+                    what: format!(
+                        "counter value {v1} was accepted twice: from p{p0} (token {t0}) at {} and from p{p1} (token {t1}) at {}",
+                        secs(at0),
+                        secs(at1)
+                    ),
+                });
+            } else if t1 < t0 {
+                report.violations.push(Violation {
+                    clause: 3,
+                    what: format!(
+                        "the counter went back in token order: {v0} was written with token {t0} (p{p0}), then {v1} with token {t1} (p{p1}) at {}",
+                        secs(at1)
+                    ),
+                });
             }
-            highest = Some((participant, token));
         }
 
         // 4. Liveness after the faults healed.
@@ -449,10 +467,11 @@ impl History {
                 Record::Write {
                     participant,
                     token,
+                    value,
                     accepted,
                     ..
                 } => format!(
-                    "p{participant} write with token {token}: {}",
+                    "p{participant} write counter={value} with token {token}: {}",
                     if *accepted { "accepted" } else { "rejected" }
                 ),
                 Record::Fault { what, .. } => format!("FAULT {what}"),
@@ -561,12 +580,13 @@ mod tests {
         ] {
             h.record(r);
         }
-        // A write with a lower token accepted after a higher one (clause 3).
-        for (token, at) in [(2, 20), (1, 21)] {
+        // A lower token accepted above a higher one in the counter (clause 3).
+        for (token, value) in [(2, 7), (1, 8)] {
             h.record(Record::Write {
                 participant: 1,
                 token: FencingToken::new(token),
-                at,
+                at: 20 + value,
+                value,
                 accepted: true,
             });
         }
@@ -582,6 +602,47 @@ mod tests {
             );
         }
         assert!(h.timeline().contains("p1 acted 1x as token 1"));
+    }
+
+    fn write(p: u64, token: u64, value: u64, accepted: bool) -> Record {
+        Record::Write {
+            participant: p,
+            token: FencingToken::new(token),
+            at: value,
+            value,
+            accepted,
+        }
+    }
+
+    #[test]
+    fn guarded_writes_counted_twice_or_going_back_are_caught() {
+        let clean = History::new();
+        for r in [
+            write(1, 1, 1, true),
+            write(1, 1, 2, true),
+            write(1, 1, 3, false),
+            write(2, 4, 3, true),
+            write(2, 4, 4, true),
+        ] {
+            clean.record(r);
+        }
+        let report = clean.check(None);
+        assert!(report.violations.is_empty(), "{:?}", report.violations);
+        assert_eq!(report.writes, 4);
+        // A stale leader's write of a value the next leader also wrote.
+        let twice = History::new();
+        for r in [write(1, 1, 5, true), write(2, 4, 5, true)] {
+            twice.record(r);
+        }
+        let report = twice.check(None);
+        assert!(
+            report
+                .violations
+                .iter()
+                .any(|v| v.clause == 3 && v.what.contains("twice")),
+            "{:?}",
+            report.violations
+        );
     }
 
     #[test]

@@ -201,6 +201,9 @@ async fn run(
                 at: setup.now(),
                 outcome: CampaignOutcome::Won(token),
             });
+            // The guarded counter continues from what the store holds now (a linearizable
+            // read); if that read fails, this leadership only acts, it does not write.
+            let mut counter = read_counter(&leadership).await;
             let mut restart = false;
             loop {
                 tokio::select! {
@@ -209,6 +212,9 @@ async fn run(
                         // Check and record in one step: no await in between.
                         if leadership.is_valid() {
                             history.record(Record::Acted { participant: id, token, at: setup.now() });
+                            if let Some(value) = counter.as_mut() {
+                                write_counter(id, &leadership, value, &setup).await;
+                            }
                         } else {
                             let reason = leadership
                                 .loss_reason()
@@ -249,4 +255,36 @@ async fn run(
         }
         drop(session);
     }
+}
+
+/// The key of the counter the participants write.
+pub const COUNTER_KEY: &str = "counter";
+
+async fn read_counter(leadership: &crate::Leadership) -> Option<u64> {
+    match leadership.get(COUNTER_KEY).await {
+        Ok(None) => Some(0),
+        Ok(Some(bytes)) => std::str::from_utf8(&bytes).ok()?.parse().ok(),
+        Err(_) => None,
+    }
+}
+
+/// Writes `*last + 1` with a plain guarded put and records the answer. The value is
+/// never reused, whatever the answer: a write whose outcome is unknown may have landed.
+async fn write_counter(id: u64, leadership: &crate::Leadership, last: &mut u64, setup: &Setup) {
+    let value = *last + 1;
+    *last = value;
+    let result = leadership.put(COUNTER_KEY, value.to_string()).await;
+    let accepted = match result {
+        Ok(()) => true,
+        Err(Error::NotLeader { .. } | Error::LeaseExpired { .. }) => false,
+        // Unknown outcome: not recorded as accepted, and not as rejected either.
+        Err(_) => return,
+    };
+    setup.history.record(Record::Write {
+        participant: id,
+        token: leadership.token(),
+        at: setup.now(),
+        value,
+        accepted,
+    });
 }

@@ -21,17 +21,23 @@ pub const LIVENESS: Duration = Duration::from_secs(11);
 
 /// Runs schedule `seed` on a fresh paused-clock runtime; returns the history.
 pub fn run(seed: u64) -> Arc<History> {
+    run_with(seed, false)
+}
+
+/// [`run`], with the backend's write guard switched off when `unguarded`.
+pub fn run_with(seed: u64, unguarded: bool) -> Arc<History> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .start_paused(true)
         .build()
         .unwrap_or_else(|e| panic!("runtime: {e}"));
-    runtime.block_on(schedule(seed))
+    runtime.block_on(schedule(seed, unguarded))
 }
 
-async fn schedule(seed: u64) -> Arc<History> {
+async fn schedule(seed: u64, unguarded: bool) -> Arc<History> {
     let mut rng = StdRng::seed_from_u64(seed);
     let backend = MemoryBackend::new();
+    backend.unguarded_writes_fault(unguarded);
     let history = Arc::new(History::new());
     let setup = Setup {
         election: ElectionName::new("schedule").unwrap_or_else(|e| panic!("{e}")),

@@ -56,11 +56,18 @@ pub struct Group {
     pub nodes: BTreeMap<u64, RaftNode>,
     pub dirs: BTreeMap<u64, tempfile::TempDir>,
     pub faults: Arc<FaultInjector>,
+    /// Applied to every node's configuration, at start and restart.
+    tweak: fn(RaftNodeConfig) -> RaftNodeConfig,
 }
 
 impl Group {
     /// Starts `n` voters (ids 1..=n) and waits for a leader.
     pub async fn start(n: u64) -> Self {
+        Self::start_with(n, |config| config).await
+    }
+
+    /// [`start`](Self::start) with each node's configuration passed through `tweak`.
+    pub async fn start_with(n: u64, tweak: fn(RaftNodeConfig) -> RaftNodeConfig) -> Self {
         init_tracing();
         // Groups started at once in one process must not pick the same free ports (a
         // port is free again between `free_ports` and the node binding it): start one
@@ -78,6 +85,7 @@ impl Group {
             nodes: BTreeMap::new(),
             dirs: BTreeMap::new(),
             faults,
+            tweak,
         };
         for id in 1..=n {
             group
@@ -93,8 +101,10 @@ impl Group {
     }
 
     fn start_node(&self, id: u64) -> impl std::future::Future<Output = (u64, RaftNode)> {
-        let config = test_config(id, &self.peers, self.dirs[&id].path())
-            .with_faults(Arc::clone(&self.faults));
+        let config = (self.tweak)(
+            test_config(id, &self.peers, self.dirs[&id].path())
+                .with_faults(Arc::clone(&self.faults)),
+        );
         async move {
             let node = RaftNode::start(config)
                 .await
