@@ -26,6 +26,9 @@ cargo fmt --all --check
 echo "== clippy"
 cargo clippy --workspace --all-targets --all-features -- -D warnings
 echo "== test"
+# The process tests run the examples' binaries (tests/fenced_counter.rs): build them
+# with the same features first, whatever target filter a developer adds below.
+cargo build --workspace --all-features --examples
 cargo test --workspace --all-features
 echo "== doc"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --all-features --no-deps

@@ -1,0 +1,354 @@
+//! `examples/fenced_counter.rs` as users run it: three replica processes on a real
+//! backend (three `ha node` processes for raft, a real etcd), while a seeded schedule
+//! SIGKILLs, SIGSTOPs (up to twice the TTL) and SIGTERMs them and starts them again.
+//! Every accepted increment is a guarded write; the history checker's clause 3 must
+//! find no value counted twice and no lower token above a higher one, the counter must
+//! keep moving after the faults, and the stored value must hold every acknowledged
+//! increment.
+//!
+//! Every process is started with kill_on_drop and stopped by PID at the end.
+
+#![cfg(all(feature = "cli", feature = "raft"))]
+
+#[cfg(feature = "etcd")]
+#[path = "../ha-etcd/tests/common/mod.rs"]
+mod etcd_fixture;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ha_core::testing::history::{History, Record};
+use ha_core::{ElectionName, FencingToken};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::time::{sleep, Instant};
+
+const HA: &str = env!("CARGO_BIN_EXE_ha");
+const TTL: Duration = Duration::from_secs(2);
+const REPLICAS: u64 = 3;
+const FAULTS: usize = 8;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("no free port: {e}"))
+}
+
+/// The example binary. `cargo test` without a target filter builds the examples next to
+/// the test executables (and `scripts/test.sh` builds them first); a filtered run
+/// (`--test fenced_counter`) does not, so build them with the same features then.
+fn example() -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_else(|e| panic!("{e}"));
+    let path = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .map(|profile| profile.join("examples").join("fenced_counter"))
+        .unwrap_or_else(|| panic!("no target dir above {}", exe.display()));
+    assert!(
+        path.is_file(),
+        "{} is missing: run cargo build --examples --all-features",
+        path.display()
+    );
+    path
+}
+
+fn signal(child: &Child, signal: &str) {
+    if let Some(pid) = child.id() {
+        let _ = std::process::Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(pid.to_string())
+            .status();
+    }
+}
+
+/// One increment, as a replica printed it: accepted, or refused by the guard.
+#[derive(Debug, Clone, Copy)]
+struct Increment {
+    id: u64,
+    token: u64,
+    value: u64,
+    at: u64,
+    accepted: bool,
+}
+
+/// The replicas and everything they printed.
+struct Replicas {
+    backend: String,
+    children: BTreeMap<u64, Child>,
+    increments: Arc<Mutex<Vec<Increment>>>,
+}
+
+impl Replicas {
+    fn new(backend: String) -> Self {
+        Self {
+            backend,
+            children: BTreeMap::new(),
+            increments: Arc::default(),
+        }
+    }
+
+    fn start(&mut self, id: u64) {
+        let mut child = Command::new(example())
+            .args(["--backend", &self.backend, "--id", &id.to_string()])
+            .args(["--ttl", &TTL.as_secs().to_string(), "--every-ms", "50"])
+            .env("RUST_LOG", "error")
+            .env("RUST_BACKTRACE", "0")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn fenced_counter {id}: {e}"));
+        let stdout = child.stdout.take().unwrap_or_else(|| panic!("no stdout"));
+        let increments = Arc::clone(&self.increments);
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stdout).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let json: serde_json::Value = serde_json::from_str(&line)
+                    .unwrap_or_else(|e| panic!("replica {id} printed {line:?}: {e}"));
+                let field = |name: &str| {
+                    json[name]
+                        .as_u64()
+                        .unwrap_or_else(|| panic!("no {name} in {line}"))
+                };
+                let increment = Increment {
+                    id: field("id"),
+                    token: field("token"),
+                    value: field("value"),
+                    at: field("at_unix_us"),
+                    accepted: json["event"] == "increment",
+                };
+                increments
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .push(increment);
+            }
+        });
+        self.children.insert(id, child);
+    }
+
+    fn count(&self) -> usize {
+        self.increments
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .filter(|i| i.accepted)
+            .count()
+    }
+
+    /// Waits (bounded) until `more` increments were printed after `since`.
+    async fn wait_for_progress(&self, since: usize, more: usize, within: Duration) {
+        let deadline = Instant::now() + within;
+        while self.count() < since + more {
+            assert!(
+                Instant::now() < deadline,
+                "the counter did not move within {within:?} ({} increments so far)",
+                self.count()
+            );
+            sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Runs a seeded schedule of kills, pauses and graceful stops; every replica is
+    /// running again when it returns.
+    async fn faults(&mut self, seed: u64) {
+        let mut rng = StdRng::seed_from_u64(seed);
+        for _ in 0..FAULTS {
+            sleep(Duration::from_millis(rng.random_range(300..1500))).await;
+            let id = rng.random_range(1..=REPLICAS);
+            let Some(child) = self.children.get(&id) else {
+                continue;
+            };
+            match rng.random_range(0..3) {
+                0 => {
+                    eprintln!("fault: SIGKILL replica {id}");
+                    signal(child, "KILL");
+                    if let Some(mut child) = self.children.remove(&id) {
+                        let _ = child.wait().await;
+                    }
+                    sleep(Duration::from_millis(rng.random_range(0..1000))).await;
+                    self.start(id);
+                }
+                1 => {
+                    let pause =
+                        Duration::from_millis(rng.random_range(200..(2 * TTL.as_millis() as u64)));
+                    eprintln!("fault: SIGSTOP replica {id} for {pause:?}");
+                    signal(child, "STOP");
+                    sleep(pause).await;
+                    if let Some(child) = self.children.get(&id) {
+                        signal(child, "CONT");
+                    }
+                }
+                _ => {
+                    eprintln!("fault: SIGTERM replica {id}");
+                    signal(child, "TERM");
+                    if let Some(mut child) = self.children.remove(&id) {
+                        let _ = tokio::time::timeout(Duration::from_secs(10), child.wait()).await;
+                        let _ = child.kill().await;
+                    }
+                    self.start(id);
+                }
+            }
+        }
+    }
+
+    async fn stop_all(&mut self) {
+        for child in self.children.values() {
+            signal(child, "CONT");
+            signal(child, "TERM");
+        }
+        for (_, mut child) in std::mem::take(&mut self.children) {
+            if tokio::time::timeout(Duration::from_secs(10), child.wait())
+                .await
+                .is_err()
+            {
+                let _ = child.kill().await;
+            }
+        }
+    }
+
+    /// Clause 3 of the history checker over every printed increment.
+    fn check(&self, seed: u64) -> (u64, usize) {
+        let increments = self
+            .increments
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        let epoch = increments.iter().map(|i| i.at).min().unwrap_or(0);
+        let history = History::new();
+        for i in &increments {
+            history.record(Record::Write {
+                participant: i.id,
+                token: FencingToken::new(i.token),
+                at: i.at.saturating_sub(epoch),
+                value: i.value,
+                accepted: i.accepted,
+            });
+        }
+        let refused = increments.iter().filter(|i| !i.accepted).count();
+        let report = history.assert_ok(
+            None,
+            seed,
+            "cargo test --all-features --test fenced_counter",
+        );
+        let tokens: std::collections::BTreeSet<u64> = increments
+            .iter()
+            .filter(|i| i.accepted)
+            .map(|i| i.token)
+            .collect();
+        eprintln!(
+            "{}: {} increments under {} leaderships, {refused} stale writes refused, 0 violations",
+            self.backend,
+            report.writes,
+            tokens.len()
+        );
+        (
+            increments
+                .iter()
+                .filter(|i| i.accepted)
+                .map(|i| i.value)
+                .max()
+                .unwrap_or(0),
+            tokens.len(),
+        )
+    }
+}
+
+/// Replicas on `backend_url`; `stored` reads the counter from the backend at the end.
+async fn run(backend_url: String, seed: u64) {
+    let mut replicas = Replicas::new(backend_url.clone());
+    for id in 1..=REPLICAS {
+        replicas.start(id);
+    }
+    replicas
+        .wait_for_progress(0, 10, Duration::from_secs(30))
+        .await;
+    replicas.faults(seed).await;
+    // After the last fault, the counter moves again within a failover.
+    let before = replicas.count();
+    replicas
+        .wait_for_progress(before, 10, TTL * 5 + Duration::from_secs(10))
+        .await;
+    replicas.stop_all().await;
+    let (highest, leaderships) = replicas.check(seed);
+    assert!(leaderships >= 2, "the faults never moved the leadership");
+    // Nothing acknowledged is lost: the store holds at least the highest printed value.
+    let backend = ha::connect(&backend_url)
+        .await
+        .unwrap_or_else(|e| panic!("connect {backend_url}: {e}"));
+    let election = ElectionName::new("counter").unwrap_or_else(|e| panic!("{e}"));
+    let key = ha_core::KvKey::new("counter").unwrap_or_else(|e| panic!("{e}"));
+    let stored = backend
+        .kv_read(&election, &key)
+        .await
+        .unwrap_or_else(|e| panic!("read the counter: {e}"))
+        .and_then(|v| std::str::from_utf8(&v).ok()?.parse::<u64>().ok())
+        .unwrap_or(0);
+    assert!(
+        stored >= highest,
+        "the store holds {stored}, but {highest} was acknowledged"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fenced_counter_on_raft_never_goes_back_or_counts_twice() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let ports: BTreeMap<u64, u16> = (1..=3).map(|id| (id, free_port())).collect();
+    let peers = ports
+        .iter()
+        .map(|(id, port)| format!("{id}=127.0.0.1:{port}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut nodes = Vec::new();
+    for (id, port) in &ports {
+        let node = Command::new(HA)
+            .args(["node", "--id", &id.to_string()])
+            .args(["--listen", &format!("127.0.0.1:{port}"), "--peers", &peers])
+            .arg("--data")
+            .arg(dir.path().join(id.to_string()))
+            .env("RUST_LOG", "error")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn ha node: {e}"));
+        nodes.push(node);
+    }
+    let url = format!(
+        "raft://{}",
+        ports
+            .values()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    run(url, 7).await;
+    for node in &nodes {
+        signal(node, "TERM");
+    }
+    for mut node in nodes {
+        if tokio::time::timeout(Duration::from_secs(10), node.wait())
+            .await
+            .is_err()
+        {
+            let _ = node.kill().await;
+        }
+    }
+}
+
+#[cfg(feature = "etcd")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fenced_counter_on_etcd_never_goes_back_or_counts_twice() {
+    let Some(etcd) = etcd_fixture::Etcd::start() else {
+        return;
+    };
+    run(format!("etcd://{}", etcd.endpoint), 11).await;
+    drop(etcd);
+}
