@@ -1,6 +1,7 @@
 //! `examples/fenced_counter.rs` as users run it: three replica processes on a real
 //! backend (three `ha node` processes for raft, a real etcd), while a seeded schedule
-//! SIGKILLs, SIGSTOPs (up to twice the TTL) and SIGTERMs them and starts them again.
+//! SIGKILLs, SIGSTOPs (up to twice the TTL) and SIGTERMs them and starts them again, and
+//! SIGSTOPs a backend server (a Raft node, possibly the leader; etcd) up to twice the TTL.
 //! Every accepted increment is a guarded write; the history checker's clause 3 must
 //! find no value counted twice and no lower token above a higher one, the counter must
 //! keep moving after the faults, and the stored value must hold every acknowledged
@@ -31,7 +32,7 @@ use tokio::time::{sleep, Instant};
 const HA: &str = env!("CARGO_BIN_EXE_ha");
 const TTL: Duration = Duration::from_secs(2);
 const REPLICAS: u64 = 3;
-const FAULTS: usize = 8;
+const FAULTS: usize = 10;
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -155,9 +156,10 @@ impl Replicas {
         }
     }
 
-    /// Runs a seeded schedule of kills, pauses and graceful stops; every replica is
-    /// running again when it returns.
-    async fn faults(&mut self, seed: u64) {
+    /// Runs a seeded schedule of kills, pauses and graceful stops of replicas, and pauses
+    /// of a backend server (`backend(n, signal)` sends `signal` to server `n`); every
+    /// process is running again when it returns.
+    async fn faults(&mut self, seed: u64, backend: &dyn Fn(usize, &str)) {
         let mut rng = StdRng::seed_from_u64(seed);
         for _ in 0..FAULTS {
             sleep(Duration::from_millis(rng.random_range(300..1500))).await;
@@ -165,7 +167,16 @@ impl Replicas {
             let Some(child) = self.children.get(&id) else {
                 continue;
             };
-            match rng.random_range(0..3) {
+            match rng.random_range(0..4) {
+                3 => {
+                    let server = rng.random_range(0..3);
+                    let pause =
+                        Duration::from_millis(rng.random_range(200..(2 * TTL.as_millis() as u64)));
+                    eprintln!("fault: SIGSTOP backend server {server} for {pause:?}");
+                    backend(server, "STOP");
+                    sleep(pause).await;
+                    backend(server, "CONT");
+                }
                 0 => {
                     eprintln!("fault: SIGKILL replica {id}");
                     signal(child, "KILL");
@@ -260,8 +271,9 @@ impl Replicas {
     }
 }
 
-/// Replicas on `backend_url`; `stored` reads the counter from the backend at the end.
-async fn run(backend_url: String, seed: u64) {
+/// Replicas on `backend_url` under the seeded faults; `backend` pauses and resumes a
+/// backend server.
+async fn run(backend_url: String, seed: u64, backend: &dyn Fn(usize, &str)) {
     let mut replicas = Replicas::new(backend_url.clone());
     for id in 1..=REPLICAS {
         replicas.start(id);
@@ -269,7 +281,7 @@ async fn run(backend_url: String, seed: u64) {
     replicas
         .wait_for_progress(0, 10, Duration::from_secs(30))
         .await;
-    replicas.faults(seed).await;
+    replicas.faults(seed, backend).await;
     // After the last fault, the counter moves again within a failover.
     let before = replicas.count();
     replicas
@@ -329,7 +341,8 @@ async fn fenced_counter_on_raft_never_goes_back_or_counts_twice() {
             .collect::<Vec<_>>()
             .join(",")
     );
-    run(url, 7).await;
+    let pause_node = |n: usize, sig: &str| signal(&nodes[n], sig);
+    run(url, 7, &pause_node).await;
     for node in &nodes {
         signal(node, "TERM");
     }
@@ -349,6 +362,7 @@ async fn fenced_counter_on_etcd_never_goes_back_or_counts_twice() {
     let Some(etcd) = etcd_fixture::Etcd::start() else {
         return;
     };
-    run(format!("etcd://{}", etcd.endpoint), 11).await;
+    let pause_etcd = |_: usize, sig: &str| etcd.signal(sig);
+    run(format!("etcd://{}", etcd.endpoint), 11, &pause_etcd).await;
     drop(etcd);
 }
