@@ -4,7 +4,7 @@
 
 mod connect;
 
-pub use connect::connect;
+pub use connect::{connect, connect_with, ConnectOptions};
 pub use ha_core::*;
 
 /// The in-process backend, for unit tests and demos.

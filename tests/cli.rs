@@ -41,6 +41,17 @@ fn free_port() -> u16 {
         .unwrap_or_else(|e| panic!("no free port: {e}"))
 }
 
+/// Free loopback ports for nodes 1..=3 and the `--peers` value naming them.
+fn three_node_ports() -> (BTreeMap<u64, u16>, String) {
+    let ports: BTreeMap<u64, u16> = (1..=3).map(|id| (id, free_port())).collect();
+    let peers = ports
+        .iter()
+        .map(|(id, port)| format!("{id}=127.0.0.1:{port}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    (ports, peers)
+}
+
 /// Runs `ha` with `args` to completion (killed if it outlives `within`).
 async fn run_ha(args: &[&str], within: Duration) -> std::process::Output {
     let run = Command::new(HA)
@@ -311,12 +322,7 @@ async fn crash_then_handoff(procs: &mut Procs, restart: impl Fn(&mut Procs, u64)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn raft_nodes_fail_over_on_kill_and_hand_over_on_sigterm() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let ports: BTreeMap<u64, u16> = (1..=3).map(|id| (id, free_port())).collect();
-    let peers = ports
-        .iter()
-        .map(|(id, port)| format!("{id}=127.0.0.1:{port}"))
-        .collect::<Vec<_>>()
-        .join(",");
+    let (ports, peers) = three_node_ports();
     let metrics: BTreeMap<u64, u16> = (1..=3).map(|id| (id, free_port())).collect();
     let args = |id: u64| -> Vec<String> {
         vec![
@@ -528,4 +534,142 @@ async fn an_unreachable_backend_exits_with_4() {
         assert_eq!(output.status.code(), Some(4), "ha {args:?}: {stderr}");
         assert!(stderr.contains("unavailable"), "ha {args:?}: {stderr}");
     }
+}
+
+/// A CA and certificates for the TLS test: (ca, [(cert, key) for nodes 1..=3], client).
+fn test_pki(dir: &std::path::Path) -> (String, Vec<(String, String)>, (String, String)) {
+    let ca = ha_core::testing::pki::Ca::new("ha cli test CA");
+    let write = |name: String, body: String| {
+        let path = dir.join(&name);
+        std::fs::write(&path, body).unwrap_or_else(|e| panic!("{e}"));
+        path.display().to_string()
+    };
+    let leaf = |name: &str| {
+        let (cert, key) = ca.leaf(name, &[name]);
+        (
+            write(format!("{name}.pem"), cert),
+            write(format!("{name}-key.pem"), key),
+        )
+    };
+    let nodes = (1..=3).map(|id| leaf(&format!("node-{id}"))).collect();
+    let client = leaf("client-operator");
+    (write("ca.pem".into(), ca.pem()), nodes, client)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raft_nodes_over_tls_admit_certified_clients_and_the_token_only() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let (ca, nodes, client) = test_pki(dir.path());
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "t0ken\n").unwrap_or_else(|e| panic!("{e}"));
+    let wrong_token = dir.path().join("wrong-token");
+    std::fs::write(&wrong_token, "guess\n").unwrap_or_else(|e| panic!("{e}"));
+    let token_file = token_file.display().to_string();
+    let wrong_token = wrong_token.display().to_string();
+    let (ports, peers) = three_node_ports();
+    let mut procs = Procs::new();
+    for id in 1..=3u64 {
+        let (cert, key) = &nodes[(id - 1) as usize];
+        let args: Vec<String> = [
+            "node",
+            "--id",
+            &id.to_string(),
+            "--listen",
+            &format!("127.0.0.1:{}", ports[&id]),
+            "--peers",
+            &peers,
+            "--data",
+            &dir.path().join(format!("data{id}")).display().to_string(),
+            "--cacert",
+            &ca,
+            "--cert",
+            cert,
+            "--key",
+            key,
+            "--token-file",
+            &token_file,
+            "--active-standby",
+            "--ttl",
+            "2",
+            "--json",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        procs.start(id, &args);
+    }
+    let active = first_active(&mut procs).await;
+    let backend = format!("raft://127.0.0.1:{},127.0.0.1:{}", ports[&1], ports[&2]);
+    let leader = |extra: &[&str]| {
+        let mut args = vec![
+            "leader",
+            "rootcoord",
+            "--backend",
+            backend.as_str(),
+            "--json",
+            "--cacert",
+            ca.as_str(),
+        ];
+        args.extend_from_slice(extra);
+        args.iter().map(|s| s.to_string()).collect::<Vec<String>>()
+    };
+    let run = |args: Vec<String>| async move {
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        run_ha(&refs, Duration::from_secs(30)).await
+    };
+    // A client certificate from the cluster CA reads the leader: the ACTIVE's token.
+    let ok = run(leader(&["--cert", &client.0, "--key", &client.1])).await;
+    let text = String::from_utf8_lossy(&ok.stdout).to_string();
+    assert_eq!(
+        ok.status.code(),
+        Some(0),
+        "{text} {}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(text.contains(&format!("\"token\":{}", active.1)), "{text}");
+    // The token admits too; a wrong token and no credentials exit 5 and say why.
+    let ok = run(leader(&["--token-file", &token_file])).await;
+    assert_eq!(
+        ok.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    for (what, extra, says) in [
+        (
+            "wrong token",
+            vec!["--token-file", wrong_token.as_str()],
+            "credentials",
+        ),
+        ("no credentials", vec![], "certificate"),
+    ] {
+        let out = run(leader(&extra)).await;
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert_eq!(out.status.code(), Some(5), "{what}: {err}");
+        assert!(err.contains(says), "{what}: {err}");
+    }
+    procs.stop_all().await;
+
+    // Secure by default: a non-loopback address without TLS is refused (exit 2).
+    let out = run_ha(
+        &[
+            "node",
+            "--id",
+            "1",
+            "--listen",
+            "10.255.255.1:7001",
+            "--peers",
+            "1=10.255.255.1:7001",
+            "--data",
+            &dir.path().join("refused").display().to_string(),
+        ],
+        Duration::from_secs(30),
+    )
+    .await;
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_ne!(out.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("without TLS") && err.contains("--insecure"),
+        "{err}"
+    );
 }

@@ -59,6 +59,16 @@ pub enum Error {
         limit: usize,
     },
 
+    /// Authentication or authorization failed, in one direction or the other; `failure`
+    /// says which, `reason` what the backend or the TLS layer reported.
+    #[error("{failure}: {reason}")]
+    Auth {
+        /// Which check failed.
+        failure: AuthFailure,
+        /// The details.
+        reason: String,
+    },
+
     /// The URL names a backend this build does not include.
     #[error(
         "the {scheme}:// backend is not compiled in; enable the Cargo feature {feature:?} of `ha`"
@@ -105,6 +115,86 @@ pub enum Error {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync + 'static>,
     },
+}
+
+/// Which side of authentication failed; see [`Error::Auth`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum AuthFailure {
+    /// The server's certificate is not signed by a CA this client trusts (wrong
+    /// `--cacert`), or does not name the server that was dialled.
+    UntrustedServer,
+    /// The server refused this client's certificate, or requires one and none was given.
+    ClientCertificate,
+    /// The user name and password, or the bearer token, are wrong or missing.
+    BadCredentials,
+    /// The credentials are valid, but not for this operation (etcd RBAC, a peer
+    /// certificate that does not name the node it claims to be).
+    PermissionDenied,
+}
+
+impl std::fmt::Display for AuthFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::UntrustedServer => "the server's certificate is not trusted (wrong CA?)",
+            Self::ClientCertificate => {
+                "the server refused our client certificate (missing, or from another CA)"
+            }
+            Self::BadCredentials => "wrong or missing credentials (user, password or token)",
+            Self::PermissionDenied => "permission denied",
+        })
+    }
+}
+
+/// An error's message followed by those of all its sources, `: `-separated: TLS
+/// failures arrive several sources deep inside transport errors.
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(inner) = source {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    text
+}
+
+/// Recognizes an authentication failure in an error message from a TLS stack (rustls),
+/// a gRPC status or etcd, so backends report [`Error::Auth`] saying which side failed
+/// instead of a bare "unavailable". `None` when the text shows no such failure.
+pub fn auth_failure_in(text: &str) -> Option<AuthFailure> {
+    let lower = text.to_ascii_lowercase();
+    let any = |needles: &[&str]| needles.iter().any(|n| lower.contains(n));
+    if any(&[
+        "unknownissuer",
+        "invalid peer certificate",
+        "notvalidforname",
+        "certificate verify failed",
+    ]) {
+        Some(AuthFailure::UntrustedServer)
+    } else if any(&[
+        "certificaterequired",
+        "certificate required",
+        "badcertificate",
+        "bad certificate",
+        "unknownca",
+        "unknown ca",
+        "requires a client certificate",
+    ]) {
+        Some(AuthFailure::ClientCertificate)
+    } else if any(&[
+        "authentication failed",
+        "invalid user id or password",
+        "invalid auth token",
+        "bearer token",
+        "user name is empty",
+    ]) {
+        Some(AuthFailure::BadCredentials)
+    } else if any(&["permission denied", "does not name node"]) {
+        Some(AuthFailure::PermissionDenied)
+    } else {
+        None
+    }
 }
 
 fn current_suffix(current: Option<FencingToken>) -> String {

@@ -17,7 +17,7 @@ pub use active_standby::{
     Readiness, RoleState, DEFAULT_STANDBY_LOG_INTERVAL,
 };
 pub use backend::{Backend, LeaderStream, MemberStream};
-pub use error::{Error, Result};
+pub use error::{auth_failure_in, error_chain, AuthFailure, Error, Result};
 pub use kv::{
     CasOutcome, KvKey, KvLimits, KvWrite, KvWriteOutcome, DEFAULT_MAX_KEY_BYTES,
     DEFAULT_MAX_VALUE_BYTES,

@@ -130,9 +130,30 @@ impl EtcdBackend {
             }
             options = options.with_tls(tls_options);
         }
+        // etcd (Go) checks a client certificate after the TLS 1.3 handshake and then just
+        // closes the connection; the client sees "connection closed", not an alert. With
+        // TLS on, a connection closed (not refused) during connect means the certificate.
+        let tls_refusal = |error: Error| match error {
+            Error::Unavailable(reason)
+                if config.tls.is_some() && closed_after_handshake(&reason) =>
+            {
+                let given = if config.tls.as_ref().is_some_and(|t| t.identity.is_some()) {
+                    "the client certificate given (is it from etcd's client CA?)"
+                } else {
+                    "no client certificate (etcd runs with --client-cert-auth?)"
+                };
+                Error::Auth {
+                    failure: ha_core::AuthFailure::ClientCertificate,
+                    reason: format!(
+                        "etcd closed the TLS connection during connect, with {given}: {reason}"
+                    ),
+                }
+            }
+            other => other,
+        };
         let connect = Client::connect(config.endpoints.clone(), Some(options));
         let mut client = match timeout(config.connect_timeout, connect).await {
-            Ok(client) => client.map_err(map)?,
+            Ok(client) => client.map_err(map).map_err(tls_refusal)?,
             Err(_) => {
                 return Err(Error::Unavailable(format!(
                     "etcd at {:?} did not answer within {:?}",
@@ -143,7 +164,7 @@ impl EtcdBackend {
         // etcd-client connects lazily; prove the cluster answers.
         match timeout(config.connect_timeout, client.status()).await {
             Ok(status) => {
-                status.map_err(map)?;
+                status.map_err(map).map_err(tls_refusal)?;
             }
             Err(_) => {
                 return Err(Error::Unavailable(format!(
@@ -800,6 +821,28 @@ impl Backend for EtcdBackend {
         tokio::spawn(follow_members(self.clone(), role.clone(), tx));
         UnboundedReceiverStream::new(rx).boxed()
     }
+}
+
+/// Whether a transport failure looks like a server that accepted the TCP connection and
+/// then hung up (as etcd does on a refused client certificate), not one that could not
+/// be reached at all.
+fn closed_after_handshake(reason: &str) -> bool {
+    let reason = reason.to_ascii_lowercase();
+    let closed = [
+        "canceled",
+        "connection closed",
+        "broken pipe",
+        "reset",
+        "transport error",
+    ];
+    let unreachable = [
+        "connection refused",
+        "tcp connect",
+        "timed out",
+        "dns error",
+        "no route",
+    ];
+    closed.iter().any(|s| reason.contains(s)) && !unreachable.iter().any(|s| reason.contains(s))
 }
 
 /// A guarded delete's outcome: applied when a key was there.

@@ -17,11 +17,37 @@ pub enum EtcdBackendError {
     },
 }
 
+/// Which side of authentication failed, if this error says so.
+fn auth_failure(error: &etcd_client::Error) -> Option<ha_core::AuthFailure> {
+    use ha_core::AuthFailure;
+    if let etcd_client::Error::GRpcStatus(status) = error {
+        match status.code() {
+            tonic::Code::Unauthenticated => {
+                return Some(
+                    ha_core::auth_failure_in(status.message())
+                        .unwrap_or(AuthFailure::BadCredentials),
+                )
+            }
+            tonic::Code::PermissionDenied => return Some(AuthFailure::PermissionDenied),
+            _ => {}
+        }
+    }
+    ha_core::auth_failure_in(&ha_core::error_chain(error))
+}
+
 /// Maps an etcd-client error onto the contract's error.
 pub(crate) fn map(error: etcd_client::Error) -> ha_core::Error {
     use etcd_client::Error as E;
+    if let Some(failure) = auth_failure(&error) {
+        return ha_core::Error::Auth {
+            failure,
+            reason: ha_core::error_chain(&error),
+        };
+    }
     match &error {
-        E::TransportError(_) | E::IoError(_) => ha_core::Error::Unavailable(error.to_string()),
+        E::TransportError(_) | E::IoError(_) => {
+            ha_core::Error::Unavailable(ha_core::error_chain(&error))
+        }
         E::GRpcStatus(status) => match status.code() {
             tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::Unknown => {
                 ha_core::Error::Unavailable(status.message().to_owned())

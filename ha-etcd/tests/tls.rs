@@ -9,37 +9,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{Etcd, ServerTls};
+use ha_core::testing::pki::Ca;
 use ha_etcd::{EtcdBackend, EtcdConfig};
-use rcgen::{BasicConstraints, Certificate, CertificateParams, DnType, IsCa, KeyPair, SanType};
-
-struct Ca {
-    cert: Certificate,
-    key: KeyPair,
-}
-
-fn ca(name: &str) -> Ca {
-    let key = KeyPair::generate().unwrap_or_else(|e| panic!("{e}"));
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap_or_else(|e| panic!("{e}"));
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.distinguished_name.push(DnType::CommonName, name);
-    let cert = params.self_signed(&key).unwrap_or_else(|e| panic!("{e}"));
-    Ca { cert, key }
-}
-
-/// A certificate for 127.0.0.1 signed by `ca`: (cert PEM, key PEM).
-fn leaf(ca: &Ca, name: &str) -> (String, String) {
-    let key = KeyPair::generate().unwrap_or_else(|e| panic!("{e}"));
-    let mut params =
-        CertificateParams::new(vec!["localhost".to_owned()]).unwrap_or_else(|e| panic!("{e}"));
-    params
-        .subject_alt_names
-        .push(SanType::IpAddress(std::net::IpAddr::from([127, 0, 0, 1])));
-    params.distinguished_name.push(DnType::CommonName, name);
-    let cert = params
-        .signed_by(&key, &ca.cert, &ca.key)
-        .unwrap_or_else(|e| panic!("{e}"));
-    (cert.pem(), key.serialize_pem())
-}
 
 fn config(etcd: &Etcd, ca_pem: &str, identity: Option<(String, String)>) -> EtcdConfig {
     static NEXT: AtomicU64 = AtomicU64::new(0);
@@ -55,23 +26,23 @@ fn config(etcd: &Etcd, ca_pem: &str, identity: Option<(String, String)>) -> Etcd
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mutual_tls_works_and_strangers_are_refused() {
     let files = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let cluster_ca = ca("ha test CA");
-    let (server_cert, server_key) = leaf(&cluster_ca, "etcd");
+    let cluster_ca = Ca::new("ha test CA");
+    let (server_cert, server_key) = cluster_ca.leaf("etcd", &["localhost"]);
     let write = |name: &str, body: &str| {
         let path = files.path().join(name);
         std::fs::write(&path, body).unwrap_or_else(|e| panic!("{e}"));
         path
     };
     let tls = ServerTls {
-        ca: write("ca.pem", &cluster_ca.cert.pem()),
+        ca: write("ca.pem", &cluster_ca.pem()),
         cert: write("server.pem", &server_cert),
         key: write("server-key.pem", &server_key),
     };
     let Some(etcd) = Etcd::start_tls(tls.clone()) else {
         return;
     };
-    let client = leaf(&cluster_ca, "rootcoord");
-    let ca_pem = cluster_ca.cert.pem();
+    let client = cluster_ca.leaf("rootcoord", &["localhost"]);
+    let ca_pem = cluster_ca.pem();
 
     // Files work as well as bytes.
     let client_cert = write("client.pem", &client.0);
@@ -94,18 +65,32 @@ async fn mutual_tls_works_and_strangers_are_refused() {
     report.assert_passed();
 
     // A client that trusts another CA, and one without a certificate, are refused.
-    let stranger = ca("someone else");
-    let stranger_client = leaf(&stranger, "intruder");
-    for (what, config) in [
+    let stranger = Ca::new("someone else");
+    let stranger_client = stranger.leaf("intruder", &["localhost"]);
+    for (what, expected, config) in [
         (
             "wrong CA",
-            config(&etcd, &stranger.cert.pem(), Some(stranger_client)),
+            ha_core::AuthFailure::UntrustedServer,
+            config(&etcd, &stranger.pem(), Some(stranger_client.clone())),
         ),
-        ("no client certificate", config(&etcd, &ca_pem, None)),
+        (
+            "no client certificate",
+            ha_core::AuthFailure::ClientCertificate,
+            config(&etcd, &ca_pem, None),
+        ),
+        (
+            "a client certificate from another CA",
+            ha_core::AuthFailure::ClientCertificate,
+            config(&etcd, &ca_pem, Some(stranger_client.clone())),
+        ),
     ] {
         let started = Instant::now();
         match EtcdBackend::connect(config).await {
-            Err(e) => eprintln!("{what}: refused with {e}"),
+            Err(ha_core::Error::Auth { failure, reason }) => {
+                eprintln!("{what}: refused ({failure:?}): {reason}");
+                assert_eq!(failure, expected, "{what}: {reason}");
+            }
+            Err(e) => panic!("{what}: expected Auth({expected:?}), got {e:?}"),
             Ok(_) => panic!("{what}: connected"),
         }
         assert!(

@@ -19,16 +19,62 @@ use ha_core::{
 use tokio::sync::mpsc;
 use tokio::time::{sleep, Instant};
 use tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::{InterceptedService, Interceptor};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
 use crate::config::MIN_TTL;
 use crate::proto::coordination_client::CoordinationClient;
 use crate::proto::{self, member_event::Kind};
+use crate::tls::ClientTls;
 use crate::wire::{
     from_status, key_from_proto, key_to_proto, kv_outcome_from_proto, kv_read_from_proto,
     kv_write_to_proto, leader_from_proto, member_from_proto, member_to_proto,
 };
+
+/// The client API over one channel, with the bearer token (if any) on every call.
+type Api = CoordinationClient<InterceptedService<Channel, BearerToken>>;
+
+/// Adds `authorization: Bearer <token>` to every request.
+#[derive(Clone, Debug)]
+struct BearerToken(Option<MetadataValue<Ascii>>);
+
+impl Interceptor for BearerToken {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> std::result::Result<tonic::Request<()>, Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// How a [`RaftClient`] connects: timeouts and credentials.
+#[derive(Clone, Debug)]
+pub struct RaftClientOptions {
+    /// Time one call may take, retries across endpoints included.
+    pub request_timeout: Duration,
+    /// TLS towards the nodes (required when they run with TLS).
+    pub tls: Option<ClientTls>,
+    /// A bearer token the nodes accept (`RaftNodeConfig::client_token`), for a client
+    /// without a certificate.
+    pub token: Option<String>,
+}
+
+impl Default for RaftClientOptions {
+    fn default() -> Self {
+        Self {
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            tls: None,
+            token: None,
+        }
+    }
+}
 
 /// Default time one call may take, retries across endpoints included.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -46,14 +92,16 @@ struct ClientInner {
     channels: Vec<Channel>,
     current: AtomicUsize,
     request_timeout: Duration,
+    token: BearerToken,
 }
 
 /// Whether a failed call may succeed against another endpoint or later.
 fn transient(status: &Status) -> bool {
-    matches!(
+    (matches!(
         status.code(),
         Code::Unavailable | Code::Cancelled | Code::Unknown
-    ) || (status.code() == Code::DeadlineExceeded && status.details().is_empty())
+    ) || (status.code() == Code::DeadlineExceeded && status.details().is_empty()))
+        && crate::tls::auth_error(status).is_none()
 }
 
 impl RaftClient {
@@ -80,6 +128,33 @@ impl RaftClient {
         I: IntoIterator<Item = S>,
         S: Into<String>,
     {
+        let options = RaftClientOptions {
+            request_timeout,
+            ..RaftClientOptions::default()
+        };
+        Self::connect_with(endpoints, options).await
+    }
+
+    /// [`connect`](Self::connect) with TLS, a bearer token and a timeout.
+    ///
+    /// # Errors
+    /// As [`connect`](Self::connect); `Auth` when TLS or the credentials are refused
+    /// (the error says which side), `InvalidArgument` for a token that is not ASCII.
+    pub async fn connect_with<I, S>(endpoints: I, options: RaftClientOptions) -> Result<Self>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        let request_timeout = options.request_timeout;
+        let token = match &options.token {
+            Some(token) => Some(MetadataValue::try_from(format!("Bearer {token}")).map_err(
+                |_| Error::InvalidArgument {
+                    what: "token",
+                    reason: "a bearer token must be printable ASCII".into(),
+                },
+            )?),
+            None => None,
+        };
         let endpoints: Vec<String> = endpoints.into_iter().map(Into::into).collect();
         if endpoints.is_empty() {
             return Err(Error::InvalidArgument {
@@ -95,14 +170,27 @@ impl RaftClient {
                     reason: format!("{endpoint:?} is not host:port"),
                 });
             }
-            let channel = Endpoint::from_shared(format!("http://{endpoint}"))
+            let scheme = if options.tls.is_some() {
+                "https"
+            } else {
+                "http"
+            };
+            let mut channel = Endpoint::from_shared(format!("{scheme}://{endpoint}"))
                 .map_err(|e| Error::InvalidArgument {
                     what: "url",
                     reason: format!("{endpoint:?}: {e}"),
                 })?
                 .connect_timeout(Duration::from_secs(1))
-                .tcp_nodelay(true)
-                .connect_lazy();
+                .tcp_nodelay(true);
+            if let Some(tls) = &options.tls {
+                channel = channel
+                    .tls_config(tls.config())
+                    .map_err(|e| Error::InvalidArgument {
+                        what: "tls",
+                        reason: e.to_string(),
+                    })?;
+            }
+            let channel = channel.connect_lazy();
             channels.push(channel);
         }
         let client = Self {
@@ -111,6 +199,7 @@ impl RaftClient {
                 channels,
                 current: AtomicUsize::new(0),
                 request_timeout,
+                token: BearerToken(token),
             }),
             kv_limits: KvLimits::default(),
         };
@@ -133,13 +222,16 @@ impl RaftClient {
         self
     }
 
-    fn client(&self) -> (usize, CoordinationClient<Channel>) {
+    fn client(&self) -> (usize, Api) {
         let index = self.inner.current.load(Ordering::Relaxed) % self.inner.channels.len();
         (
             index,
-            CoordinationClient::new(self.inner.channels[index].clone())
-                .max_decoding_message_size(64 << 20)
-                .max_encoding_message_size(64 << 20),
+            CoordinationClient::with_interceptor(
+                self.inner.channels[index].clone(),
+                self.inner.token.clone(),
+            )
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20),
         )
     }
 
@@ -156,7 +248,7 @@ impl RaftClient {
     /// request timeout passes.
     async fn call<T, F, Fut>(&self, mut call: F) -> Result<T>
     where
-        F: FnMut(CoordinationClient<Channel>) -> Fut,
+        F: FnMut(Api) -> Fut,
         Fut: Future<Output = std::result::Result<T, Status>>,
     {
         let deadline = Instant::now() + self.inner.request_timeout;
@@ -369,7 +461,7 @@ async fn open_stream<T, E, F, Fut>(
     mut open: F,
 ) -> Option<(usize, tonic::Streaming<T>)>
 where
-    F: FnMut(CoordinationClient<Channel>) -> Fut,
+    F: FnMut(Api) -> Fut,
     Fut: Future<Output = std::result::Result<tonic::Response<tonic::Streaming<T>>, Status>>,
 {
     let mut failures = 0u32;

@@ -11,6 +11,7 @@ use ha_core::KvLimits;
 use crate::command::NodeId;
 use crate::error::RaftBackendError;
 use crate::network::FaultInjector;
+use crate::tls::RaftTls;
 
 /// The shortest session TTL the Raft backend accepts: a TTL must cover a Raft leader
 /// failover (election timeout plus a round trip) with room to spare.
@@ -47,6 +48,15 @@ pub struct RaftNodeConfig {
     /// Size limits of the guarded store; writes beyond them are refused before they
     /// reach the log.
     pub kv_limits: KvLimits,
+    /// TLS on the Raft port (peers and clients). Required to listen on anything but a
+    /// loopback address, unless `insecure` is set.
+    pub tls: Option<RaftTls>,
+    /// A bearer token that admits clients to the client API (`authorization: Bearer
+    /// <token>`), for clients without a certificate. Peers always need certificates.
+    pub client_token: Option<String>,
+    /// Allows listening on a non-loopback address without TLS: anyone who reaches the
+    /// port can then join the group's traffic and make itself ACTIVE. Logged as a warning.
+    pub insecure: bool,
     /// Test-only network faults shared by the nodes of a test group.
     pub faults: Option<Arc<FaultInjector>>,
 }
@@ -74,6 +84,9 @@ impl RaftNodeConfig {
             cache_capacity: 16 << 20,
             snapshot_every: 1000,
             kv_limits: KvLimits::default(),
+            tls: None,
+            client_token: None,
+            insecure: false,
             faults: None,
         }
     }
@@ -112,6 +125,24 @@ impl RaftNodeConfig {
     /// Sets how many entries pass between snapshots.
     pub fn with_snapshot_every(mut self, entries: u64) -> Self {
         self.snapshot_every = entries;
+        self
+    }
+
+    /// Turns on TLS for peers and clients.
+    pub fn with_tls(mut self, tls: RaftTls) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
+    /// Admits clients that send this bearer token.
+    pub fn with_client_token(mut self, token: impl Into<String>) -> Self {
+        self.client_token = Some(token.into());
+        self
+    }
+
+    /// Allows a non-loopback listen address without TLS (see [`Self::insecure`]).
+    pub fn with_insecure(mut self, insecure: bool) -> Self {
+        self.insecure = insecure;
         self
     }
 
@@ -159,6 +190,22 @@ impl RaftNodeConfig {
         }
         if self.snapshot_every == 0 {
             return bad("snapshot_every must be at least 1".into());
+        }
+        if self.tls.is_none() && !self.listen.ip().is_loopback() {
+            if !self.insecure {
+                return bad(format!(
+                    "refusing to listen on {} without TLS: anyone who reaches the port could join the group and make itself ACTIVE; configure TLS (--cacert, --cert, --key naming node-<id>) or pass --insecure",
+                    self.listen
+                ));
+            }
+            tracing::warn!(
+                node = self.id,
+                listen = %self.listen,
+                "listening without TLS on a non-loopback address (--insecure): anyone who reaches this port can join the group's traffic"
+            );
+        }
+        if self.client_token.as_deref().is_some_and(str::is_empty) {
+            return bad("the client token must not be empty".into());
         }
         Ok(())
     }

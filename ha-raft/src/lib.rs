@@ -15,6 +15,7 @@ mod node;
 mod service;
 pub mod state;
 pub mod storage;
+mod tls;
 mod wire;
 
 /// Generated gRPC code for the peer and client services (`proto/ha_raft.proto`).
@@ -23,8 +24,9 @@ pub mod proto {
     tonic::include_proto!("ha_raft.v1");
 }
 
-pub use client::{RaftClient, DEFAULT_REQUEST_TIMEOUT};
+pub use client::{RaftClient, RaftClientOptions, DEFAULT_REQUEST_TIMEOUT};
 pub use config::{RaftNodeConfig, MIN_TTL};
 pub use error::RaftBackendError;
 pub use network::FaultInjector;
 pub use node::RaftNode;
+pub use tls::{node_name, ClientTls, RaftTls};

@@ -21,6 +21,7 @@ use tonic::transport::{Channel, Endpoint};
 use crate::command::{NodeId, TypeConfig};
 use crate::proto::peer_client::PeerClient;
 use crate::proto::PeerRequest;
+use crate::tls::RaftTls;
 
 /// How long connecting to a peer may take before it counts as unreachable.
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
@@ -155,35 +156,51 @@ pub enum PeerRpc {
 pub struct PeerPool {
     me: NodeId,
     cluster_id: String,
-    channels: Mutex<HashMap<String, Channel>>,
+    tls: Option<RaftTls>,
+    channels: Mutex<HashMap<(NodeId, String), Channel>>,
     faults: Option<Arc<FaultInjector>>,
 }
 
 impl PeerPool {
-    /// A pool for node `me` of cluster `cluster_id`.
-    pub fn new(me: NodeId, cluster_id: String, faults: Option<Arc<FaultInjector>>) -> Self {
+    /// A pool for node `me` of cluster `cluster_id`; with `tls`, every peer must present
+    /// a certificate naming the node it is dialled as.
+    pub fn new(
+        me: NodeId,
+        cluster_id: String,
+        tls: Option<RaftTls>,
+        faults: Option<Arc<FaultInjector>>,
+    ) -> Self {
         Self {
             me,
             cluster_id,
+            tls,
             channels: Mutex::new(HashMap::new()),
             faults,
         }
     }
 
-    fn channel(&self, addr: &str) -> Result<Channel, PeerError> {
+    fn channel(&self, to: NodeId, addr: &str) -> Result<Channel, PeerError> {
         let mut channels = self.channels.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(channel) = channels.get(addr) {
+        let slot = (to, addr.to_owned());
+        if let Some(channel) = channels.get(&slot) {
             return Ok(channel.clone());
         }
-        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| PeerError::Refused {
-                peer: addr.to_owned(),
-                reason: format!("bad address: {e}"),
-            })?
+        let refused = |reason: String| PeerError::Refused {
+            peer: addr.to_owned(),
+            reason,
+        };
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))
+            .map_err(|e| refused(format!("bad address: {e}")))?
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true);
+        if let Some(tls) = &self.tls {
+            endpoint = endpoint
+                .tls_config(tls.peer_client_config(to))
+                .map_err(|e| refused(format!("TLS configuration: {e}")))?;
+        }
         let channel = endpoint.connect_lazy();
-        channels.insert(addr.to_owned(), channel.clone());
+        channels.insert(slot, channel.clone());
         Ok(channel)
     }
 
@@ -215,7 +232,7 @@ impl PeerPool {
             from: self.me,
             payload,
         };
-        let mut client = PeerClient::new(self.channel(addr)?)
+        let mut client = PeerClient::new(self.channel(to, addr)?)
             .max_decoding_message_size(64 << 20)
             .max_encoding_message_size(64 << 20);
         let mut request = tonic::Request::new(message);
@@ -241,6 +258,7 @@ impl PeerPool {
                 return Err(match status.code() {
                     tonic::Code::Unavailable => unreachable(status.message().to_owned()),
                     tonic::Code::PermissionDenied
+                    | tonic::Code::Unauthenticated
                     | tonic::Code::InvalidArgument
                     | tonic::Code::Unimplemented => PeerError::Refused {
                         peer: addr.to_owned(),

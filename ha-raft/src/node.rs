@@ -37,6 +37,7 @@ use crate::lessor::{Confirmer, Lessor};
 use crate::network::{Network, PeerError, PeerPool, PeerRpc};
 use crate::state::HeadView;
 use crate::storage::{open_db, Identity, LogStore, StateMachineStore};
+use crate::tls::ClientAuth;
 use crate::wire::WireError;
 
 /// Why a peer could not serve a forwarded request.
@@ -125,6 +126,7 @@ impl RaftNode {
         let pool = Arc::new(PeerPool::new(
             config.id,
             config.cluster_id.clone(),
+            config.tls.clone(),
             config.faults.clone(),
         ));
         let ms = |d: Duration| d.as_millis() as u64;
@@ -178,6 +180,11 @@ impl RaftNode {
         node.spawn(crate::service::serve(
             Arc::downgrade(&node.inner),
             listener,
+            node.inner.config.tls.clone(),
+            ClientAuth {
+                tls: node.inner.config.tls.is_some(),
+                token: node.inner.config.client_token.as_deref().map(Arc::from),
+            },
             node.inner.shutdown.clone(),
         ));
         node.spawn(lessor_loop(Arc::downgrade(&node.inner)));
@@ -408,6 +415,11 @@ impl RaftNode {
 impl NodeInner {
     pub(crate) fn cluster_id(&self) -> &str {
         &self.config.cluster_id
+    }
+
+    /// Whether peers must prove their node id with a certificate.
+    pub(crate) fn peers_need_certificates(&self) -> bool {
+        self.config.tls.is_some()
     }
 
     pub(crate) fn raft(&self) -> &Raft {

@@ -12,6 +12,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio_stream::wrappers::{TcpListenerStream, UnboundedReceiverStream};
 use tokio_util::sync::CancellationToken;
+use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status};
 use tracing::warn;
 
@@ -20,6 +21,7 @@ use crate::node::{member_update_to_event, update_to_event, NodeInner, PeerFailur
 use crate::proto::coordination_server::{Coordination, CoordinationServer};
 use crate::proto::peer_server::{Peer, PeerServer};
 use crate::proto::{self, PeerReply, PeerRequest};
+use crate::tls::{names_node, node_name, ClientAuth, RaftTls};
 use crate::wire::{
     key_from_proto, key_to_proto, kv_outcome_to_proto, kv_read_to_proto, kv_write_from_proto,
     leader_to_proto, member_from_proto, member_to_proto, required, to_status,
@@ -29,20 +31,32 @@ use crate::wire::{
 pub(crate) async fn serve(
     node: Weak<NodeInner>,
     listener: tokio::net::TcpListener,
+    tls: Option<RaftTls>,
+    auth: ClientAuth,
     shutdown: CancellationToken,
 ) {
-    let result = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
+    let mut builder = tonic::transport::Server::builder().tcp_nodelay(true);
+    if let Some(tls) = &tls {
+        builder = match builder.tls_config(tls.server_config()) {
+            Ok(builder) => builder,
+            Err(e) => {
+                warn!(error = %e, "raft gRPC server not started: bad TLS configuration");
+                return;
+            }
+        };
+    }
+    let clients = CoordinationServer::new(ClientService { node: node.clone() })
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20);
+    let result = builder
         .add_service(
-            PeerServer::new(PeerService { node: node.clone() })
+            PeerServer::new(PeerService { node })
                 .max_decoding_message_size(64 << 20)
                 .max_encoding_message_size(64 << 20),
         )
-        .add_service(
-            CoordinationServer::new(ClientService { node })
-                .max_decoding_message_size(64 << 20)
-                .max_encoding_message_size(64 << 20),
-        )
+        .add_service(InterceptedService::new(clients, move |request| {
+            auth.check(request)
+        }))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled_owned())
         .await;
     if let Err(e) = result {
@@ -65,7 +79,19 @@ impl PeerService {
         request: Request<PeerRequest>,
     ) -> Result<(Arc<NodeInner>, NodeId, T), Status> {
         let node = self.node.upgrade().ok_or_else(gone)?;
+        let certs = request.peer_certs();
         let request = request.into_inner();
+        // With TLS, a peer proves the node id it claims: its client certificate (already
+        // verified against the cluster CA) must name `node-<from>`.
+        if node.peers_need_certificates()
+            && !certs.is_some_and(|certs| names_node(&certs, request.from))
+        {
+            return Err(Status::permission_denied(format!(
+                "the peer's certificate does not name node {} ({}), the node it claims to be",
+                request.from,
+                node_name(request.from)
+            )));
+        }
         if request.cluster_id != node.cluster_id() {
             return Err(Status::permission_denied(format!(
                 "cluster id mismatch: this node belongs to {:?}, the request to {:?}",

@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use ha_core::{
-    ElectionName, Error, FencingToken, KvKey, KvWrite, KvWriteOutcome, Leader, LeaderKey, LeaseId,
-    Member, Role, ServerId,
+    AuthFailure, ElectionName, Error, FencingToken, KvKey, KvWrite, KvWriteOutcome, Leader,
+    LeaderKey, LeaseId, Member, Role, ServerId,
 };
 use serde::{Deserialize, Serialize};
 
@@ -47,6 +47,13 @@ pub enum WireError {
         size: u64,
         /// Limit in bytes.
         limit: u64,
+    },
+    /// `Error::Auth`.
+    Auth {
+        /// Which check failed (`AuthFailure` as text).
+        failure: String,
+        /// Why.
+        reason: String,
     },
     /// `Error::Unavailable` (and anything retryable).
     Unavailable(String),
@@ -114,6 +121,10 @@ impl From<&Error> for WireError {
                 size: *size as u64,
                 limit: *limit as u64,
             },
+            Error::Auth { failure, reason } => Self::Auth {
+                failure: format!("{failure:?}"),
+                reason: reason.clone(),
+            },
             Error::Unavailable(reason) => Self::Unavailable(reason.clone()),
             Error::Timeout { operation, after } => Self::Timeout {
                 operation: (*operation).to_owned(),
@@ -157,6 +168,15 @@ impl From<WireError> for Error {
                 size: usize::try_from(size).unwrap_or(usize::MAX),
                 limit: usize::try_from(limit).unwrap_or(usize::MAX),
             },
+            WireError::Auth { failure, reason } => Error::Auth {
+                failure: match failure.as_str() {
+                    "UntrustedServer" => AuthFailure::UntrustedServer,
+                    "ClientCertificate" => AuthFailure::ClientCertificate,
+                    "BadCredentials" => AuthFailure::BadCredentials,
+                    _ => AuthFailure::PermissionDenied,
+                },
+                reason,
+            },
             WireError::Unavailable(reason) => Error::Unavailable(reason),
             WireError::Timeout {
                 operation,
@@ -187,6 +207,7 @@ pub fn to_status(error: &Error) -> tonic::Status {
         Error::AlreadyRegistered { .. } => tonic::Code::AlreadyExists,
         Error::InvalidArgument { .. } => tonic::Code::InvalidArgument,
         Error::TooLarge { .. } => tonic::Code::OutOfRange,
+        Error::Auth { .. } => tonic::Code::PermissionDenied,
         Error::Unavailable(_) => tonic::Code::Unavailable,
         Error::Timeout { .. } => tonic::Code::DeadlineExceeded,
         _ => tonic::Code::Internal,
@@ -199,6 +220,25 @@ pub fn to_status(error: &Error) -> tonic::Status {
 pub fn from_status(status: &tonic::Status) -> Error {
     if let Ok(wire) = serde_json::from_slice::<WireError>(status.details()) {
         return wire.into();
+    }
+    match status.code() {
+        tonic::Code::Unauthenticated => {
+            return Error::Auth {
+                failure: ha_core::auth_failure_in(status.message())
+                    .unwrap_or(AuthFailure::BadCredentials),
+                reason: status.message().to_owned(),
+            }
+        }
+        tonic::Code::PermissionDenied => {
+            return Error::Auth {
+                failure: AuthFailure::PermissionDenied,
+                reason: status.message().to_owned(),
+            }
+        }
+        _ => {}
+    }
+    if let Some(error) = crate::tls::auth_error(status) {
+        return error;
     }
     match status.code() {
         tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::Unknown => {

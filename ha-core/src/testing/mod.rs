@@ -23,6 +23,8 @@
 mod cases;
 pub mod history;
 pub mod participant;
+#[cfg(feature = "testing")]
+pub mod pki;
 mod util;
 
 /// Test-only switches that break the runtime on purpose, to show that the checks

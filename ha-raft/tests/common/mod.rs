@@ -50,6 +50,9 @@ pub fn test_config(
         .with_request_timeout(Duration::from_secs(5))
 }
 
+/// A change to every node's configuration.
+pub type Tweak = Arc<dyn Fn(RaftNodeConfig) -> RaftNodeConfig + Send + Sync>;
+
 /// A group of nodes; dropping it stops them in the background.
 pub struct Group {
     pub peers: BTreeMap<u64, String>,
@@ -57,7 +60,7 @@ pub struct Group {
     pub dirs: BTreeMap<u64, tempfile::TempDir>,
     pub faults: Arc<FaultInjector>,
     /// Applied to every node's configuration, at start and restart.
-    tweak: fn(RaftNodeConfig) -> RaftNodeConfig,
+    tweak: Tweak,
 }
 
 impl Group {
@@ -67,7 +70,11 @@ impl Group {
     }
 
     /// [`start`](Self::start) with each node's configuration passed through `tweak`.
-    pub async fn start_with(n: u64, tweak: fn(RaftNodeConfig) -> RaftNodeConfig) -> Self {
+    pub async fn start_with(
+        n: u64,
+        tweak: impl Fn(RaftNodeConfig) -> RaftNodeConfig + Send + Sync + 'static,
+    ) -> Self {
+        let tweak: Tweak = Arc::new(tweak);
         init_tracing();
         // Groups started at once in one process must not pick the same free ports (a
         // port is free again between `free_ports` and the node binding it): start one

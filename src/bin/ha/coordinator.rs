@@ -163,6 +163,13 @@ pub async fn node(args: crate::NodeArgs) -> Exit {
     if let Some(cluster) = &args.cluster {
         config = config.with_cluster_id(cluster.as_str());
     }
+    match node_security(&args) {
+        Ok(apply) => config = apply(config),
+        Err(e) => {
+            eprintln!("ha node: {e}");
+            return Exit::Usage;
+        }
+    }
     let node = match RaftNode::start(config).await {
         Ok(node) => node,
         Err(e) => return fail(&format!("cannot start node {}", args.id), &e),
@@ -217,4 +224,38 @@ async fn print_raft_leaders(node: ha::raft::RaftNode, printer: Printer) {
             return;
         }
     }
+}
+
+/// TLS, the client token and `--insecure` of `ha node`, as a change to its configuration.
+#[cfg(feature = "raft")]
+fn node_security(
+    args: &crate::NodeArgs,
+) -> Result<impl FnOnce(ha::raft::RaftNodeConfig) -> ha::raft::RaftNodeConfig, String> {
+    let security = &args.security;
+    let tls = match (&security.cacert, &security.cert, &security.key) {
+        (Some(ca), Some(cert), Some(key)) => Some(
+            ha::raft::RaftTls::from_files(ca, cert, key).map_err(|e| e.to_string())?,
+        ),
+        (None, None, None) => None,
+        _ => {
+            return Err(
+                "TLS needs all three of --cacert (the cluster CA), --cert and --key (this node's certificate naming node-<id>)"
+                    .to_owned(),
+            )
+        }
+    };
+    if security.user.is_some() || security.password_file.is_some() {
+        return Err("--user and --password-file are for etcd clients, not ha node".to_owned());
+    }
+    let token = security.token()?;
+    let insecure = args.insecure;
+    Ok(move |mut config: ha::raft::RaftNodeConfig| {
+        if let Some(tls) = tls {
+            config = config.with_tls(tls);
+        }
+        if let Some(token) = token {
+            config = config.with_client_token(token);
+        }
+        config.with_insecure(insecure)
+    })
 }

@@ -129,6 +129,11 @@ impl Group {
             .args(["--ttl", &self.ttl.as_secs_f64().to_string()])
             .args(["--standby-log-interval", "1"])
             .env("RUST_LOG", "info,openraft=off,sled=off")
+            // The demo runs on loopback without TLS, whatever this shell exports.
+            .env_remove("HA_CACERT")
+            .env_remove("HA_CERT")
+            .env_remove("HA_KEY")
+            .env_remove("HA_TOKEN")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -18,7 +18,11 @@ pub fn fail(context: &str, error: &ha::Error) -> Exit {
 
 /// Connects to `--backend`.
 pub async fn connect(common: &Common) -> Result<Arc<dyn Backend>, Exit> {
-    ha::connect(&common.backend)
+    let options = common.security.options().map_err(|e| {
+        eprintln!("ha: {e}");
+        Exit::Usage
+    })?;
+    ha::connect_with(&common.backend, &options)
         .await
         .map_err(|e| fail(&format!("cannot connect to {}", common.backend), &e))
 }

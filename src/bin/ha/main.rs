@@ -29,6 +29,9 @@ pub enum Exit {
     Lost = 3,
     /// The backend could not be reached.
     Unavailable = 4,
+    /// TLS or credentials were refused (wrong CA, missing client certificate, wrong
+    /// password or token).
+    Refused = 5,
 }
 
 impl Exit {
@@ -42,6 +45,7 @@ impl Exit {
             | E::AlreadyRegistered { .. }
             | E::Closed(_)
             | E::Activation { .. } => Self::Lost,
+            E::Auth { .. } => Self::Refused,
             _ => Self::Unavailable,
         }
     }
@@ -60,7 +64,9 @@ Exit codes:
   2  bad usage: unknown flag, invalid name, URL or TTL
   3  leadership or session lost, the activation failed, or the role is held by another
      instance (exclusive mode)
-  4  backend unavailable";
+  4  backend unavailable
+  5  refused: the server's certificate is not trusted, or it refused our certificate,
+     user, password or token";
 
 /// Highly available coordinators: one ACTIVE, hot STANDBYs, fencing tokens.
 #[derive(Debug, Parser)]
@@ -86,6 +92,63 @@ pub struct Common {
     /// Print one JSON object per line per event instead of text.
     #[arg(long)]
     pub json: bool,
+    /// TLS and credentials.
+    #[command(flatten)]
+    pub security: Security,
+}
+
+/// TLS and credentials, for clients of etcd or of a Raft group, and for `ha node`.
+#[derive(Debug, Clone, Args)]
+pub struct Security {
+    /// CA certificate (PEM) that signs the servers' certificates; turns TLS on.
+    #[arg(long, env = "HA_CACERT")]
+    pub cacert: Option<PathBuf>,
+    /// Certificate (PEM) for mutual TLS. For `ha node`: this node's certificate, which
+    /// must name node-<id>.
+    #[arg(long, env = "HA_CERT")]
+    pub cert: Option<PathBuf>,
+    /// Private key (PEM) of --cert.
+    #[arg(long, env = "HA_KEY")]
+    pub key: Option<PathBuf>,
+    /// etcd user name; the password comes from HA_ETCD_PASSWORD or --password-file.
+    #[arg(long, env = "HA_ETCD_USER")]
+    pub user: Option<String>,
+    /// File holding the etcd password (instead of the HA_ETCD_PASSWORD variable).
+    #[arg(long)]
+    pub password_file: Option<PathBuf>,
+    /// File holding a bearer token for a Raft group (instead of the HA_TOKEN variable).
+    /// For `ha node`: the token that admits clients without a certificate.
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+}
+
+impl Security {
+    /// A secret from a file (trailing newline dropped) or an environment variable.
+    fn secret(file: Option<&PathBuf>, variable: &str) -> Result<Option<String>, String> {
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            return Ok(Some(text.trim_end_matches(['\r', '\n']).to_owned()));
+        }
+        Ok(std::env::var(variable).ok().filter(|v| !v.is_empty()))
+    }
+
+    /// The bearer token: --token-file, else HA_TOKEN.
+    pub fn token(&self) -> Result<Option<String>, String> {
+        Self::secret(self.token_file.as_ref(), "HA_TOKEN")
+    }
+
+    /// What `ha::connect_with` takes.
+    pub fn options(&self) -> Result<ha::ConnectOptions, String> {
+        Ok(ha::ConnectOptions {
+            ca_file: self.cacert.clone(),
+            cert_file: self.cert.clone(),
+            key_file: self.key.clone(),
+            user: self.user.clone(),
+            password: Self::secret(self.password_file.as_ref(), "HA_ETCD_PASSWORD")?,
+            token: self.token()?,
+        })
+    }
 }
 
 impl Common {
@@ -239,6 +302,15 @@ pub struct NodeArgs {
     /// Print one JSON object per line per event instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Listen on a non-loopback address without TLS. Anyone who reaches the port can
+    /// then join the group's traffic and make itself ACTIVE; use only on a network you
+    /// trust completely.
+    #[arg(long)]
+    pub insecure: bool,
+    /// TLS (--cacert, --cert, --key: the cluster CA and this node's certificate) and the
+    /// client token (--token-file or HA_TOKEN).
+    #[command(flatten)]
+    pub security: Security,
     /// The coordinator's flags (with --active-standby).
     #[command(flatten)]
     pub coordinator: CoordinatorArgs,
