@@ -30,6 +30,10 @@ echo "== test"
 # with the same features first, whatever target filter a developer adds below.
 cargo build --workspace --all-features --examples
 cargo test --workspace --all-features
+echo "== bench (quick)"
+# A few trials of every benchmark scenario, so `ha bench` never rots; numbers from a
+# debug build on a busy machine mean little (docs/benchmarks.md has a release run).
+cargo run --quiet --all-features -- bench --quick --out target/bench-quick.json
 echo "== doc"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --all-features --no-deps
 echo "== all checks passed"

@@ -2,11 +2,15 @@
 //! any backend (`memory://`, `raft://...`, `etcd://...`), and `ha demo`, the failover
 //! demo on an embedded Raft group of three processes.
 
+#[cfg(feature = "raft")]
+mod bench;
 mod coordinator;
 #[cfg(feature = "raft")]
 mod demo;
 mod elect;
 mod http;
+#[cfg(feature = "raft")]
+mod nodes;
 mod output;
 
 use std::net::SocketAddr;
@@ -270,6 +274,16 @@ enum Command {
         #[arg(long, default_value_t = 3.0, value_parser = parse_ttl)]
         ttl: f64,
     },
+    /// Measure failover (SIGKILL) and handoff (SIGTERM) gaps on this machine and print
+    /// tables (n, p50, p90, p99, max); docs/benchmarks.md has a full run.
+    Bench {
+        /// Few trials and one TTL (2 s), as CI runs it.
+        #[arg(long)]
+        quick: bool,
+        /// Write the results and the machine as JSON here.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 /// `ha node` flags.
@@ -316,10 +330,17 @@ pub struct NodeArgs {
     pub coordinator: CoordinatorArgs,
 }
 
-fn init_logging() {
+/// Logs to stderr; `RUST_LOG` wins, else `info` (`warn` for `ha bench`, whose in-process
+/// replicas would drown its tables).
+fn init_logging(quiet: bool) {
     use std::io::IsTerminal;
+    let default = if quiet {
+        "warn"
+    } else {
+        "info,openraft=warn,sled=warn"
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn,sled=warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -330,7 +351,7 @@ fn init_logging() {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    init_logging(matches!(cli.command, Command::Bench { .. }));
     let exit = match cli.command {
         Command::Elect {
             election,
@@ -358,6 +379,7 @@ async fn main() -> ExitCode {
         } => coordinator::run(&coordinator, &common).await,
         Command::Node(node) => node_command(node).await,
         Command::Demo { ttl } => demo_command(ttl).await,
+        Command::Bench { quick, out } => bench_command(quick, out).await,
     };
     exit.into()
 }
@@ -381,6 +403,17 @@ async fn demo_command(ttl: f64) -> Exit {
 #[cfg(not(feature = "raft"))]
 async fn demo_command(_ttl: f64) -> Exit {
     eprintln!("ha demo: this build has no Raft backend; enable the Cargo feature \"raft\"");
+    Exit::Usage
+}
+
+#[cfg(feature = "raft")]
+async fn bench_command(quick: bool, out: Option<PathBuf>) -> Exit {
+    bench::run(bench::BenchOptions { quick, out }).await
+}
+
+#[cfg(not(feature = "raft"))]
+async fn bench_command(_quick: bool, _out: Option<PathBuf>) -> Exit {
+    eprintln!("ha bench: this build has no Raft backend; enable the Cargo feature \"raft\"");
     Exit::Usage
 }
 
