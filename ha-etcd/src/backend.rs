@@ -120,7 +120,11 @@ impl EtcdBackend {
             .with_connect_timeout(config.connect_timeout)
             .with_timeout(config.request_timeout);
         if let Some((user, password)) = &config.user {
-            options = options.with_user(user.clone(), password.clone());
+            // etcd's auth tokens do not survive an etcd restart (simple tokens) or expire
+            // (JWT): fetch a new one instead of failing every call after that.
+            options = options
+                .with_user(user.clone(), password.clone())
+                .with_auto_token_refresh(true);
         }
         if let Some(tls) = &config.tls {
             let mut tls_options = etcd_client::TlsOptions::new()
@@ -828,21 +832,20 @@ impl Backend for EtcdBackend {
 /// be reached at all.
 fn closed_after_handshake(reason: &str) -> bool {
     let reason = reason.to_ascii_lowercase();
-    let closed = [
-        "canceled",
-        "connection closed",
-        "broken pipe",
-        "reset",
-        "transport error",
-    ];
-    let unreachable = [
+    let closed = ["canceled", "connection closed", "broken pipe"];
+    // Not a refused certificate: unreachable, restarting, or not speaking TLS at all.
+    let other = [
         "connection refused",
         "tcp connect",
         "timed out",
         "dns error",
         "no route",
+        "reset",
+        "corrupt",
+        "invalidcontenttype",
+        "invalid message",
     ];
-    closed.iter().any(|s| reason.contains(s)) && !unreachable.iter().any(|s| reason.contains(s))
+    closed.iter().any(|s| reason.contains(s)) && !other.iter().any(|s| reason.contains(s))
 }
 
 /// A guarded delete's outcome: applied when a key was there.

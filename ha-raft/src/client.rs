@@ -37,8 +37,18 @@ use crate::wire::{
 type Api = CoordinationClient<InterceptedService<Channel, BearerToken>>;
 
 /// Adds `authorization: Bearer <token>` to every request.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 struct BearerToken(Option<MetadataValue<Ascii>>);
+
+impl std::fmt::Debug for BearerToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "BearerToken(***)"
+        } else {
+            "BearerToken(None)"
+        })
+    }
+}
 
 impl Interceptor for BearerToken {
     fn call(
@@ -55,7 +65,7 @@ impl Interceptor for BearerToken {
 }
 
 /// How a [`RaftClient`] connects: timeouts and credentials.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct RaftClientOptions {
     /// Time one call may take, retries across endpoints included.
     pub request_timeout: Duration,
@@ -64,6 +74,16 @@ pub struct RaftClientOptions {
     /// A bearer token the nodes accept (`RaftNodeConfig::client_token`), for a client
     /// without a certificate.
     pub token: Option<String>,
+}
+
+impl std::fmt::Debug for RaftClientOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RaftClientOptions")
+            .field("request_timeout", &self.request_timeout)
+            .field("tls", &self.tls)
+            .field("token", &self.token.as_ref().map(|_| "***"))
+            .finish()
+    }
 }
 
 impl Default for RaftClientOptions {
@@ -147,12 +167,17 @@ impl RaftClient {
     {
         let request_timeout = options.request_timeout;
         let token = match &options.token {
-            Some(token) => Some(MetadataValue::try_from(format!("Bearer {token}")).map_err(
-                |_| Error::InvalidArgument {
-                    what: "token",
-                    reason: "a bearer token must be printable ASCII".into(),
-                },
-            )?),
+            Some(token) => {
+                let mut value =
+                    MetadataValue::try_from(format!("Bearer {token}")).map_err(|_| {
+                        Error::InvalidArgument {
+                            what: "token",
+                            reason: "a bearer token must be printable ASCII".into(),
+                        }
+                    })?;
+                value.set_sensitive(true);
+                Some(value)
+            }
             None => None,
         };
         let endpoints: Vec<String> = endpoints.into_iter().map(Into::into).collect();

@@ -19,7 +19,7 @@ pub const MIN_TTL: Duration = Duration::from_secs(2);
 
 /// How one member of a Raft group runs. Build with [`RaftNodeConfig::new`] and the
 /// `with_*` methods.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct RaftNodeConfig {
     /// This node's id, unique in the group.
     pub id: NodeId,
@@ -59,6 +59,27 @@ pub struct RaftNodeConfig {
     pub insecure: bool,
     /// Test-only network faults shared by the nodes of a test group.
     pub faults: Option<Arc<FaultInjector>>,
+}
+
+impl std::fmt::Debug for RaftNodeConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RaftNodeConfig")
+            .field("id", &self.id)
+            .field("listen", &self.listen)
+            .field("advertise", &self.advertise)
+            .field("peers", &self.peers)
+            .field("data_dir", &self.data_dir)
+            .field("cluster_id", &self.cluster_id)
+            .field("heartbeat_interval", &self.heartbeat_interval)
+            .field("election_timeout", &self.election_timeout)
+            .field("request_timeout", &self.request_timeout)
+            .field("snapshot_every", &self.snapshot_every)
+            .field("kv_limits", &self.kv_limits)
+            .field("tls", &self.tls.is_some())
+            .field("client_token", &self.client_token.as_ref().map(|_| "***"))
+            .field("insecure", &self.insecure)
+            .finish_non_exhaustive()
+    }
 }
 
 impl RaftNodeConfig {
@@ -206,6 +227,14 @@ impl RaftNodeConfig {
         }
         if self.client_token.as_deref().is_some_and(str::is_empty) {
             return bad("the client token must not be empty".into());
+        }
+        if self.client_token.is_some() && self.tls.is_none() {
+            // Without TLS the peer service takes anyone's word for its node id, so a
+            // token on the client API would only look like protection.
+            return bad(
+                "a client token needs TLS (--cacert, --cert, --key): without it the port admits anyone anyway"
+                    .into(),
+            );
         }
         Ok(())
     }

@@ -689,14 +689,15 @@ impl NodeInner {
     }
 }
 
-/// Entries per AppendEntries message (openraft's default is 300), so that a batch of the
-/// largest guarded writes stays near 4 MiB: openraft gives one AppendEntries a heartbeat
-/// interval to complete, and the follower must decode and persist it in that time.
+/// Entries per AppendEntries message (openraft's default is 300). Sized so a batch of the
+/// largest guarded writes stays within the 64 MiB peer message limit, but never below
+/// 16: openraft keeps one AppendEntries in flight per follower, so a batch of one would
+/// replicate one entry per round trip for every command, not just the large ones.
 fn max_payload_entries(limits: &ha_core::KvLimits) -> u64 {
-    const BUDGET: usize = 4 << 20;
+    const BUDGET: usize = 48 << 20;
     // Base64 of the largest value (or a compare-and-set's two), plus key and envelope.
     let largest = (limits.max_value_bytes * 2).div_ceil(3) * 4 + limits.max_key_bytes + 4096;
-    (BUDGET / largest).clamp(1, 300) as u64
+    (BUDGET / largest).clamp(16, 300) as u64
 }
 
 /// Expires leases whose deadline passed, while this node leads.

@@ -271,4 +271,14 @@ async fn a_non_loopback_address_needs_tls_or_insecure() {
         .map(|e| e.to_string())
         .unwrap_or_default();
     assert!(!bind.contains("without TLS"), "{bind}");
+    // A client token without TLS would only look like protection: refused.
+    let loopback = "127.0.0.1:1".parse().unwrap_or_else(|e| panic!("{e}"));
+    let peers: BTreeMap<u64, String> = [(1, "127.0.0.1:1".to_owned())].into();
+    let token_only = RaftNodeConfig::new(1, loopback, peers, dir.path()).with_client_token("t");
+    let refused = RaftNode::start(token_only)
+        .await
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_else(|| panic!("started with a token and no TLS"));
+    assert!(refused.contains("needs TLS"), "{refused}");
 }

@@ -245,7 +245,10 @@ fn node_security(
         }
     };
     if security.user.is_some() || security.password_file.is_some() {
-        return Err("--user and --password-file are for etcd clients, not ha node".to_owned());
+        // HA_ETCD_USER may be exported for other commands; it means nothing here.
+        eprintln!(
+            "ha node: ignoring --user / --password-file (HA_ETCD_USER): they are for etcd clients"
+        );
     }
     let token = security.token()?;
     let insecure = args.insecure;

@@ -143,6 +143,7 @@ impl Group {
             .env_remove("HA_CERT")
             .env_remove("HA_KEY")
             .env_remove("HA_TOKEN")
+            .env_remove("HA_ETCD_USER")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
