@@ -69,6 +69,20 @@ impl LeadershipShared {
         changed
     }
 
+    /// Marks the leadership lost when the backend's answer says it is over: `NotLeader`
+    /// (deposed) or `LeaseExpired`, so `lost()` agrees with what the caller just learned.
+    fn lose_on<T>(&self, result: &Result<T>) {
+        match result {
+            Err(Error::NotLeader { .. }) => {
+                self.lose(LossReason::Deposed);
+            }
+            Err(Error::LeaseExpired { .. }) => {
+                self.lose(LossReason::LeaseExpired);
+            }
+            _ => {}
+        }
+    }
+
     fn is_valid(&self) -> bool {
         self.lost.borrow().is_none() && self.session.is_valid()
     }
@@ -155,15 +169,7 @@ impl Leadership {
             .backend
             .proclaim(&self.shared.key, value.into())
             .await;
-        match &result {
-            Err(Error::NotLeader { .. }) => {
-                self.shared.lose(LossReason::Deposed);
-            }
-            Err(Error::LeaseExpired { .. }) => {
-                self.shared.lose(LossReason::LeaseExpired);
-            }
-            _ => {}
-        }
+        self.shared.lose_on(&result);
         result
     }
 
@@ -267,15 +273,7 @@ impl Leadership {
                 after: session.request_timeout,
             }),
         };
-        match &result {
-            Err(Error::NotLeader { .. }) => {
-                shared.lose(LossReason::Deposed);
-            }
-            Err(Error::LeaseExpired { .. }) => {
-                shared.lose(LossReason::LeaseExpired);
-            }
-            _ => {}
-        }
+        shared.lose_on(&result);
         result
     }
 

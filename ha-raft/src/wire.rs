@@ -68,6 +68,22 @@ pub enum WireError {
     Other(String),
 }
 
+/// `AuthFailure` on the wire, both directions from one table; an unknown name (a newer
+/// peer) reads as `PermissionDenied`, the most cautious answer.
+const AUTH_FAILURES: [(AuthFailure, &str); 4] = [
+    (AuthFailure::UntrustedServer, "UntrustedServer"),
+    (AuthFailure::ClientCertificate, "ClientCertificate"),
+    (AuthFailure::BadCredentials, "BadCredentials"),
+    (AuthFailure::PermissionDenied, "PermissionDenied"),
+];
+
+fn auth_failure_name(failure: AuthFailure) -> &'static str {
+    AUTH_FAILURES
+        .iter()
+        .find(|(f, _)| *f == failure)
+        .map_or("PermissionDenied", |(_, name)| name)
+}
+
 /// The `what` of an `InvalidArgument` must be `'static`; the known ones map back, the
 /// rest become "argument".
 fn static_what(what: &str) -> &'static str {
@@ -122,7 +138,7 @@ impl From<&Error> for WireError {
                 limit: *limit as u64,
             },
             Error::Auth { failure, reason } => Self::Auth {
-                failure: format!("{failure:?}"),
+                failure: auth_failure_name(*failure).to_owned(),
                 reason: reason.clone(),
             },
             Error::Unavailable(reason) => Self::Unavailable(reason.clone()),
@@ -169,12 +185,10 @@ impl From<WireError> for Error {
                 limit: usize::try_from(limit).unwrap_or(usize::MAX),
             },
             WireError::Auth { failure, reason } => Error::Auth {
-                failure: match failure.as_str() {
-                    "UntrustedServer" => AuthFailure::UntrustedServer,
-                    "ClientCertificate" => AuthFailure::ClientCertificate,
-                    "BadCredentials" => AuthFailure::BadCredentials,
-                    _ => AuthFailure::PermissionDenied,
-                },
+                failure: AUTH_FAILURES
+                    .iter()
+                    .find(|(_, name)| *name == failure)
+                    .map_or(AuthFailure::PermissionDenied, |(f, _)| *f),
                 reason,
             },
             WireError::Unavailable(reason) => Error::Unavailable(reason),
@@ -410,6 +424,20 @@ pub fn required<T>(field: Option<T>, name: &str) -> Result<T, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_auth_failure_crosses_the_wire_unchanged() {
+        for (failure, _) in AUTH_FAILURES {
+            let error = Error::Auth {
+                failure,
+                reason: "r".into(),
+            };
+            match from_status(&to_status(&error)) {
+                Error::Auth { failure: back, .. } => assert_eq!(back, failure),
+                other => panic!("{failure:?} came back as {other:?}"),
+            }
+        }
+    }
     use proptest::prelude::*;
 
     proptest! {

@@ -471,14 +471,12 @@ async fn proclaim_after_resign_is_not_leader(b: Arc<dyn Backend>) -> Result<()> 
     Ok(())
 }
 
-async fn proclaim_with_foreign_key_is_not_leader(b: Arc<dyn Backend>) -> Result<()> {
-    let e = election("forged");
-    let a = register(&b, 1).await?;
-    let c = register(&b, 2).await?;
-    let key = b.campaign(a.id, &e, "a".into()).await?;
-    let forged = [
+/// Keys that look like `key` but do not lead: another lease with its token, its lease
+/// with a token nobody holds, and its lease and token in another election.
+fn forged_keys(key: &LeaderKey, other_lease: LeaseId, elsewhere: ElectionName) -> [LeaderKey; 3] {
+    [
         LeaderKey {
-            lease: c.id,
+            lease: other_lease,
             ..key.clone()
         },
         LeaderKey {
@@ -486,10 +484,18 @@ async fn proclaim_with_foreign_key_is_not_leader(b: Arc<dyn Backend>) -> Result<
             ..key.clone()
         },
         LeaderKey {
-            election: election("elsewhere"),
+            election: elsewhere,
             ..key.clone()
         },
-    ];
+    ]
+}
+
+async fn proclaim_with_foreign_key_is_not_leader(b: Arc<dyn Backend>) -> Result<()> {
+    let e = election("forged");
+    let a = register(&b, 1).await?;
+    let c = register(&b, 2).await?;
+    let key = b.campaign(a.id, &e, "a".into()).await?;
+    let forged = forged_keys(&key, c.id, election("elsewhere"));
     for forged in forged {
         match b.proclaim(&forged, "forged".into()).await {
             Err(Error::NotLeader { .. }) => {}
@@ -863,20 +869,7 @@ async fn kv_write_with_foreign_key_is_not_leader(b: Arc<dyn Backend>) -> Result<
     // A waiting candidate's lease cannot write either.
     let _waiting = spawn_campaign(&b, &c, &e, "c");
     settle().await;
-    let forged = [
-        LeaderKey {
-            lease: c.id,
-            ..key.clone()
-        },
-        LeaderKey {
-            token: FencingToken::new(key.token.get() + 1000),
-            ..key.clone()
-        },
-        LeaderKey {
-            election: election("kv-elsewhere"),
-            ..key.clone()
-        },
-    ];
+    let forged = forged_keys(&key, c.id, election("kv-elsewhere"));
     for forged in forged {
         expect_not_leader(
             b.kv_write(&forged, put("k", "forged")).await,
