@@ -21,6 +21,10 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 
+# No incremental caches: this script builds once from scratch (CI's clean checkout), and
+# the caches cost gigabytes of disk for nothing.
+export CARGO_INCREMENTAL=0
+
 echo "== fmt"
 cargo fmt --all --check
 echo "== clippy"
