@@ -845,7 +845,11 @@ fn closed_after_handshake(reason: &str) -> bool {
         "invalidcontenttype",
         "invalid message",
     ];
-    closed.iter().any(|s| reason.contains(s)) && !other.iter().any(|s| reason.contains(s))
+    // tonic sometimes reports the hang-up with no source at all, a bare "transport error"
+    // (seen once in a full test run). An unreachable or non-TLS server has come with a
+    // cause every time we looked ("tcp connect error", "corrupt message").
+    let bare = reason.trim() == "transport error";
+    bare || closed.iter().any(|s| reason.contains(s)) && !other.iter().any(|s| reason.contains(s))
 }
 
 /// A guarded delete's outcome: applied when a key was there.
@@ -1147,5 +1151,27 @@ async fn follow_members(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::closed_after_handshake;
+
+    #[test]
+    fn a_hang_up_reads_as_closed_and_an_unreachable_server_does_not() {
+        assert!(closed_after_handshake("transport error"));
+        assert!(closed_after_handshake(
+            "transport error: error trying to connect: connection closed via error"
+        ));
+        assert!(!closed_after_handshake(
+            "transport error: tcp connect error: Connection refused (os error 111)"
+        ));
+        assert!(!closed_after_handshake(
+            "transport error: received corrupt message of type InvalidContentType"
+        ));
+        assert!(!closed_after_handshake(
+            "transport error: connection reset by peer"
+        ));
     }
 }

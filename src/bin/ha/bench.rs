@@ -1,30 +1,37 @@
-//! `ha bench`: how long a coordinator role is without an ACTIVE, measured on this machine.
-//! A benchmark, never a timed test: it prints tables (n, p50, p90, p99, max) and writes
+//! `ha bench`: how long a coordinator role is without an ACTIVE, and what keeping it costs,
+//! measured on this machine. A benchmark, never a timed test: it prints tables and writes
 //! JSON with the machine it ran on.
 //!
-//! Scenarios so far:
-//! - **failover** (crash): three `ha node --active-standby` processes on an embedded Raft
-//!   group; the ACTIVE is SIGKILLed; the gap runs from the kill to the next `elected`
-//!   event. Split by whether the killed process also hosted the Raft leader. One row per
-//!   TTL.
-//! - **handoff** (graceful): the same group; the ACTIVE is SIGTERMed (it resigns); the gap
-//!   runs to the next `elected`. And in-process on the memory backend, where the gap is
-//!   `ActiveStandby::stop` → the other replica ACTIVE.
+//! Scenarios (docs/benchmarks.md explains each and holds a full run):
+//! 1. **failover** (crash): three coordinator processes, `ha node --active-standby` on
+//!    their own Raft group, or `ha run` on etcd; the ACTIVE is SIGKILLed; the gap runs
+//!    from the kill to the next `elected` event. Raft splits by whether the killed process
+//!    hosted the Raft leader. Reference: `etcdctl lock --ttl N` on the same etcd.
+//! 2. **handoff** (graceful): the same groups, SIGTERM (the ACTIVE resigns); in-process on
+//!    memory; reference: `etcdctl elect`, SIGINT.
+//! 3. **throughput**: campaign+resign cycles per second, 1 and 16 elections at once.
+//! 4. **scale**: live sessions (keepalive CPU and RSS of each server), and many elections
+//!    of three candidates each.
+//! 5. **footprint**: idle RSS, start → STANDBY, disk and RSS after a long run of cycles.
 //!
-//! Not yet: etcd and the `etcdctl lock`/`elect` references, throughput, 10,000 sessions,
-//! footprint (docs/benchmarks.md lists them).
+//! etcd scenarios need the `etcd` feature and an `etcd` binary; they are skipped (and said
+//! so) without them, and fail when `CI` is set.
 
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
-use nix::sys::signal::Signal;
 use serde_json::{json, Value};
 
 use crate::nodes::Group;
 use crate::Exit;
+
+mod load;
+mod processes;
+mod procfs;
+#[cfg(feature = "etcd")]
+mod reference;
 
 /// What `ha bench` was asked for.
 #[derive(Debug, Clone)]
@@ -33,6 +40,8 @@ pub struct BenchOptions {
     pub quick: bool,
     /// Where to write the JSON results.
     pub out: Option<PathBuf>,
+    /// Campaign+resign cycles of the long run (default 1,000,000; quick 2,000).
+    pub cycles: Option<u64>,
 }
 
 /// One measured series.
@@ -120,41 +129,422 @@ pub async fn run(options: BenchOptions) -> Exit {
     }
 }
 
+/// A table of rows that are not gap series: its title, columns, and for each row the
+/// cells and the JSON.
+struct Table {
+    title: &'static str,
+    columns: &'static [&'static str],
+    rows: Vec<(Vec<String>, Value)>,
+}
+
+impl Table {
+    fn new(title: &'static str, columns: &'static [&'static str]) -> Self {
+        Self {
+            title,
+            columns,
+            rows: Vec::new(),
+        }
+    }
+
+    fn print(&self) {
+        if self.rows.is_empty() {
+            return;
+        }
+        println!("\n{}\n", self.title);
+        println!("| {} |", self.columns.join(" | "));
+        println!("|{}", "---|".repeat(self.columns.len()));
+        for (cells, _) in &self.rows {
+            println!("| {} |", cells.join(" | "));
+        }
+    }
+}
+
+/// `value` (a JSON number or array of numbers) printed with `digits` decimals.
+fn cell(value: &Value, digits: usize) -> String {
+    match value {
+        Value::Number(n) => n
+            .as_f64()
+            .map_or_else(|| n.to_string(), |f| format!("{f:.digits$}")),
+        Value::Array(items) => items
+            .iter()
+            .map(|v| cell(v, digits))
+            .collect::<Vec<_>>()
+            .join(" / "),
+        Value::Null => "-".to_owned(),
+        other => other.to_string(),
+    }
+}
+
+/// Everything one run measured.
+struct Report {
+    gaps: Vec<Series>,
+    throughput: Table,
+    sessions: Table,
+    elections: Table,
+    footprint: Table,
+}
+
+impl Report {
+    fn footprint(&mut self, what: &str, backend: &str, value: String, json: Value) {
+        self.footprint.rows.push((
+            vec![what.to_owned(), backend.to_owned(), value],
+            json!({ "what": what, "backend": backend, "value": json }),
+        ));
+    }
+
+    fn throughput_rows(&mut self, rows: Vec<Value>) {
+        for row in rows {
+            let cells = vec![
+                cell(&row["backend"], 0).replace('"', ""),
+                cell(&row["elections"], 0),
+                cell(&row["cycles"], 0),
+                cell(&row["cycles_per_s"], 0),
+                cell(&row["cycle_p50_ms"], 2),
+                cell(&row["cycle_p99_ms"], 2),
+            ];
+            self.throughput.rows.push((cells, row));
+        }
+    }
+}
+
 async fn bench(options: &BenchOptions) -> Result<()> {
     let machine = machine();
     println!("ha bench on {machine}");
-    let (ttls, crashes, handoffs): (&[u64], usize, usize) = if options.quick {
+    let quick = options.quick;
+    let (ttls, crashes, handoffs): (&[u64], usize, usize) = if quick {
         (&[2], 2, 3)
     } else {
         (&[2, 5, 10], 10, 20)
     };
-    let mut series = Vec::new();
-    series.push(memory_handoff(handoffs * 5).await?);
+    let mut report = Report {
+        gaps: Vec::new(),
+        throughput: Table::new(
+            "Throughput: campaign+resign cycles, one candidate per election",
+            &[
+                "backend",
+                "elections at once",
+                "cycles",
+                "cycles/s",
+                "cycle p50 ms",
+                "cycle p99 ms",
+            ],
+        ),
+        sessions: Table::new(
+            "Live sessions, each renewed every TTL/3 (per server: Raft members 1 / 2 / 3, or etcd)",
+            &[
+                "backend",
+                "sessions",
+                "TTL s",
+                "renewals/s",
+                "failed renewals",
+                "CPU % of a core, idle",
+                "CPU % of a core",
+                "RSS MiB",
+            ],
+        ),
+        elections: Table::new(
+            "Many elections, three candidates each: all elected, then every leader resigns at once",
+            &[
+                "backend",
+                "elections",
+                "all elected s",
+                "all handed off s",
+                "handoff p50 ms",
+                "handoff p99 ms",
+            ],
+        ),
+        footprint: Table::new("Footprint", &["what", "backend", "value"]),
+    };
+    report.gaps.push(memory_handoff(handoffs * 5).await?);
+
+    #[cfg(feature = "etcd")]
+    let etcd = start_etcd(&mut report).await?;
+
+    let mut start_to_standby: Vec<(&'static str, Vec<f64>)> = Vec::new();
     for (index, ttl) in ttls.iter().enumerate() {
         let ttl = Duration::from_secs(*ttl);
         // Handoffs do not depend on the TTL: measure them once, on the first group.
         let handoff_trials = if index == 0 { handoffs } else { 0 };
-        series.extend(raft_processes(ttl, crashes, handoff_trials).await?);
+        let (series, footprint) =
+            processes::trials(Group::new(ttl)?, "raft", ttl, crashes, handoff_trials).await?;
+        report.gaps.extend(series);
+        if index == 0 {
+            let max_rss = footprint.idle_rss.iter().copied().max().unwrap_or(0);
+            report.footprint(
+                "idle `ha node --active-standby` RSS (max of 3)",
+                "raft",
+                format!("{:.1} MiB", procfs::mib(max_rss)),
+                json!(footprint.idle_rss),
+            );
+        }
+        start_to_standby.push(("raft", footprint.start_to_standby_ms));
+        #[cfg(feature = "etcd")]
+        if let Some(etcd) = &etcd {
+            let url = format!("etcd://{}/bench-ttl{}", etcd.endpoint, ttl.as_secs());
+            let (series, footprint) = processes::trials(
+                Group::on_backend(ttl, &url)?,
+                "etcd",
+                ttl,
+                crashes,
+                handoff_trials,
+            )
+            .await?;
+            report.gaps.extend(series);
+            if index == 0 {
+                let max_rss = footprint.idle_rss.iter().copied().max().unwrap_or(0);
+                report.footprint(
+                    "idle `ha run` RSS (max of 3)",
+                    "etcd",
+                    format!("{:.1} MiB", procfs::mib(max_rss)),
+                    json!(footprint.idle_rss),
+                );
+            }
+            start_to_standby.push(("etcd", footprint.start_to_standby_ms));
+            report.gaps.push(
+                reference::measure(
+                    &etcd.endpoint,
+                    reference::Reference::LockCrash { ttl },
+                    crashes,
+                )
+                .await?,
+            );
+            if handoff_trials > 0 {
+                report.gaps.push(
+                    reference::measure(
+                        &etcd.endpoint,
+                        reference::Reference::ElectHandoff,
+                        handoff_trials,
+                    )
+                    .await?,
+                );
+            }
+        }
     }
+    for (backend, times) in start_to_standby {
+        let all = report
+            .gaps
+            .iter_mut()
+            .find(|s| s.scenario == "start → STANDBY" && s.backend == backend);
+        match all {
+            Some(series) => series.gaps_ms.extend(times),
+            None => report.gaps.push(Series {
+                scenario: "start → STANDBY",
+                backend,
+                variant: "process restart, data kept".to_owned(),
+                ttl: None,
+                gaps_ms: times,
+            }),
+        }
+    }
+
+    let (duration, sessions, elections) = if quick {
+        (Duration::from_secs(2), 500, 50)
+    } else {
+        (Duration::from_secs(10), 10_000, 1_000)
+    };
+    let cycles = options
+        .cycles
+        .unwrap_or(if quick { 2_000 } else { 1_000_000 });
+    let session_ttl = Duration::from_secs(10);
+    let window = if quick {
+        Duration::from_secs(4)
+    } else {
+        Duration::from_secs(30)
+    };
+    {
+        let mut group = Group::new(session_ttl)?;
+        group.launch = crate::nodes::Launch::RaftMembers;
+        group.narrated = false;
+        for id in crate::nodes::NODES {
+            group.start(id)?;
+        }
+        let backend = load::connect(&group.raft_url()).await?;
+        let pids = crate::nodes::NODES
+            .iter()
+            .map(|id| group.pid(*id).map(i32::unsigned_abs))
+            .collect::<Result<Vec<_>>>()?;
+        report.throughput_rows(
+            load::throughput(&backend, "raft (3 ha node)", &[1, 16], duration).await?,
+        );
+        session_row(
+            &mut report,
+            load::sessions(&backend, "raft", &pids, sessions, session_ttl, window).await?,
+        );
+        election_row(
+            &mut report,
+            load::elections(&backend, "raft", elections).await?,
+        );
+        let members = crate::nodes::NODES
+            .iter()
+            .zip(&pids)
+            .map(|(id, pid)| (*pid, group.data_dir(*id)))
+            .collect::<Vec<_>>();
+        let row = load::endurance(&backend, "raft", cycles, &members).await?;
+        report.footprint(
+            &format!("after {cycles} campaign+resign cycles: sled disk per member"),
+            "raft",
+            format!("{} MiB", cell(&row["disk_mib_per_member"], 1)),
+            row["disk_mib_per_member"].clone(),
+        );
+        report.footprint(
+            &format!("after {cycles} campaign+resign cycles: RSS per member"),
+            "raft",
+            format!(
+                "{} MiB ({} cycles/s)",
+                cell(&row["rss_mib_per_member"], 1),
+                cell(&row["cycles_per_s"], 0)
+            ),
+            row,
+        );
+        drop(backend);
+        group.stop_all().await;
+    }
+    #[cfg(feature = "etcd")]
+    if let Some(etcd) = &etcd {
+        let backend = load::connect(&format!("etcd://{}/bench-load", etcd.endpoint)).await?;
+        let pids = [etcd.pid()];
+        report.throughput_rows(
+            load::throughput(&backend, "etcd (1 server)", &[1, 16], duration).await?,
+        );
+        session_row(
+            &mut report,
+            load::sessions(&backend, "etcd", &pids, sessions, session_ttl, window).await?,
+        );
+        election_row(
+            &mut report,
+            load::elections(&backend, "etcd", elections).await?,
+        );
+    }
+    report.footprint(
+        "`ha` binary (this build)",
+        "-",
+        std::env::current_exe()
+            .and_then(std::fs::metadata)
+            .map_or_else(
+                |_| "?".to_owned(),
+                |m| format!("{:.1} MiB", procfs::mib(m.len())),
+            ),
+        json!(std::env::current_exe()
+            .and_then(std::fs::metadata)
+            .map(|m| m.len())
+            .ok()),
+    );
+
     println!();
     println!(
         "| scenario | backend | variant | TTL | n | p50 ms | p90 ms | p99 ms | max ms | p99/TTL |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|");
-    for s in &series {
+    for s in &report.gaps {
         println!("{}", s.row());
     }
-    let report = json!({
+    for table in [
+        &report.throughput,
+        &report.sessions,
+        &report.elections,
+        &report.footprint,
+    ] {
+        table.print();
+    }
+    let tables = |t: &Table| {
+        t.rows
+            .iter()
+            .map(|(_, json)| json.clone())
+            .collect::<Vec<_>>()
+    };
+    let json_report = json!({
         "machine": machine,
-        "quick": options.quick,
-        "results": series.iter().map(Series::json).collect::<Vec<_>>(),
+        "quick": quick,
+        "results": report.gaps.iter().map(Series::json).collect::<Vec<_>>(),
+        "throughput": tables(&report.throughput),
+        "sessions": tables(&report.sessions),
+        "elections": tables(&report.elections),
+        "footprint": tables(&report.footprint),
     });
     if let Some(path) = &options.out {
-        let text = serde_json::to_string_pretty(&report)?;
+        let text = serde_json::to_string_pretty(&json_report)?;
         std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))?;
         println!("\nwrote {}", path.display());
     }
     Ok(())
+}
+
+fn session_row(report: &mut Report, row: Value) {
+    let percent = |v: &Value| {
+        let scaled: Vec<Value> = v
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|x| json!(x.as_f64().unwrap_or(0.0) * 100.0))
+                    .collect()
+            })
+            .unwrap_or_default();
+        cell(&Value::Array(scaled), 1)
+    };
+    let cells = vec![
+        cell(&row["backend"], 0).replace('"', ""),
+        cell(&row["sessions"], 0),
+        cell(&row["ttl_s"], 0),
+        cell(&row["renewals_per_s"], 0),
+        cell(&row["renewal_failures"], 0),
+        percent(&row["idle_cpu_per_server"]),
+        percent(&row["cpu_per_server"]),
+        cell(&row["rss_mib_per_server"], 1),
+    ];
+    report.sessions.rows.push((cells, row));
+}
+
+fn election_row(report: &mut Report, row: Value) {
+    let cells = vec![
+        cell(&row["backend"], 0).replace('"', ""),
+        cell(&row["elections"], 0),
+        cell(&row["all_elected_s"], 2),
+        cell(&row["all_handed_off_s"], 2),
+        cell(&row["handoff_p50_ms"], 1),
+        cell(&row["handoff_p99_ms"], 1),
+    ];
+    report.elections.rows.push((cells, row));
+}
+
+/// The private etcd the etcd scenarios share, with its footprint noted; `None` (said
+/// loudly) when it cannot run here, an error under `CI`.
+#[cfg(feature = "etcd")]
+async fn start_etcd(report: &mut Report) -> Result<Option<ha::etcd::testing::Etcd>> {
+    use ha::etcd::testing::{Etcd, StartError};
+    let started = tokio::task::spawn_blocking(|| Etcd::try_start(None)).await?;
+    let etcd = match started {
+        Ok(etcd) => etcd,
+        Err(StartError::NotInstalled) if std::env::var_os("CI").is_none() => {
+            println!(
+                "SKIPPED: the etcd scenarios (etcd is not installed; scripts/test.sh installs it)"
+            );
+            return Ok(None);
+        }
+        Err(error) => return Err(error.into()),
+    };
+    if crate::nodes::find_program("etcdctl").is_none() {
+        return Err(anyhow!(
+            "etcdctl is not installed (Debian package etcd-client); the references need it"
+        ));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss = procfs::rss_bytes(etcd.pid())?;
+    report.footprint(
+        "idle etcd server RSS",
+        "etcd",
+        format!("{:.1} MiB", procfs::mib(rss)),
+        json!(rss),
+    );
+    let size = std::fs::metadata(etcd.binary())
+        .map(|m| m.len())
+        .unwrap_or(0);
+    report.footprint(
+        &format!("etcd binary ({})", etcd.binary().display()),
+        "etcd",
+        format!("{:.1} MiB", procfs::mib(size)),
+        json!(size),
+    );
+    Ok(Some(etcd))
 }
 
 /// Graceful handoff in one process on the memory backend: two replicas, the ACTIVE
@@ -219,113 +609,4 @@ async fn wait_until<T>(within: Duration, mut check: impl FnMut() -> Option<T>) -
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
-}
-
-/// Crashes and graceful stops of the ACTIVE in a group of three `ha node` processes.
-async fn raft_processes(ttl: Duration, crashes: usize, handoffs: usize) -> Result<Vec<Series>> {
-    println!(
-        "raft, TTL {} s: {crashes} crashes, {handoffs} handoffs",
-        ttl.as_secs()
-    );
-    let mut group = Group::new(ttl)?;
-    group.narrated = std::env::var_os("HA_BENCH_VERBOSE").is_some();
-    // A STANDBY whose session self-fences while the Raft leader moves goes back in line
-    // instead of exiting, as a production replica would be restarted.
-    group.extra_args = vec!["--recampaign".to_owned()];
-    group.show_standby_logs.store(false, Ordering::Relaxed);
-    for id in crate::nodes::NODES {
-        group.start(id)?;
-    }
-    let first = group
-        .wait_for("a first ACTIVE", Duration::from_secs(30), |e| {
-            e.kind() == "proclaimed"
-        })
-        .await?;
-    let mut active = first.node;
-    let mut token = first.token();
-    let mut with_leader = Vec::new();
-    let mut without_leader = Vec::new();
-    let mut graceful = Vec::new();
-    for trial in 0..crashes + handoffs {
-        let crash = trial < crashes;
-        let trial_started = Instant::now();
-        let hosted_leader = group.raft_leader == Some(active);
-        let sent = group.signal(
-            active,
-            if crash {
-                Signal::SIGKILL
-            } else {
-                Signal::SIGTERM
-            },
-        )?;
-        let within = ttl + Duration::from_secs(20);
-        let next = group.next_elected(active, token, within).await?;
-        let gap_ms = next.at_unix_us().saturating_sub(sent) as f64 / 1000.0;
-        match (crash, hosted_leader) {
-            (true, true) => with_leader.push(gap_ms),
-            (true, false) => without_leader.push(gap_ms),
-            (false, _) => graceful.push(gap_ms),
-        }
-        // Steady state before the next trial: the new ACTIVE ready, and the stopped node
-        // back as a STANDBY (after a crash, once its old lease has expired).
-        let stopped = active;
-        token = next.token();
-        // The elected node may lose the role before it is ready (its session can
-        // self-fence while the Raft leader moves); wait for whichever ACTIVE is ready.
-        let ready = group
-            .wait_for("a ready ACTIVE", Duration::from_secs(30), |e| {
-                e.kind() == "proclaimed" && e.token() >= token
-            })
-            .await?;
-        active = ready.node;
-        token = ready.token();
-        group.reap(stopped).await;
-        group.start(stopped)?;
-        group
-            .wait_for(
-                "the restarted node in STANDBY",
-                ttl + Duration::from_secs(30),
-                |e| e.kind() == "standby" && e.node == stopped,
-            )
-            .await?;
-        println!(
-            "  trial {trial}: {} gap {gap_ms:.1} ms (trial took {:.1} s)",
-            if crash { "crash" } else { "handoff" },
-            trial_started.elapsed().as_secs_f64()
-        );
-    }
-    group.stop_all().await;
-    if !group.losses.is_empty() {
-        println!(
-            "  roles lost during the run besides the stopped ACTIVE: {}",
-            group.losses.join(", ")
-        );
-    }
-    let mut series = Vec::new();
-    if crashes > 0 {
-        series.push(Series {
-            scenario: "failover",
-            backend: "raft",
-            variant: "SIGKILL, Raft leader survives".to_owned(),
-            ttl: Some(ttl),
-            gaps_ms: without_leader,
-        });
-        series.push(Series {
-            scenario: "failover",
-            backend: "raft",
-            variant: "SIGKILL, Raft leader killed too".to_owned(),
-            ttl: Some(ttl),
-            gaps_ms: with_leader,
-        });
-    }
-    if handoffs > 0 {
-        series.push(Series {
-            scenario: "handoff",
-            backend: "raft",
-            variant: "SIGTERM of ha node".to_owned(),
-            ttl: Some(ttl),
-            gaps_ms: graceful,
-        });
-    }
-    Ok(series)
 }

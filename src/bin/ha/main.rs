@@ -283,6 +283,10 @@ enum Command {
         /// Write the results and the machine as JSON here.
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Campaign+resign cycles of the long run whose disk and memory are measured
+        /// (default 1,000,000; with --quick 2,000).
+        #[arg(long)]
+        cycles: Option<u64>,
     },
 }
 
@@ -379,7 +383,7 @@ async fn main() -> ExitCode {
         } => coordinator::run(&coordinator, &common).await,
         Command::Node(node) => node_command(node).await,
         Command::Demo { ttl } => demo_command(ttl).await,
-        Command::Bench { quick, out } => bench_command(quick, out).await,
+        Command::Bench { quick, out, cycles } => bench_command(quick, out, cycles).await,
     };
     exit.into()
 }
@@ -407,12 +411,12 @@ async fn demo_command(_ttl: f64) -> Exit {
 }
 
 #[cfg(feature = "raft")]
-async fn bench_command(quick: bool, out: Option<PathBuf>) -> Exit {
-    bench::run(bench::BenchOptions { quick, out }).await
+async fn bench_command(quick: bool, out: Option<PathBuf>, cycles: Option<u64>) -> Exit {
+    bench::run(bench::BenchOptions { quick, out, cycles }).await
 }
 
 #[cfg(not(feature = "raft"))]
-async fn bench_command(_quick: bool, _out: Option<PathBuf>) -> Exit {
+async fn bench_command(_quick: bool, _out: Option<PathBuf>, _cycles: Option<u64>) -> Exit {
     eprintln!("ha bench: this build has no Raft backend; enable the Cargo feature \"raft\"");
     Exit::Usage
 }

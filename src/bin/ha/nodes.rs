@@ -1,5 +1,7 @@
-//! A group of three `ha node --active-standby` processes of this binary on loopback, with
-//! their event lines: what `ha demo` narrates and `ha bench` measures.
+//! A group of three processes of this binary on loopback, with their event lines: what
+//! `ha demo` narrates and `ha bench` measures. By default each is an `ha node
+//! --active-standby` and together they form an embedded Raft group; a group can also run
+//! bare Raft members, or `ha run` coordinators on an external backend (etcd).
 
 use std::collections::BTreeMap;
 use std::process::Stdio;
@@ -17,6 +19,14 @@ use tokio::sync::mpsc;
 use tokio::time::{timeout, Instant};
 
 use crate::output::unix_us;
+
+/// A program on `PATH`, if any.
+pub fn find_program(name: &str) -> Option<std::path::PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|candidate| candidate.is_file())
+}
 
 /// The node ids of a group.
 pub const NODES: [u64; 3] = [1, 2, 3];
@@ -46,6 +56,17 @@ impl NodeEvent {
     }
 }
 
+/// What the processes of a group run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Launch {
+    /// `ha node --active-standby`: Raft members, each with a coordinator.
+    RaftCoordinators,
+    /// `ha node` alone: Raft members that serve clients, no coordinator.
+    RaftMembers,
+    /// `ha run --backend URL`: coordinators on an external backend.
+    Backend(String),
+}
+
 /// The three processes, their temp dir and their event lines. Dropping it kills every
 /// process still running (kill_on_drop) and removes the directory.
 pub struct Group {
@@ -71,6 +92,8 @@ pub struct Group {
     started: Instant,
     /// The Raft leader the nodes last reported.
     pub raft_leader: Option<u64>,
+    /// What each process runs.
+    pub launch: Launch,
 }
 
 impl Group {
@@ -111,7 +134,25 @@ impl Group {
             losses: Vec::new(),
             started: Instant::now(),
             raft_leader: None,
+            launch: Launch::RaftCoordinators,
         })
+    }
+
+    /// A group of `ha run` coordinators on an external backend.
+    pub fn on_backend(ttl: Duration, url: &str) -> Result<Self> {
+        let mut group = Self::new(ttl)?;
+        group.launch = Launch::Backend(url.to_owned());
+        Ok(group)
+    }
+
+    /// The `raft://` URL of the group's members.
+    pub fn raft_url(&self) -> String {
+        let endpoints = self
+            .ports
+            .values()
+            .map(|port| format!("127.0.0.1:{port}"))
+            .collect::<Vec<_>>();
+        format!("raft://{}", endpoints.join(","))
     }
 
     /// Prints a line with the time since the start, if narrated.
@@ -126,16 +167,35 @@ impl Group {
     pub fn start(&mut self, id: u64) -> Result<u32> {
         let exe = std::env::current_exe().context("cannot find this executable")?;
         let port = self.ports[&id];
-        let mut child = Command::new(exe)
-            .args(["node", "--id", &id.to_string()])
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .args(["--peers", &self.peers])
-            .arg("--data")
-            .arg(self.dir.path().join(format!("node-{id}")))
-            .args(["--active-standby", "--role", ROLE, "--json"])
-            .args(["--address", &format!("127.0.0.1:{}", 53100 + id)])
-            .args(["--ttl", &self.ttl.as_secs_f64().to_string()])
-            .args(["--standby-log-interval", "1"])
+        let mut command = Command::new(exe);
+        match &self.launch {
+            Launch::RaftCoordinators | Launch::RaftMembers => {
+                command
+                    .args(["node", "--id", &id.to_string()])
+                    .args(["--listen", &format!("127.0.0.1:{port}")])
+                    .args(["--peers", &self.peers])
+                    .arg("--data")
+                    .arg(self.data_dir(id))
+                    .arg("--json");
+            }
+            Launch::Backend(url) => {
+                command
+                    .args(["run", "--id", &id.to_string()])
+                    .args(["--backend", url])
+                    .arg("--json");
+            }
+        }
+        if self.launch != Launch::RaftMembers {
+            if matches!(self.launch, Launch::RaftCoordinators) {
+                command.arg("--active-standby");
+            }
+            command
+                .args(["--role", ROLE])
+                .args(["--address", &format!("127.0.0.1:{}", 53100 + id)])
+                .args(["--ttl", &self.ttl.as_secs_f64().to_string()])
+                .args(["--standby-log-interval", "1"]);
+        }
+        let mut child = command
             .args(&self.extra_args)
             .env("RUST_LOG", "info,openraft=off,sled=off")
             // The demo runs on loopback without TLS, whatever this shell exports.
@@ -187,6 +247,11 @@ impl Group {
         }
         self.children.insert(id, child);
         Ok(pid)
+    }
+
+    /// Where node `id` keeps its Raft data (Raft launches only).
+    pub fn data_dir(&self, id: u64) -> std::path::PathBuf {
+        self.dir.path().join(format!("node-{id}"))
     }
 
     /// Waits for an event matching `pred`, narrating the interesting ones on the way.

@@ -1,0 +1,155 @@
+//! Crashes (SIGKILL) and graceful stops (SIGTERM) of the ACTIVE in a group of three
+//! coordinator processes: `ha node --active-standby` on their own Raft group, or
+//! `ha run` on etcd. The gap runs from the signal to the next `elected` event.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use nix::sys::signal::Signal;
+
+use super::{procfs, Series};
+use crate::nodes::{Group, NODES};
+use crate::output::unix_us;
+
+/// What one group of trials measured besides the gaps.
+pub struct Footprint {
+    /// Start of a process → its `standby` event, ms (restarts with their data kept).
+    pub start_to_standby_ms: Vec<f64>,
+    /// RSS of each process once the group is idle (one ACTIVE, two STANDBY), bytes.
+    pub idle_rss: Vec<u64>,
+}
+
+/// `crashes` SIGKILLs then `handoffs` SIGTERMs of the ACTIVE of `group`.
+pub async fn trials(
+    mut group: Group,
+    backend: &'static str,
+    ttl: Duration,
+    crashes: usize,
+    handoffs: usize,
+) -> Result<(Vec<Series>, Footprint)> {
+    println!(
+        "{backend}, TTL {} s: {crashes} crashes, {handoffs} handoffs",
+        ttl.as_secs()
+    );
+    group.narrated = std::env::var_os("HA_BENCH_VERBOSE").is_some();
+    // A STANDBY whose session self-fences while the Raft leader moves goes back in line
+    // instead of exiting, as a production replica would be restarted.
+    group.extra_args = vec!["--recampaign".to_owned()];
+    group.show_standby_logs.store(false, Ordering::Relaxed);
+    for id in NODES {
+        group.start(id)?;
+    }
+    let first = group
+        .wait_for("a first ACTIVE", Duration::from_secs(30), |e| {
+            e.kind() == "proclaimed"
+        })
+        .await?;
+    // Idle: the other two in STANDBY, nothing but keepalives and watches.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let idle_rss = NODES
+        .iter()
+        .map(|id| procfs::rss_bytes(group.pid(*id)?.unsigned_abs()))
+        .collect::<Result<Vec<_>>>()?;
+    let mut active = first.node;
+    let mut token = first.token();
+    let mut with_leader = Vec::new();
+    let mut without_leader = Vec::new();
+    let mut graceful = Vec::new();
+    let mut start_to_standby_ms = Vec::new();
+    for trial in 0..crashes + handoffs {
+        let crash = trial < crashes;
+        let trial_started = Instant::now();
+        let hosted_leader = group.raft_leader == Some(active);
+        let sent = group.signal(
+            active,
+            if crash {
+                Signal::SIGKILL
+            } else {
+                Signal::SIGTERM
+            },
+        )?;
+        let within = ttl + Duration::from_secs(20);
+        let next = group.next_elected(active, token, within).await?;
+        let gap_ms = next.at_unix_us().saturating_sub(sent) as f64 / 1000.0;
+        match (crash, hosted_leader) {
+            (true, true) => with_leader.push(gap_ms),
+            (true, false) => without_leader.push(gap_ms),
+            (false, _) => graceful.push(gap_ms),
+        }
+        // Steady state before the next trial: the new ACTIVE ready, and the stopped node
+        // back as a STANDBY (after a crash, once its old lease has expired).
+        let stopped = active;
+        token = next.token();
+        // The elected node may lose the role before it is ready (its session can
+        // self-fence while the Raft leader moves); wait for whichever ACTIVE is ready.
+        let ready = group
+            .wait_for("a ready ACTIVE", Duration::from_secs(30), |e| {
+                e.kind() == "proclaimed" && e.token() >= token
+            })
+            .await?;
+        active = ready.node;
+        token = ready.token();
+        group.reap(stopped).await;
+        let spawned = unix_us();
+        group.start(stopped)?;
+        let standby = group
+            .wait_for(
+                "the restarted node in STANDBY",
+                ttl + Duration::from_secs(30),
+                |e| e.kind() == "standby" && e.node == stopped,
+            )
+            .await?;
+        start_to_standby_ms.push(standby.at_unix_us().saturating_sub(spawned) as f64 / 1000.0);
+        println!(
+            "  trial {trial}: {} gap {gap_ms:.1} ms (trial took {:.1} s)",
+            if crash { "crash" } else { "handoff" },
+            trial_started.elapsed().as_secs_f64()
+        );
+    }
+    group.stop_all().await;
+    if !group.losses.is_empty() {
+        println!(
+            "  roles lost during the run besides the stopped ACTIVE: {}",
+            group.losses.join(", ")
+        );
+    }
+    let series_of = |scenario, variant: &str, gaps_ms| Series {
+        scenario,
+        backend,
+        variant: variant.to_owned(),
+        ttl: Some(ttl),
+        gaps_ms,
+    };
+    let mut series = Vec::new();
+    let raft = backend == "raft";
+    if crashes > 0 && raft {
+        series.push(series_of(
+            "failover",
+            "SIGKILL, Raft leader survives",
+            without_leader,
+        ));
+        series.push(series_of(
+            "failover",
+            "SIGKILL, Raft leader killed too",
+            with_leader,
+        ));
+    } else if crashes > 0 {
+        series.push(series_of("failover", "SIGKILL of ha run", without_leader));
+    }
+    if handoffs > 0 {
+        let variant = if raft {
+            "SIGTERM of ha node"
+        } else {
+            "SIGTERM of ha run"
+        };
+        series.push(series_of("handoff", variant, graceful));
+    }
+    Ok((
+        series,
+        Footprint {
+            start_to_standby_ms,
+            idle_rss,
+        },
+    ))
+}

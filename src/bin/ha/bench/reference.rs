@@ -1,0 +1,149 @@
+//! The reference in the same run, on the same etcd server: etcd's own Go concurrency
+//! client through `etcdctl`. `etcdctl lock --ttl N` for crashes (its session TTL can be
+//! set; `etcdctl elect` always uses 60 s) and `etcdctl elect` for graceful handoffs
+//! (SIGINT makes it resign). Each holds until signalled and prints a line when it gets
+//! the lock or leadership; the gap runs from the signal to the next holder's first line,
+//! stamped when this process reads it.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::oneshot;
+use tokio::time::timeout;
+
+use super::Series;
+use crate::output::unix_us;
+
+/// Which etcdctl command stands in for a coordinator.
+#[derive(Debug, Clone, Copy)]
+pub enum Reference {
+    /// `etcdctl lock --ttl N`, the holder SIGKILLed.
+    LockCrash {
+        /// The session TTL.
+        ttl: Duration,
+    },
+    /// `etcdctl elect`, the holder SIGINTed (it resigns).
+    ElectHandoff,
+}
+
+/// One etcdctl process and when it printed its first line.
+struct Contender {
+    child: Child,
+    acquired: oneshot::Receiver<u64>,
+}
+
+impl Contender {
+    fn spawn(endpoint: &str, reference: Reference, trial: usize) -> Result<Self> {
+        let mut command = Command::new("etcdctl");
+        command.arg(format!("--endpoints={endpoint}"));
+        match reference {
+            Reference::LockCrash { ttl } => command
+                .arg("lock")
+                .arg(format!("--ttl={}", ttl.as_secs().max(1)))
+                .arg(format!("bench-lock-{}", ttl.as_secs())),
+            Reference::ElectHandoff => command
+                .arg("elect")
+                .arg("bench-elect")
+                .arg(format!("candidate-{trial}")),
+        };
+        let mut child = command
+            .env("ETCDCTL_API", "3")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .context("cannot start etcdctl (Debian package etcd-client)")?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| anyhow!("etcdctl has no stdout"))?;
+        let (sender, acquired) = oneshot::channel();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stdout).lines();
+            if let Ok(Some(_)) = lines.next_line().await {
+                let _ = sender.send(unix_us());
+            }
+            // Keep reading so the pipe never fills.
+            while let Ok(Some(_)) = lines.next_line().await {}
+        });
+        Ok(Self { child, acquired })
+    }
+
+    fn signal(&self, signal: Signal) -> Result<u64> {
+        let pid = self
+            .child
+            .id()
+            .and_then(|p| i32::try_from(p).ok())
+            .ok_or_else(|| anyhow!("etcdctl exited early"))?;
+        let at = unix_us();
+        kill(Pid::from_raw(pid), signal).with_context(|| format!("{signal} to etcdctl"))?;
+        Ok(at)
+    }
+
+    async fn reap(mut self) {
+        if timeout(Duration::from_secs(10), self.child.wait())
+            .await
+            .is_err()
+        {
+            let _ = self.child.kill().await;
+        }
+    }
+}
+
+/// `trials` takeovers of `reference` on the etcd at `endpoint`.
+pub async fn measure(endpoint: &str, reference: Reference, trials: usize) -> Result<Series> {
+    let (signal, patience, variant, scenario, ttl) = match reference {
+        Reference::LockCrash { ttl } => (
+            Signal::SIGKILL,
+            ttl + Duration::from_secs(20),
+            "etcdctl lock --ttl, holder SIGKILLed",
+            "failover",
+            Some(ttl),
+        ),
+        Reference::ElectHandoff => (
+            Signal::SIGINT,
+            Duration::from_secs(20),
+            "etcdctl elect, holder SIGINTed",
+            "handoff",
+            None,
+        ),
+    };
+    println!("etcdctl reference: {variant}, {trials} trials");
+    let mut holder = Contender::spawn(endpoint, reference, 0)?;
+    timeout(Duration::from_secs(20), &mut holder.acquired)
+        .await
+        .context("the first etcdctl did not get the lock within 20 s")?
+        .context("the first etcdctl exited")?;
+    let mut gaps = Vec::new();
+    for trial in 1..=trials {
+        let mut next = Contender::spawn(endpoint, reference, trial)?;
+        // Let it queue behind the holder (its key created, its watch open).
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if next.acquired.try_recv().is_ok() {
+            bail!("etcdctl {trial} got the lock while another held it");
+        }
+        let sent = holder.signal(signal)?;
+        let at = timeout(patience, &mut next.acquired)
+            .await
+            .with_context(|| format!("no etcdctl takeover within {patience:?}"))?
+            .context("the waiting etcdctl exited")?;
+        gaps.push(at.saturating_sub(sent) as f64 / 1000.0);
+        holder.reap().await;
+        holder = next;
+    }
+    let _ = holder.signal(Signal::SIGINT);
+    holder.reap().await;
+    Ok(Series {
+        scenario,
+        backend: "etcd (reference)",
+        variant: variant.to_owned(),
+        ttl,
+        gaps_ms: gaps,
+    })
+}
