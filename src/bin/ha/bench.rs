@@ -42,6 +42,24 @@ pub struct BenchOptions {
     pub out: Option<PathBuf>,
     /// Campaign+resign cycles of the long run (default 1,000,000; quick 2,000).
     pub cycles: Option<u64>,
+    /// Only these scenarios (empty: all); see [`SCENARIOS`].
+    pub only: Vec<String>,
+}
+
+/// The scenarios `--only` can pick.
+pub const SCENARIOS: &[&str] = &[
+    "memory",
+    "processes",
+    "throughput",
+    "sessions",
+    "elections",
+    "endurance",
+];
+
+impl BenchOptions {
+    fn wants(&self, scenario: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|s| s == scenario)
+    }
 }
 
 /// One measured series.
@@ -255,13 +273,30 @@ async fn bench(options: &BenchOptions) -> Result<()> {
         ),
         footprint: Table::new("Footprint", &["what", "backend", "value"]),
     };
-    report.gaps.push(memory_handoff(handoffs * 5).await?);
+    if let Some(unknown) = options
+        .only
+        .iter()
+        .find(|s| !SCENARIOS.contains(&s.as_str()))
+    {
+        return Err(anyhow!(
+            "unknown scenario {unknown:?}; known: {}",
+            SCENARIOS.join(", ")
+        ));
+    }
+    if options.wants("memory") {
+        report.gaps.push(memory_handoff(handoffs * 5).await?);
+    }
 
     #[cfg(feature = "etcd")]
     let etcd = start_etcd(&mut report).await?;
 
     let mut start_to_standby: Vec<(&'static str, Vec<f64>)> = Vec::new();
-    for (index, ttl) in ttls.iter().enumerate() {
+    let process_ttls = if options.wants("processes") {
+        ttls
+    } else {
+        &[]
+    };
+    for (index, ttl) in process_ttls.iter().enumerate() {
         let ttl = Duration::from_secs(*ttl);
         // Handoffs do not depend on the TTL: measure them once, on the first group.
         let handoff_trials = if index == 0 { handoffs } else { 0 };
@@ -351,7 +386,8 @@ async fn bench(options: &BenchOptions) -> Result<()> {
     } else {
         Duration::from_secs(30)
     };
-    {
+    let load = ["throughput", "sessions", "elections", "endurance"];
+    if load.iter().any(|s| options.wants(s)) {
         let mut group = Group::new(session_ttl)?;
         group.launch = crate::nodes::Launch::RaftMembers;
         group.narrated = false;
@@ -363,39 +399,51 @@ async fn bench(options: &BenchOptions) -> Result<()> {
             .iter()
             .map(|id| group.pid(*id).map(i32::unsigned_abs))
             .collect::<Result<Vec<_>>>()?;
-        report.throughput_rows(
-            load::throughput(&backend, "raft (3 ha node)", &[1, 16], duration).await?,
-        );
-        session_row(
-            &mut report,
-            load::sessions(&backend, "raft", &pids, sessions, session_ttl, window).await?,
-        );
-        election_row(
-            &mut report,
-            load::elections(&backend, "raft", elections).await?,
-        );
+        if options.wants("throughput") {
+            report.throughput_rows(
+                load::throughput(&backend, "raft (3 ha node)", &[1, 16], duration).await?,
+            );
+        }
+        if options.wants("sessions") {
+            session_row(
+                &mut report,
+                load::sessions(&backend, "raft", &pids, sessions, session_ttl, window).await?,
+            );
+        }
+        if options.wants("elections") {
+            election_row(
+                &mut report,
+                load::elections(&backend, "raft", elections).await?,
+            );
+        }
         let members = crate::nodes::NODES
             .iter()
             .zip(&pids)
             .map(|(id, pid)| (*pid, group.data_dir(*id)))
             .collect::<Vec<_>>();
-        let row = load::endurance(&backend, "raft", cycles, &members).await?;
-        report.footprint(
-            &format!("after {cycles} campaign+resign cycles: sled disk per member"),
-            "raft",
-            format!("{} MiB", cell(&row["disk_mib_per_member"], 1)),
-            row["disk_mib_per_member"].clone(),
-        );
-        report.footprint(
-            &format!("after {cycles} campaign+resign cycles: RSS per member"),
-            "raft",
-            format!(
-                "{} MiB ({} cycles/s)",
-                cell(&row["rss_mib_per_member"], 1),
-                cell(&row["cycles_per_s"], 0)
-            ),
-            row,
-        );
+        let row = if options.wants("endurance") {
+            load::endurance(&backend, "raft", cycles, &members).await?
+        } else {
+            Value::Null
+        };
+        if !row.is_null() {
+            report.footprint(
+                &format!("after {cycles} campaign+resign cycles: sled disk per member"),
+                "raft",
+                format!("{} MiB", cell(&row["disk_mib_per_member"], 1)),
+                row["disk_mib_per_member"].clone(),
+            );
+            report.footprint(
+                &format!("after {cycles} campaign+resign cycles: RSS per member"),
+                "raft",
+                format!(
+                    "{} MiB ({} cycles/s)",
+                    cell(&row["rss_mib_per_member"], 1),
+                    cell(&row["cycles_per_s"], 0)
+                ),
+                row,
+            );
+        }
         drop(backend);
         group.stop_all().await;
     }
@@ -403,17 +451,23 @@ async fn bench(options: &BenchOptions) -> Result<()> {
     if let Some(etcd) = &etcd {
         let backend = load::connect(&format!("etcd://{}/bench-load", etcd.endpoint)).await?;
         let pids = [etcd.pid()];
-        report.throughput_rows(
-            load::throughput(&backend, "etcd (1 server)", &[1, 16], duration).await?,
-        );
-        session_row(
-            &mut report,
-            load::sessions(&backend, "etcd", &pids, sessions, session_ttl, window).await?,
-        );
-        election_row(
-            &mut report,
-            load::elections(&backend, "etcd", elections).await?,
-        );
+        if options.wants("throughput") {
+            report.throughput_rows(
+                load::throughput(&backend, "etcd (1 server)", &[1, 16], duration).await?,
+            );
+        }
+        if options.wants("sessions") {
+            session_row(
+                &mut report,
+                load::sessions(&backend, "etcd", &pids, sessions, session_ttl, window).await?,
+            );
+        }
+        if options.wants("elections") {
+            election_row(
+                &mut report,
+                load::elections(&backend, "etcd", elections).await?,
+            );
+        }
     }
     report.footprint(
         "`ha` binary (this build)",

@@ -287,6 +287,11 @@ enum Command {
         /// (default 1,000,000; with --quick 2,000).
         #[arg(long)]
         cycles: Option<u64>,
+        /// Only these scenarios, comma-separated: memory, processes (failover and handoff
+        /// of process groups, with the etcdctl references), throughput, sessions,
+        /// elections, endurance.
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
     },
 }
 
@@ -383,7 +388,12 @@ async fn main() -> ExitCode {
         } => coordinator::run(&coordinator, &common).await,
         Command::Node(node) => node_command(node).await,
         Command::Demo { ttl } => demo_command(ttl).await,
-        Command::Bench { quick, out, cycles } => bench_command(quick, out, cycles).await,
+        Command::Bench {
+            quick,
+            out,
+            cycles,
+            only,
+        } => bench_command(bench_options(quick, out, cycles, only)).await,
     };
     exit.into()
 }
@@ -411,12 +421,35 @@ async fn demo_command(_ttl: f64) -> Exit {
 }
 
 #[cfg(feature = "raft")]
-async fn bench_command(quick: bool, out: Option<PathBuf>, cycles: Option<u64>) -> Exit {
-    bench::run(bench::BenchOptions { quick, out, cycles }).await
+type BenchOptions = bench::BenchOptions;
+#[cfg(not(feature = "raft"))]
+type BenchOptions = ();
+
+#[cfg(feature = "raft")]
+fn bench_options(
+    quick: bool,
+    out: Option<PathBuf>,
+    cycles: Option<u64>,
+    only: Vec<String>,
+) -> BenchOptions {
+    bench::BenchOptions {
+        quick,
+        out,
+        cycles,
+        only,
+    }
 }
 
 #[cfg(not(feature = "raft"))]
-async fn bench_command(_quick: bool, _out: Option<PathBuf>, _cycles: Option<u64>) -> Exit {
+fn bench_options(_: bool, _: Option<PathBuf>, _: Option<u64>, _: Vec<String>) -> BenchOptions {}
+
+#[cfg(feature = "raft")]
+async fn bench_command(options: BenchOptions) -> Exit {
+    bench::run(options).await
+}
+
+#[cfg(not(feature = "raft"))]
+async fn bench_command(_options: BenchOptions) -> Exit {
     eprintln!("ha bench: this build has no Raft backend; enable the Cargo feature \"raft\"");
     Exit::Usage
 }
