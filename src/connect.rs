@@ -76,6 +76,8 @@ impl ConnectOptions {
 /// As [`connect`]; `InvalidArgument` for unreadable certificate files, a certificate
 /// without its key, or a user without a password; `Auth` when the server refuses the
 /// credentials or cannot be trusted (the error says which).
+// Without a network backend there is nothing to pass the credentials to.
+#[cfg_attr(not(any(feature = "raft", feature = "etcd")), allow(unused_variables))]
 pub async fn connect_with(url: &str, options: &ConnectOptions) -> Result<Arc<dyn Backend>> {
     let invalid = |reason: String| Error::InvalidArgument {
         what: "url",

@@ -21,6 +21,8 @@ use tokio::time::{timeout, Instant};
 use crate::output::unix_us;
 
 /// A program on `PATH`, if any.
+// Only the etcd scenarios of `ha bench` run coordinators on an external backend.
+#[cfg_attr(not(feature = "etcd"), allow(dead_code))]
 pub fn find_program(name: &str) -> Option<std::path::PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)
@@ -64,6 +66,8 @@ pub enum Launch {
     /// `ha node` alone: Raft members that serve clients, no coordinator.
     RaftMembers,
     /// `ha run --backend URL`: coordinators on an external backend.
+    // Only the etcd scenarios of `ha bench` run coordinators on an external backend.
+    #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
     Backend(String),
 }
 
@@ -139,6 +143,8 @@ impl Group {
     }
 
     /// A group of `ha run` coordinators on an external backend.
+    // Only the etcd scenarios of `ha bench` run coordinators on an external backend.
+    #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
     pub fn on_backend(ttl: Duration, url: &str) -> Result<Self> {
         let mut group = Self::new(ttl)?;
         group.launch = Launch::Backend(url.to_owned());
@@ -325,13 +331,20 @@ impl Group {
         i32::try_from(pid).context("pid out of range")
     }
 
-    /// Stops every process still running: SIGTERM, then SIGKILL after 5 s.
+    /// Stops every process still running: SIGTERM to all at once, then SIGKILL to any
+    /// still running 5 s later. All at once, as a whole group is shut down: stopped one
+    /// by one, the last Raft member has no quorum left, so its resign and revoke can
+    /// only time out (up to 2 × TTL/3) before it exits.
     pub async fn stop_all(&mut self) {
-        for (id, child) in &mut self.children {
+        for child in self.children.values() {
             if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
                 let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
             }
-            if timeout(Duration::from_secs(5), child.wait()).await.is_err() {
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        for (id, child) in &mut self.children {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if timeout(left, child.wait()).await.is_err() {
                 eprintln!("  node {id} did not stop in 5 s; killing it");
                 let _ = child.kill().await;
             }

@@ -90,6 +90,8 @@ impl Event {
         self
     }
 
+    // Only `ha node` (the raft feature) reports a Raft leader.
+    #[cfg_attr(not(feature = "raft"), allow(dead_code))]
     /// Sets the Raft node id.
     pub fn node(mut self, node: u64) -> Self {
         self.node = Some(node);
