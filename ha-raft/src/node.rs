@@ -118,7 +118,7 @@ impl RaftNode {
             cluster_id: config.cluster_id.clone(),
             node_id: config.id,
         };
-        let db = open_db(&config.data_dir, &identity, config.cache_capacity)?;
+        let db = open_db(&config.data_dir, &identity, config.cache_capacity).await?;
         let log_store = LogStore::new(&db)?;
         let log_store_alive = log_store.liveness();
         let sm = StateMachineStore::new(&db)?;

@@ -42,22 +42,46 @@ pub struct Identity {
     pub node_id: NodeId,
 }
 
+/// How long opening waits for a database another handle still holds.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Opens (or creates) a node's database and checks it belongs to `identity`.
+/// Waits up to 5 s while another handle still holds its lock.
 ///
 /// # Errors
 /// `Storage` if sled cannot open it, `ForeignDataDir` if it holds another cluster's or
 /// node's data, `Corrupt` if its identity record does not decode.
-pub fn open_db(
+pub async fn open_db(
     dir: &Path,
     identity: &Identity,
     cache_bytes: u64,
 ) -> Result<sled::Db, RaftBackendError> {
-    let db = sled::Config::new()
+    let config = sled::Config::new()
         .path(dir)
         .cache_capacity(cache_bytes)
-        .mode(sled::Mode::LowSpace)
-        .open()
-        .map_err(|e| RaftBackendError::Storage(format!("open {}: {e}", dir.display())))?;
+        .mode(sled::Mode::LowSpace);
+    // A node stopped in this process a moment ago may still be releasing the database:
+    // the last handle can sit in a flush on tokio's blocking pool after `shutdown`
+    // returns (seen once as a failed in-process restart). Another process holding it
+    // (the lock is released when a process dies) gets the same bounded wait.
+    let deadline = tokio::time::Instant::now() + LOCK_WAIT;
+    let db = loop {
+        match config.open() {
+            Ok(db) => break db,
+            Err(sled::Error::Io(e))
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            Err(e) => {
+                return Err(RaftBackendError::Storage(format!(
+                    "open {}: {e}",
+                    dir.display()
+                )))
+            }
+        }
+    };
     let meta = db
         .open_tree("meta")
         .map_err(|e| RaftBackendError::Storage(e.to_string()))?;

@@ -19,7 +19,9 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, tempfile::TempDir> fo
             cluster_id: "suite".into(),
             node_id: 0,
         };
-        let db = open_db(dir.path(), &identity, 1 << 20).map_err(|e| io(&e))?;
+        let db = open_db(dir.path(), &identity, 1 << 20)
+            .await
+            .map_err(|e| io(&e))?;
         let logs = LogStore::new(&db).map_err(|e| io(&e))?;
         let sm = StateMachineStore::new(&db).map_err(|e| io(&e))?;
         Ok((dir, logs, sm))
