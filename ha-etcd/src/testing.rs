@@ -66,7 +66,7 @@ fn free_port() -> std::io::Result<u16> {
         .port())
 }
 
-/// The `etcd` binary on `PATH`, if any.
+/// A program on `PATH` (`etcd`, `etcdctl`), if any.
 pub fn find_binary(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)

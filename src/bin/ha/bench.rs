@@ -576,7 +576,7 @@ async fn start_etcd(report: &mut Report) -> Result<Option<ha::etcd::testing::Etc
         }
         Err(error) => return Err(error.into()),
     };
-    if crate::nodes::find_program("etcdctl").is_none() {
+    if ha::etcd::testing::find_binary("etcdctl").is_none() {
         return Err(anyhow!(
             "etcdctl is not installed (Debian package etcd-client); the references need it"
         ));

@@ -20,16 +20,6 @@ use tokio::time::{timeout, Instant};
 
 use crate::output::unix_us;
 
-/// A program on `PATH`, if any.
-// Only the etcd scenarios of `ha bench` run coordinators on an external backend.
-#[cfg_attr(not(feature = "etcd"), allow(dead_code))]
-pub fn find_program(name: &str) -> Option<std::path::PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(name))
-        .find(|candidate| candidate.is_file())
-}
-
 /// The node ids of a group.
 pub const NODES: [u64; 3] = [1, 2, 3];
 /// The coordinator role the nodes run.
