@@ -261,7 +261,7 @@ async fn bench(options: &BenchOptions) -> Result<()> {
             ],
         ),
         elections: Table::new(
-            "Many elections, three candidates each: all elected, then every leader resigns at once",
+            "Many elections, three candidates each: all elected, then every leader resigns (64 at a time)",
             &[
                 "backend",
                 "elections",
