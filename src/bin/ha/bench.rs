@@ -46,6 +46,9 @@ pub struct BenchOptions {
     pub only: Vec<String>,
 }
 
+/// The session TTL of the load scenarios.
+const SESSION_TTL: Duration = Duration::from_secs(10);
+
 /// The scenarios `--only` can pick.
 pub const SCENARIOS: &[&str] = &[
     "memory",
@@ -372,23 +375,12 @@ async fn bench(options: &BenchOptions) -> Result<()> {
         }
     }
 
-    let (duration, sessions, elections) = if quick {
-        (Duration::from_secs(2), 500, 50)
-    } else {
-        (Duration::from_secs(10), 10_000, 1_000)
-    };
     let cycles = options
         .cycles
         .unwrap_or(if quick { 2_000 } else { 1_000_000 });
-    let session_ttl = Duration::from_secs(10);
-    let window = if quick {
-        Duration::from_secs(4)
-    } else {
-        Duration::from_secs(30)
-    };
     let load = ["throughput", "sessions", "elections", "endurance"];
     if load.iter().any(|s| options.wants(s)) {
-        let mut group = Group::new(session_ttl)?;
+        let mut group = Group::new(SESSION_TTL)?;
         group.launch = crate::nodes::Launch::RaftMembers;
         group.narrated = false;
         for id in crate::nodes::NODES {
@@ -399,23 +391,15 @@ async fn bench(options: &BenchOptions) -> Result<()> {
             .iter()
             .map(|id| group.pid(*id).map(i32::unsigned_abs))
             .collect::<Result<Vec<_>>>()?;
-        if options.wants("throughput") {
-            report.throughput_rows(
-                load::throughput(&backend, "raft (3 ha node)", &[1, 16], duration).await?,
-            );
-        }
-        if options.wants("sessions") {
-            session_row(
-                &mut report,
-                load::sessions(&backend, "raft", &pids, sessions, session_ttl, window).await?,
-            );
-        }
-        if options.wants("elections") {
-            election_row(
-                &mut report,
-                load::elections(&backend, "raft", elections).await?,
-            );
-        }
+        load_scenarios(
+            &mut report,
+            options,
+            &backend,
+            "raft",
+            "raft (3 ha node)",
+            &pids,
+        )
+        .await?;
         let members = crate::nodes::NODES
             .iter()
             .zip(&pids)
@@ -451,23 +435,15 @@ async fn bench(options: &BenchOptions) -> Result<()> {
     if let Some(etcd) = &etcd {
         let backend = load::connect(&format!("etcd://{}/bench-load", etcd.endpoint)).await?;
         let pids = [etcd.pid()];
-        if options.wants("throughput") {
-            report.throughput_rows(
-                load::throughput(&backend, "etcd (1 server)", &[1, 16], duration).await?,
-            );
-        }
-        if options.wants("sessions") {
-            session_row(
-                &mut report,
-                load::sessions(&backend, "etcd", &pids, sessions, session_ttl, window).await?,
-            );
-        }
-        if options.wants("elections") {
-            election_row(
-                &mut report,
-                load::elections(&backend, "etcd", elections).await?,
-            );
-        }
+        load_scenarios(
+            &mut report,
+            options,
+            &backend,
+            "etcd",
+            "etcd (1 server)",
+            &pids,
+        )
+        .await?;
     }
     report.footprint(
         "`ha` binary (this build)",
@@ -519,6 +495,39 @@ async fn bench(options: &BenchOptions) -> Result<()> {
         let text = serde_json::to_string_pretty(&json_report)?;
         std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))?;
         println!("\nwrote {}", path.display());
+    }
+    Ok(())
+}
+
+/// Throughput, sessions and elections on one backend, as `options` asks; `pids` are
+/// its server processes.
+async fn load_scenarios(
+    report: &mut Report,
+    options: &BenchOptions,
+    backend: &Arc<dyn ha::Backend>,
+    name: &str,
+    servers: &str,
+    pids: &[u32],
+) -> Result<()> {
+    let (duration, sessions, elections, window) = if options.quick {
+        (Duration::from_secs(2), 500, 50, Duration::from_secs(4))
+    } else {
+        (
+            Duration::from_secs(10),
+            10_000,
+            1_000,
+            Duration::from_secs(30),
+        )
+    };
+    if options.wants("throughput") {
+        report.throughput_rows(load::throughput(backend, servers, &[1, 16], duration).await?);
+    }
+    if options.wants("sessions") {
+        let row = load::sessions(backend, name, pids, sessions, SESSION_TTL, window).await?;
+        session_row(report, row);
+    }
+    if options.wants("elections") {
+        election_row(report, load::elections(backend, name, elections).await?);
     }
     Ok(())
 }
