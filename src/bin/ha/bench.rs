@@ -199,6 +199,8 @@ fn cell(value: &Value, digits: usize) -> String {
 /// Everything one run measured.
 struct Report {
     gaps: Vec<Series>,
+    /// Start → STANDBY times per backend, from every group; one series each at the end.
+    start_to_standby: Vec<(&'static str, Vec<f64>)>,
     throughput: Table,
     sessions: Table,
     elections: Table,
@@ -211,6 +213,30 @@ impl Report {
             vec![what.to_owned(), backend.to_owned(), value],
             json!({ "what": what, "backend": backend, "value": json }),
         ));
+    }
+
+    /// What one group of process trials measured: its gap series, its start → STANDBY
+    /// times, and (for the first group of a backend) the idle RSS of its processes.
+    fn group_trials(
+        &mut self,
+        series: Vec<Series>,
+        footprint: processes::Footprint,
+        backend: &'static str,
+        process: &str,
+        first: bool,
+    ) {
+        self.gaps.extend(series);
+        if first {
+            let max_rss = footprint.idle_rss.iter().copied().max().unwrap_or(0);
+            self.footprint(
+                &format!("idle {process} RSS (max of 3)"),
+                backend,
+                format!("{:.1} MiB", procfs::mib(max_rss)),
+                json!(footprint.idle_rss),
+            );
+        }
+        self.start_to_standby
+            .push((backend, footprint.start_to_standby_ms));
     }
 
     fn throughput_rows(&mut self, rows: Vec<Value>) {
@@ -239,6 +265,7 @@ async fn bench(options: &BenchOptions) -> Result<()> {
     };
     let mut report = Report {
         gaps: Vec::new(),
+        start_to_standby: Vec::new(),
         throughput: Table::new(
             "Throughput: campaign+resign cycles, one candidate per election",
             &[
@@ -293,7 +320,6 @@ async fn bench(options: &BenchOptions) -> Result<()> {
     #[cfg(feature = "etcd")]
     let etcd = start_etcd(&mut report).await?;
 
-    let mut start_to_standby: Vec<(&'static str, Vec<f64>)> = Vec::new();
     let process_ttls = if options.wants("processes") {
         ttls
     } else {
@@ -305,17 +331,13 @@ async fn bench(options: &BenchOptions) -> Result<()> {
         let handoff_trials = if index == 0 { handoffs } else { 0 };
         let (series, footprint) =
             processes::trials(Group::new(ttl)?, "raft", ttl, crashes, handoff_trials).await?;
-        report.gaps.extend(series);
-        if index == 0 {
-            let max_rss = footprint.idle_rss.iter().copied().max().unwrap_or(0);
-            report.footprint(
-                "idle `ha node --active-standby` RSS (max of 3)",
-                "raft",
-                format!("{:.1} MiB", procfs::mib(max_rss)),
-                json!(footprint.idle_rss),
-            );
-        }
-        start_to_standby.push(("raft", footprint.start_to_standby_ms));
+        report.group_trials(
+            series,
+            footprint,
+            "raft",
+            "`ha node --active-standby`",
+            index == 0,
+        );
         #[cfg(feature = "etcd")]
         if let Some(etcd) = &etcd {
             let url = format!("etcd://{}/bench-ttl{}", etcd.endpoint, ttl.as_secs());
@@ -327,17 +349,7 @@ async fn bench(options: &BenchOptions) -> Result<()> {
                 handoff_trials,
             )
             .await?;
-            report.gaps.extend(series);
-            if index == 0 {
-                let max_rss = footprint.idle_rss.iter().copied().max().unwrap_or(0);
-                report.footprint(
-                    "idle `ha run` RSS (max of 3)",
-                    "etcd",
-                    format!("{:.1} MiB", procfs::mib(max_rss)),
-                    json!(footprint.idle_rss),
-                );
-            }
-            start_to_standby.push(("etcd", footprint.start_to_standby_ms));
+            report.group_trials(series, footprint, "etcd", "`ha run`", index == 0);
             report.gaps.push(
                 reference::measure(
                     &etcd.endpoint,
@@ -358,7 +370,7 @@ async fn bench(options: &BenchOptions) -> Result<()> {
             }
         }
     }
-    for (backend, times) in start_to_standby {
+    for (backend, times) in std::mem::take(&mut report.start_to_standby) {
         let all = report
             .gaps
             .iter_mut()
