@@ -25,19 +25,22 @@ fi
 # the caches cost gigabytes of disk for nothing.
 export CARGO_INCREMENTAL=0
 
-echo "== fmt"
+echo "== fmt (${SECONDS}s in)"
 cargo fmt --all --check
-echo "== clippy"
+echo "== clippy (${SECONDS}s in)"
 cargo clippy --workspace --all-targets --all-features -- -D warnings
-echo "== test"
+echo "== test (${SECONDS}s in)"
 # The process tests run the examples' binaries (tests/fenced_counter.rs): build them
 # with the same features first, whatever target filter a developer adds below.
 cargo build --workspace --all-features --examples
-cargo test --workspace --all-features
-echo "== bench (quick)"
+# Bounded: the suite takes about 10 minutes here; a hung test (libtest reports "has been
+# running for over 60 seconds" and names it) fails the run instead of eating CI's limit.
+# timeout signals its whole process group, so the test binaries go too.
+timeout --kill-after=30s 40m cargo test --workspace --all-features
+echo "== bench (quick) (${SECONDS}s in)"
 # A few trials of every benchmark scenario, so `ha bench` never rots; numbers from a
 # debug build on a busy machine mean little (docs/benchmarks.md has a release run).
-cargo run --quiet --all-features -- bench --quick --out target/bench-quick.json
-echo "== doc"
+timeout --kill-after=30s 15m cargo run --quiet --all-features -- bench --quick --out target/bench-quick.json
+echo "== doc (${SECONDS}s in)"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --all-features --no-deps
-echo "== all checks passed"
+echo "== all checks passed (${SECONDS}s in)"

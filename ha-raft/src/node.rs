@@ -27,7 +27,7 @@ use tokio::task::JoinHandle;
 use tokio::time::{sleep, sleep_until, Instant};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::command::{Command, CommandResult, KvOp, MemberRecord, NodeId, Raft};
 use crate::config::{RaftNodeConfig, MIN_TTL};
@@ -79,6 +79,10 @@ pub(crate) struct NodeInner {
     confirmer: Confirmer,
     /// Gone once openraft has dropped every handle to the log store.
     log_store_alive: std::sync::Weak<()>,
+    /// The node's own handle to its database, released last by `shutdown`, so the final
+    /// flush of sled's teardown happens there and not in whichever task happens to
+    /// drop the last tree.
+    db: Mutex<Option<sled::Db>>,
     shutdown: CancellationToken,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -122,7 +126,6 @@ impl RaftNode {
         let log_store = LogStore::new(&db)?;
         let log_store_alive = log_store.liveness();
         let sm = StateMachineStore::new(&db)?;
-        drop(db);
         let pool = Arc::new(PeerPool::new(
             config.id,
             config.cluster_id.clone(),
@@ -173,6 +176,7 @@ impl RaftNode {
             lessor: Lessor::default(),
             confirmer,
             log_store_alive,
+            db: Mutex::new(Some(db)),
             shutdown: CancellationToken::new(),
             tasks: Mutex::new(vec![confirm_task]),
         });
@@ -353,16 +357,27 @@ impl RaftNode {
         // be opened again while handles to this node remain.
         self.inner.sm.close();
         // openraft's replication tasks drop their log readers asynchronously after the
-        // core stops; wait (bounded) until the last one is gone.
+        // core stops, and a snapshot it was building finishes in a task of its own; wait
+        // (bounded) until both are done with the database.
         let deadline = Instant::now() + Duration::from_secs(5);
-        while self.inner.log_store_alive.strong_count() > 0 && Instant::now() < deadline {
+        let in_use = || self.inner.log_store_alive.strong_count() > 0 || self.inner.sm.in_use();
+        while in_use() && Instant::now() < deadline {
             sleep(Duration::from_millis(5)).await;
         }
-        if self.inner.log_store_alive.strong_count() > 0 {
+        if in_use() {
             warn!(
                 node = self.id(),
-                "log store still in use 5 s after shutdown"
+                "log or snapshot store still in use 5 s after shutdown"
             );
+        }
+        let db = self
+            .inner
+            .db
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(db) = db {
+            release(db, self.id()).await;
         }
         info!(node = self.id(), "raft node stopped");
     }
@@ -693,6 +708,33 @@ impl NodeInner {
 /// largest guarded writes stays within the 64 MiB peer message limit, but never below
 /// 16: openraft keeps one AppendEntries in flight per follower, so a batch of one would
 /// replicate one entry per round trip for every command, not just the large ones.
+/// Drops a node's last database handle, which makes sled flush and unlock the data
+/// dir. On a thread of its own, waited for at most 5 s: every acknowledged write was
+/// flushed already, and a teardown flush that never returns (seen once with sled 0.34
+/// on a tokio worker, racing a snapshot write) must not hang the runtime's shutdown.
+async fn release(db: sled::Db, node: NodeId) {
+    let (released, done) = tokio::sync::oneshot::channel();
+    let spawned = std::thread::Builder::new()
+        .name(format!("sled-release-{node}"))
+        .spawn(move || {
+            drop(db);
+            let _ = released.send(());
+        });
+    if let Err(e) = spawned {
+        warn!(node, error = %e, "no thread to release the database on; released in place");
+        return;
+    }
+    if tokio::time::timeout(Duration::from_secs(5), done)
+        .await
+        .is_err()
+    {
+        error!(
+            node,
+            "the database was not released within 5 s; its data dir stays locked"
+        );
+    }
+}
+
 fn max_payload_entries(limits: &ha_core::KvLimits) -> u64 {
     const BUDGET: usize = 48 << 20;
     // Base64 of the largest value (or a compare-and-set's two), plus key and envelope.

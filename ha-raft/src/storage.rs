@@ -341,6 +341,17 @@ struct SmShared {
     /// `None` after [`StateMachineStore::close`], so a stopped node releases its sled
     /// database (and the directory lock) even while handles to it remain.
     snapshots: Mutex<Option<sled::Tree>>,
+    /// One extra strong count per use of `snapshots` in progress: openraft builds
+    /// snapshots in tasks of their own that outlive `Raft::shutdown`, and the node must
+    /// not release the database under one of them (see `RaftNode::shutdown`).
+    uses: Arc<()>,
+}
+
+/// The snapshot tree borrowed for one operation; counts as a use until dropped.
+struct SnapshotTree {
+    // Field order is drop order: the tree handle goes before the use ends.
+    tree: sled::Tree,
+    _use: Arc<()>,
 }
 
 impl StateMachineStore {
@@ -367,6 +378,7 @@ impl StateMachineStore {
                 machine: Mutex::new(machine),
                 applied,
                 snapshots: Mutex::new(Some(snapshots)),
+                uses: Arc::new(()),
             }),
         })
     }
@@ -384,7 +396,8 @@ impl StateMachineStore {
         self.shared.applied.subscribe()
     }
 
-    /// Releases the sled tree; later snapshot operations fail.
+    /// Releases the sled tree; later snapshot operations fail. Operations already under
+    /// way finish; [`in_use`](Self::in_use) tells when they have.
     pub fn close(&self) {
         self.shared
             .snapshots
@@ -393,13 +406,23 @@ impl StateMachineStore {
             .take();
     }
 
-    fn snapshots(&self) -> StorageResult<sled::Tree> {
-        self.shared
+    /// Whether a snapshot operation (which holds the sled tree) is still under way.
+    pub fn in_use(&self) -> bool {
+        Arc::strong_count(&self.shared.uses) > 1
+    }
+
+    fn snapshots(&self) -> StorageResult<SnapshotTree> {
+        let tree = self
+            .shared
             .snapshots
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
-            .ok_or_else(|| read_err(std::io::Error::other("state machine store is closed")))
+            .ok_or_else(|| read_err(std::io::Error::other("state machine store is closed")))?;
+        Ok(SnapshotTree {
+            tree,
+            _use: Arc::clone(&self.shared.uses),
+        })
     }
 
     fn notify_applied(&self, index: u64) {
@@ -434,7 +457,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
             meta: meta.clone(),
             data,
         };
-        put_json(&self.snapshots()?, SNAPSHOT, &stored).await?;
+        put_json(&self.snapshots()?.tree, SNAPSHOT, &stored).await?;
         Ok(Snapshot {
             meta,
             snapshot: Box::new(Cursor::new(stored.data)),
@@ -505,7 +528,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         };
         let state: State = serde_json::from_slice(&stored.data)
             .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
-        put_json(&self.snapshots()?, SNAPSHOT, &stored).await?;
+        put_json(&self.snapshots()?.tree, SNAPSHOT, &stored).await?;
         let index = {
             let mut machine = self.lock();
             let changes = diff(&machine.state, &state);
@@ -522,7 +545,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
 
     async fn get_current_snapshot(&mut self) -> StorageResult<Option<Snapshot<TypeConfig>>> {
         Ok(
-            get_json::<StoredSnapshot>(&self.snapshots()?, SNAPSHOT)?.map(|stored| Snapshot {
+            get_json::<StoredSnapshot>(&self.snapshots()?.tree, SNAPSHOT)?.map(|stored| Snapshot {
                 meta: stored.meta,
                 snapshot: Box::new(Cursor::new(stored.data)),
             }),
