@@ -124,6 +124,11 @@ pub enum Command {
         /// The write.
         op: KvOp,
     },
+    /// Changes nothing. A leader stopping on purpose commits one and waits until every
+    /// follower has stored it: the entry travels with the commit index of everything
+    /// before it, so the followers apply the leader's last writes (a resign) without
+    /// waiting for the next Raft leader.
+    Handover,
 }
 
 /// Bytes that the log, the peer messages and the snapshots (all JSON) carry as base64

@@ -129,6 +129,7 @@ impl State {
                 self.remove_lease(*lease, &mut changes);
                 CommandResult::Ok
             }
+            Command::Handover => CommandResult::Ok,
             Command::Campaign {
                 lease,
                 election,

@@ -131,6 +131,7 @@ proptest! {
                 }),
                 any::<u64>().prop_map(|lease| Command::Revoke { lease }),
                 any::<u64>().prop_map(|lease| Command::Expire { lease }),
+                Just(Command::Handover),
                 (any::<u64>(), ".{0,300}", proptest::collection::vec(any::<u8>(), 0..64))
                     .prop_map(|(lease, election, value)| Command::Campaign { lease, election, value }),
                 (".{0,20}", any::<u64>(), any::<u64>())

@@ -339,3 +339,42 @@ async fn snapshots_purge_the_log_so_disk_stays_bounded() {
     }
     node.shutdown().await;
 }
+
+/// A leader stopped on purpose (not killed) hands over before it goes: every follower
+/// stores its last entry and learns that what came before is committed, in the leader's
+/// own term. A resign it committed last thus reaches the next candidate at once, not
+/// after the next Raft election.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_stopped_on_purpose_leaves_every_follower_knowing_its_last_commit() {
+    let mut group = Group::start(3).await;
+    let leader = group.leader().await;
+    let term = leader.raft().metrics().borrow().current_term;
+    let lease = leader
+        .register(&member(1), STANDBY_TTL)
+        .await
+        .unwrap_or_else(|e| panic!("register: {e}"));
+    let written = lease.id.get();
+    let stopped = leader.id();
+    drop(leader);
+    group.kill(stopped).await;
+    for (id, node) in &group.nodes {
+        let mut metrics = node.raft().metrics();
+        let seen = tokio::time::timeout(
+            Duration::from_secs(10),
+            metrics.wait_for(|m| {
+                m.last_applied.is_some_and(|l| l.index >= written)
+                    && m.last_log_index.is_some_and(|i| i > written)
+            }),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("node {id} never applied the write"))
+        .unwrap_or_else(|e| panic!("node {id}: {e}"))
+        .clone();
+        // Without a handover the next entry would be a new leader's, in a new term.
+        assert_eq!(
+            seen.current_term, term,
+            "node {id} learned of the commit only after a new Raft election"
+        );
+    }
+    group.shutdown().await;
+}

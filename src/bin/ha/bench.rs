@@ -42,6 +42,10 @@ pub struct BenchOptions {
     pub out: Option<PathBuf>,
     /// Campaign+resign cycles of the long run (default 1,000,000; quick 2,000).
     pub cycles: Option<u64>,
+    /// Crash trials per process group and TTL (default 10; quick 2).
+    pub crashes: Option<usize>,
+    /// Handoff trials per process group, at the first TTL (default 60; quick 3).
+    pub handoffs: Option<usize>,
     /// Only these scenarios (empty: all); see [`SCENARIOS`].
     pub only: Vec<String>,
 }
@@ -261,8 +265,10 @@ async fn bench(options: &BenchOptions) -> Result<()> {
     let (ttls, crashes, handoffs): (&[u64], usize, usize) = if quick {
         (&[2], 2, 3)
     } else {
-        (&[2, 5, 10], 10, 20)
+        (&[2, 5, 10], 10, 60)
     };
+    let crashes = options.crashes.unwrap_or(crashes);
+    let handoffs = options.handoffs.unwrap_or(handoffs);
     let mut report = Report {
         gaps: Vec::new(),
         start_to_standby: Vec::new(),

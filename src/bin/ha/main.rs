@@ -276,23 +276,35 @@ enum Command {
     },
     /// Measure failover (SIGKILL) and handoff (SIGTERM) gaps on this machine and print
     /// tables (n, p50, p90, p99, max); docs/benchmarks.md has a full run.
-    Bench {
-        /// Few trials and one TTL (2 s), as CI runs it.
-        #[arg(long)]
-        quick: bool,
-        /// Write the results and the machine as JSON here.
-        #[arg(long)]
-        out: Option<PathBuf>,
-        /// Campaign+resign cycles of the long run whose disk and memory are measured
-        /// (default 1,000,000; with --quick 2,000).
-        #[arg(long)]
-        cycles: Option<u64>,
-        /// Only these scenarios, comma-separated: memory, processes (failover and handoff
-        /// of process groups, with the etcdctl references), throughput, sessions,
-        /// elections, endurance.
-        #[arg(long, value_delimiter = ',')]
-        only: Vec<String>,
-    },
+    Bench(BenchArgs),
+}
+
+/// `ha bench` flags.
+#[derive(Debug, Clone, Args)]
+#[cfg_attr(not(feature = "raft"), allow(dead_code))]
+pub struct BenchArgs {
+    /// Few trials and one TTL (2 s), as CI runs it.
+    #[arg(long)]
+    quick: bool,
+    /// Write the results and the machine as JSON here.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Campaign+resign cycles of the long run whose disk and memory are measured
+    /// (default 1,000,000; with --quick 2,000).
+    #[arg(long)]
+    cycles: Option<u64>,
+    /// Crash (SIGKILL) trials per process group and TTL (default 10; with --quick 2).
+    #[arg(long)]
+    crashes: Option<usize>,
+    /// Handoff (SIGTERM) trials per process group, at the first TTL (default 60; with
+    /// --quick 3).
+    #[arg(long)]
+    handoffs: Option<usize>,
+    /// Only these scenarios, comma-separated: memory, processes (failover and handoff
+    /// of process groups, with the etcdctl references), throughput, sessions,
+    /// elections, endurance.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
 }
 
 /// `ha node` flags.
@@ -388,12 +400,7 @@ async fn main() -> ExitCode {
         } => coordinator::run(&coordinator, &common).await,
         Command::Node(node) => node_command(node).await,
         Command::Demo { ttl } => demo_command(ttl).await,
-        Command::Bench {
-            quick,
-            out,
-            cycles,
-            only,
-        } => bench_command(bench_options(quick, out, cycles, only)).await,
+        Command::Bench(args) => bench_command(bench_options(args)).await,
     };
     exit.into()
 }
@@ -426,22 +433,19 @@ type BenchOptions = bench::BenchOptions;
 type BenchOptions = ();
 
 #[cfg(feature = "raft")]
-fn bench_options(
-    quick: bool,
-    out: Option<PathBuf>,
-    cycles: Option<u64>,
-    only: Vec<String>,
-) -> BenchOptions {
+fn bench_options(args: BenchArgs) -> BenchOptions {
     bench::BenchOptions {
-        quick,
-        out,
-        cycles,
-        only,
+        quick: args.quick,
+        out: args.out,
+        cycles: args.cycles,
+        crashes: args.crashes,
+        handoffs: args.handoffs,
+        only: args.only,
     }
 }
 
 #[cfg(not(feature = "raft"))]
-fn bench_options(_: bool, _: Option<PathBuf>, _: Option<u64>, _: Vec<String>) -> BenchOptions {}
+fn bench_options(_: BenchArgs) -> BenchOptions {}
 
 #[cfg(feature = "raft")]
 async fn bench_command(options: BenchOptions) -> Exit {

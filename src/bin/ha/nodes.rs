@@ -86,6 +86,9 @@ pub struct Group {
     started: Instant,
     /// The Raft leader the nodes last reported.
     pub raft_leader: Option<u64>,
+    /// The ACTIVE whose `proclaimed` came last, (node, token), until it loses, resigns or
+    /// stops, as far as the events narrated so far tell.
+    pub ready_active: Option<(u64, u64)>,
     /// What each process runs.
     pub launch: Launch,
 }
@@ -128,6 +131,7 @@ impl Group {
             losses: Vec::new(),
             started: Instant::now(),
             raft_leader: None,
+            ready_active: None,
             launch: Launch::RaftCoordinators,
         })
     }
@@ -263,7 +267,7 @@ impl Group {
             let event = match timeout(left, self.events.recv()).await {
                 Ok(Some(event)) => event,
                 Ok(None) => bail!("the event channel closed waiting for {what}"),
-                Err(_) => bail!("no {what} within {within:?}"),
+                Err(_) => bail!("waited {within:?} for {what} in vain"),
             };
             self.narrate(&event);
             if pred(&event) {
@@ -272,9 +276,37 @@ impl Group {
         }
     }
 
-    /// Tracks the Raft leader and narrates an event.
+    /// The ready ACTIVE as of every event received so far, (node, token); waits up to
+    /// `within` for one if there is none. Between two looks at the group the ACTIVE can
+    /// change without a signal from us: a session that self-fenced while the Raft leader
+    /// moved (TTL 2 s) hands the role on.
+    pub async fn ready_active(&mut self, within: Duration) -> Result<(u64, u64)> {
+        while let Ok(event) = self.events.try_recv() {
+            self.narrate(&event);
+        }
+        if let Some(active) = self.ready_active {
+            return Ok(active);
+        }
+        let ready = self
+            .wait_for("a ready ACTIVE", within, |e| e.kind() == "proclaimed")
+            .await?;
+        Ok((ready.node, ready.token()))
+    }
+
+    /// Tracks the Raft leader and the ready ACTIVE, and narrates an event.
     pub fn narrate(&mut self, event: &NodeEvent) {
         let node = event.node;
+        match event.kind() {
+            "proclaimed" => self.ready_active = Some((node, event.token())),
+            // A new leadership starts; its holder is ready with its `proclaimed`.
+            "elected" => self.ready_active = None,
+            "lost" | "resigned" | "stopped"
+                if self.ready_active.is_some_and(|(active, _)| active == node) =>
+            {
+                self.ready_active = None;
+            }
+            _ => {}
+        }
         match event.kind() {
             "raft_leader" => {
                 let leader = event.json["node"].as_u64();

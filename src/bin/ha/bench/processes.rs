@@ -40,7 +40,7 @@ pub async fn trials(
     for id in NODES {
         group.start(id)?;
     }
-    let first = group
+    group
         .wait_for("a first ACTIVE", Duration::from_secs(30), |e| {
             e.kind() == "proclaimed"
         })
@@ -51,15 +51,15 @@ pub async fn trials(
         .iter()
         .map(|id| procfs::rss_bytes(group.pid(*id)?.unsigned_abs()))
         .collect::<Result<Vec<_>>>()?;
-    let mut active = first.node;
-    let mut token = first.token();
     let mut with_leader = Vec::new();
     let mut without_leader = Vec::new();
-    let mut graceful = Vec::new();
+    let mut graceful_with_leader = Vec::new();
+    let mut graceful_without_leader = Vec::new();
     let mut start_to_standby_ms = Vec::new();
     for trial in 0..crashes + handoffs {
         let crash = trial < crashes;
         let trial_started = Instant::now();
+        let (active, token) = group.ready_active(Duration::from_secs(30)).await?;
         let hosted_leader = group.raft_leader == Some(active);
         let sent = group.signal(
             active,
@@ -75,21 +75,20 @@ pub async fn trials(
         match (crash, hosted_leader) {
             (true, true) => with_leader.push(gap_ms),
             (true, false) => without_leader.push(gap_ms),
-            (false, _) => graceful.push(gap_ms),
+            (false, true) => graceful_with_leader.push(gap_ms),
+            (false, false) => graceful_without_leader.push(gap_ms),
         }
         // Steady state before the next trial: the new ACTIVE ready, and the stopped node
         // back as a STANDBY (after a crash, once its old lease has expired).
         let stopped = active;
-        token = next.token();
+        let elected = next.token();
         // The elected node may lose the role before it is ready (its session can
         // self-fence while the Raft leader moves); wait for whichever ACTIVE is ready.
-        let ready = group
+        group
             .wait_for("a ready ACTIVE", Duration::from_secs(30), |e| {
-                e.kind() == "proclaimed" && e.token() >= token
+                e.kind() == "proclaimed" && e.token() >= elected
             })
             .await?;
-        active = ready.node;
-        token = ready.token();
         group.reap(stopped).await;
         let spawned = unix_us();
         group.start(stopped)?;
@@ -102,8 +101,13 @@ pub async fn trials(
             .await?;
         start_to_standby_ms.push(standby.at_unix_us().saturating_sub(spawned) as f64 / 1000.0);
         println!(
-            "  trial {trial}: {} gap {gap_ms:.1} ms (trial took {:.1} s)",
+            "  trial {trial}: {} gap {gap_ms:.1} ms{} (trial took {:.1} s)",
             if crash { "crash" } else { "handoff" },
+            if hosted_leader {
+                ", the stopped process hosted the Raft leader"
+            } else {
+                ""
+            },
             trial_started.elapsed().as_secs_f64()
         );
     }
@@ -137,13 +141,23 @@ pub async fn trials(
     } else if crashes > 0 {
         series.push(series_of("failover", "SIGKILL of ha run", without_leader));
     }
-    if handoffs > 0 {
-        let variant = if raft {
-            "SIGTERM of ha node"
-        } else {
-            "SIGTERM of ha run"
-        };
-        series.push(series_of("handoff", variant, graceful));
+    if handoffs > 0 && raft {
+        series.push(series_of(
+            "handoff",
+            "SIGTERM, Raft leader survives",
+            graceful_without_leader,
+        ));
+        series.push(series_of(
+            "handoff",
+            "SIGTERM, Raft leader stopped too",
+            graceful_with_leader,
+        ));
+    } else if handoffs > 0 {
+        series.push(series_of(
+            "handoff",
+            "SIGTERM of ha run",
+            graceful_without_leader,
+        ));
     }
     Ok((
         series,
