@@ -33,7 +33,7 @@ echo "== test (${SECONDS}s in)"
 # The process tests run the examples' binaries (tests/fenced_counter.rs): build them
 # with the same features first, whatever target filter a developer adds below.
 cargo build --workspace --all-features --examples
-# Bounded: the suite takes about 10 minutes here; a hung test (libtest reports "has been
+# Bounded: the suite takes about 13 minutes here; a hung test (libtest reports "has been
 # running for over 60 seconds" and names it) fails the run instead of eating CI's limit.
 # timeout signals its whole process group, so the test binaries go too.
 timeout --kill-after=30s 40m cargo test --workspace --all-features

@@ -375,13 +375,18 @@ impl Group {
     }
 }
 
+/// Sends `signal` to process `pid` (`whom` names it in the error); returns the unix time
+/// (µs) just before sending, where a measured gap starts.
+pub fn signal_stamped(pid: i32, signal: Signal, whom: &str) -> Result<u64> {
+    let at = unix_us();
+    kill(Pid::from_raw(pid), signal).with_context(|| format!("{signal} to {whom}"))?;
+    Ok(at)
+}
+
 impl Group {
     /// Sends `signal` to node `id`; returns the unix time (µs) just before sending.
     pub fn signal(&self, id: u64, signal: Signal) -> Result<u64> {
-        let pid = self.pid(id)?;
-        let at = unix_us();
-        kill(Pid::from_raw(pid), signal).with_context(|| format!("{signal} to node {id}"))?;
-        Ok(at)
+        signal_stamped(self.pid(id)?, signal, &format!("node {id}"))
     }
 
     /// Waits for the first `elected` event of a node other than `old`, with a token above

@@ -158,24 +158,29 @@ pub async fn sessions(
 ) -> Result<Value> {
     println!("{name}: {n} sessions of TTL {ttl:?}, CPU measured over {window:?}");
     let idle_cpu = procfs::cpu_share(pids, Duration::from_secs(2)).await?;
-    let setup = Instant::now();
-    let leases = register_many(backend, n, ttl).await?;
-    let setup_s = setup.elapsed().as_secs_f64();
     let interval = ttl / 3;
     let failures = Arc::new(AtomicU64::new(0));
     let renewals = Arc::new(AtomicU64::new(0));
     let mut tasks = tokio::task::JoinSet::new();
-    for (index, lease) in leases.iter().enumerate() {
+    let setup = Instant::now();
+    let mut registered = stream::iter(0..n)
+        .map(|_| register(&**backend, ttl))
+        .buffer_unordered(SETUP_CONCURRENCY);
+    let mut leases = Vec::with_capacity(n);
+    // Each session renews every TTL/3 from its registration on, as `Session` does: a
+    // lease that waited for all 10,000 to register (7-8 s on Raft, and more on a busy
+    // machine) could expire before its first renewal. Registrations are spread over
+    // seconds, so the renewals are spread over the interval.
+    while let Some(lease) = registered.next().await {
+        let lease = lease.context("registering sessions")?;
+        leases.push(lease);
         let (backend, failures, renewals) = (
             Arc::clone(backend),
             Arc::clone(&failures),
             Arc::clone(&renewals),
         );
-        let lease = *lease;
-        // Spread the renewals evenly over the interval, as independent processes would be.
-        let offset = interval.mul_f64(index as f64 / n as f64);
         tasks.spawn(async move {
-            let mut next = tokio::time::Instant::now() + offset;
+            let mut next = tokio::time::Instant::now() + interval;
             loop {
                 tokio::time::sleep_until(next).await;
                 match backend.keep_alive(lease).await {
@@ -186,6 +191,8 @@ pub async fn sessions(
             }
         });
     }
+    drop(registered);
+    let setup_s = setup.elapsed().as_secs_f64();
     // One interval first, so every session is in its renewal rhythm.
     tokio::time::sleep(interval).await;
     let renewed_before = renewals.load(Ordering::Relaxed);
