@@ -63,6 +63,13 @@ pub const SCENARIOS: &[&str] = &[
     "endurance",
 ];
 
+/// A wait before the crash of trial `trial`: a fraction of the renewal interval (TTL/3),
+/// the fractions spread evenly over the trials (golden-ratio steps), so that crashes
+/// land at every point of the holder's renewal cycle, as real ones do.
+fn renewal_phase(ttl: Duration, trial: usize) -> Duration {
+    (ttl / 3).mul_f64((trial as f64 * 0.618_033_988_75).fract())
+}
+
 impl BenchOptions {
     fn wants(&self, scenario: &str) -> bool {
         self.only.is_empty() || self.only.iter().any(|s| s == scenario)

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use nix::sys::signal::Signal;
 
-use super::{procfs, Series};
+use super::{procfs, renewal_phase, Series};
 use crate::nodes::{Group, NODES};
 use crate::output::unix_us;
 
@@ -60,6 +60,11 @@ pub async fn trials(
         let crash = trial < crashes;
         let trial_started = Instant::now();
         let (active, token) = group.ready_active(Duration::from_secs(30)).await?;
+        if crash {
+            // Anywhere in the ACTIVE's renewal cycle: otherwise the kill follows its
+            // election by about the same time in every trial, always at one phase.
+            tokio::time::sleep(renewal_phase(ttl, trial)).await;
+        }
         let hosted_leader = group.raft_leader == Some(active);
         let sent = group.signal(
             active,

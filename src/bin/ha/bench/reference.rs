@@ -15,7 +15,7 @@ use tokio::process::{Child, Command};
 use tokio::sync::oneshot;
 use tokio::time::timeout;
 
-use super::Series;
+use super::{renewal_phase, Series};
 use crate::nodes::signal_stamped;
 use crate::output::unix_us;
 
@@ -126,14 +126,12 @@ pub async fn measure(endpoint: &str, reference: Reference, trials: usize) -> Res
         if next.acquired.try_recv().is_ok() {
             bail!("etcdctl {trial} got the lock while another held it");
         }
-        // A crash lands anywhere between two renewals of the holder's lease, as it does
-        // for our coordinators. Without this the kill came a fixed time after the
-        // holder got the lock, so always at the same point of its renewal cycle: a
-        // phase-locked gap (p50 1.52 s at TTL 2 s, 3.51 s at 5 s, 10.01 s at 10 s).
-        // The phases are spread evenly over the trials (golden-ratio steps).
+        // A crash lands anywhere between two renewals of the holder's lease. Without
+        // this the kill came a fixed time after the holder got the lock, so always at
+        // the same point of its renewal cycle: a phase-locked gap (p50 1.52 s at TTL
+        // 2 s, 3.51 s at 5 s, 10.01 s at 10 s).
         if let Reference::LockCrash { ttl } = reference {
-            let phase = (trial as f64 * 0.618_033_988_75).fract();
-            tokio::time::sleep((ttl / 3).mul_f64(phase)).await;
+            tokio::time::sleep(renewal_phase(ttl, trial)).await;
         }
         let sent = holder.signal(signal)?;
         let at = timeout(patience, &mut next.acquired)
