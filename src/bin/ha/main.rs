@@ -458,19 +458,26 @@ async fn bench_command(_options: BenchOptions) -> Exit {
     Exit::Usage
 }
 
-/// Resolves on SIGINT or SIGTERM.
-pub async fn shutdown_signal() {
+/// Resolves on SIGINT or SIGTERM. The handlers are installed when this is called, not
+/// when the future is first polled: a future that a `select!` had not polled yet left
+/// SIGTERM at its default action, and a SIGTERM right after `elected` killed `ha elect`
+/// without a resign (a clean run caught it).
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
     use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut terminate) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = terminate.recv() => {}
+    let terminate = signal(SignalKind::terminate());
+    let interrupt = signal(SignalKind::interrupt());
+    async move {
+        match (terminate, interrupt) {
+            (Ok(mut terminate), Ok(mut interrupt)) => {
+                tokio::select! {
+                    _ = interrupt.recv() => {}
+                    _ = terminate.recv() => {}
+                }
             }
-        }
-        Err(error) => {
-            tracing::warn!(%error, "cannot handle SIGTERM; only SIGINT stops this process");
-            let _ = tokio::signal::ctrl_c().await;
+            (Err(error), _) | (_, Err(error)) => {
+                tracing::warn!(%error, "cannot handle SIGTERM or SIGINT; waiting for Ctrl-C");
+                let _ = tokio::signal::ctrl_c().await;
+            }
         }
     }
 }
