@@ -68,8 +68,11 @@ pub async fn open_db(
     let db = loop {
         match config.open() {
             Ok(db) => break db,
+            // sled reports a held lock as kind `Other` with this text (config.rs), not
+            // as `WouldBlock`: matching the kind alone never retried.
             Err(sled::Error::Io(e))
-                if e.kind() == std::io::ErrorKind::WouldBlock
+                if (e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.to_string().contains("could not acquire lock"))
                     && tokio::time::Instant::now() < deadline =>
             {
                 tokio::time::sleep(std::time::Duration::from_millis(20)).await;
