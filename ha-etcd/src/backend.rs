@@ -68,7 +68,67 @@ impl MemberRecord {
     }
 }
 
-type Keeper = Arc<tokio::sync::Mutex<(LeaseKeeper, LeaseKeepAliveStream)>>;
+/// One lease's keepalive stream; `None` once a round on it was abandoned or failed.
+type Keeper = Arc<tokio::sync::Mutex<Option<(LeaseKeeper, LeaseKeepAliveStream)>>>;
+
+/// One request and its reply on a lease's keepalive stream. etcd's replies carry no
+/// request id, so a reply belongs to the oldest unanswered request: a round dropped
+/// between send and reply (the caller's timeout) leaves its reply in the stream, where
+/// the next round would read it and credit it to its own, later send time. Unless the
+/// round completes, dropping it poisons the stream (the next call opens a new one).
+struct KeepAliveRound<'a> {
+    slot: &'a mut Option<(LeaseKeeper, LeaseKeepAliveStream)>,
+    keeper: &'a Keeper,
+    keepers: &'a Mutex<HashMap<i64, Keeper>>,
+    id: i64,
+    /// The round got its reply (or its error) instead of being dropped mid-way.
+    answered: bool,
+    completed: bool,
+    reuse_when_abandoned: bool,
+}
+
+impl KeepAliveRound<'_> {
+    async fn run(&mut self, request_timeout: Duration, lease: LeaseId) -> Result<Duration> {
+        let Some((sender, stream)) = self.slot.as_mut() else {
+            return Err(Error::Unavailable("the keepalive stream was reset".into()));
+        };
+        let round = async {
+            sender.keep_alive().await?;
+            stream.message().await
+        };
+        match timeout(request_timeout, round).await {
+            Ok(Ok(Some(response))) if response.ttl() > 0 => {
+                Ok(Duration::from_secs(response.ttl() as u64))
+            }
+            Ok(Ok(Some(_))) => Err(Error::LeaseExpired { lease }),
+            Ok(Ok(None)) => Err(Error::Unavailable(
+                "etcd closed the keepalive stream".into(),
+            )),
+            Ok(Err(e)) if is_lease_not_found(&e) => Err(Error::LeaseExpired { lease }),
+            Ok(Err(e)) => Err(map(e)),
+            Err(_) => Err(Error::Timeout {
+                operation: "keep_alive",
+                after: request_timeout,
+            }),
+        }
+    }
+}
+
+impl Drop for KeepAliveRound<'_> {
+    fn drop(&mut self) {
+        if self.completed || (self.reuse_when_abandoned && !self.answered) {
+            return;
+        }
+        *self.slot = None;
+        let mut keepers = self.keepers.lock().unwrap_or_else(PoisonError::into_inner);
+        if keepers
+            .get(&self.id)
+            .is_some_and(|cached| Arc::ptr_eq(cached, self.keeper))
+        {
+            keepers.remove(&self.id);
+        }
+    }
+}
 
 /// The etcd backend. Cheap to clone.
 #[derive(Clone)]
@@ -76,6 +136,8 @@ pub struct EtcdBackend {
     client: Client,
     config: Arc<EtcdConfig>,
     keepers: Arc<Mutex<HashMap<i64, Keeper>>>,
+    /// Test-only mutant: keep a keepalive stream whose round was abandoned.
+    reuse_abandoned_streams: bool,
 }
 
 impl std::fmt::Debug for EtcdBackend {
@@ -181,7 +243,49 @@ impl EtcdBackend {
             client,
             config: Arc::new(config),
             keepers: Arc::default(),
+            reuse_abandoned_streams: false,
         })
+    }
+
+    /// Test-only mutant: keeps a keepalive stream after a round on it was abandoned, so
+    /// the abandoned round's late reply answers the next one. The proxy tests must catch
+    /// it (`tests/stale_keepalive.rs`).
+    #[cfg(feature = "testing")]
+    #[doc(hidden)]
+    pub fn with_stale_keepalive_mutant(mut self) -> Self {
+        self.reuse_abandoned_streams = true;
+        self
+    }
+
+    /// The lease's cached keepalive stream, opened if there is none.
+    async fn keeper(&self, id: i64, lease: LeaseId) -> Result<Keeper> {
+        let cached = self
+            .keepers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&id)
+            .cloned();
+        if let Some(keeper) = cached {
+            return Ok(keeper);
+        }
+        let mut client = self.client.clone();
+        let opened = match timeout(self.config.request_timeout, client.lease_keep_alive(id)).await {
+            Ok(Ok(opened)) => opened,
+            Ok(Err(e)) if is_lease_not_found(&e) => return Err(Error::LeaseExpired { lease }),
+            Ok(Err(e)) => return Err(map(e)),
+            Err(_) => {
+                return Err(Error::Timeout {
+                    operation: "keep_alive",
+                    after: self.config.request_timeout,
+                })
+            }
+        };
+        let keeper = Arc::new(tokio::sync::Mutex::new(Some(opened)));
+        self.keepers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(id, Arc::clone(&keeper));
+        Ok(keeper)
     }
 
     /// The key prefix this backend lives under (its elections are at
@@ -441,80 +545,31 @@ impl Backend for EtcdBackend {
 
     async fn keep_alive(&self, lease: LeaseId) -> Result<Duration> {
         let id = lease_i64(lease);
-        let existing = self
-            .keepers
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(&id)
-            .cloned();
-        let keeper = match existing {
-            Some(keeper) => keeper,
-            None => {
-                let mut client = self.client.clone();
-                let opened =
-                    match timeout(self.config.request_timeout, client.lease_keep_alive(id)).await {
-                        Ok(Ok(opened)) => opened,
-                        Ok(Err(e)) if is_lease_not_found(&e) => {
-                            return Err(Error::LeaseExpired { lease })
-                        }
-                        Ok(Err(e)) => return Err(map(e)),
-                        Err(_) => {
-                            return Err(Error::Timeout {
-                                operation: "keep_alive",
-                                after: self.config.request_timeout,
-                            })
-                        }
-                    };
-                let keeper = Arc::new(tokio::sync::Mutex::new(opened));
-                self.keepers
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .insert(id, Arc::clone(&keeper));
-                keeper
+        // A stream poisoned by an abandoned round while this call waited for it is
+        // replaced once; the replacement is fresh, so a second pass always has a stream.
+        for _ in 0..2 {
+            let keeper = self.keeper(id, lease).await?;
+            let mut slot = keeper.lock().await;
+            if slot.is_none() {
+                continue;
             }
-        };
-        let forget = || {
-            self.keepers
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .remove(&id);
-        };
-        let mut guard = keeper.lock().await;
-        let (sender, stream) = &mut *guard;
-        let round = async {
-            sender.keep_alive().await?;
-            stream.message().await
-        };
-        match timeout(self.config.request_timeout, round).await {
-            Ok(Ok(Some(response))) if response.ttl() > 0 => {
-                Ok(Duration::from_secs(response.ttl() as u64))
-            }
-            Ok(Ok(Some(_))) => {
-                forget();
-                Err(Error::LeaseExpired { lease })
-            }
-            Ok(Ok(None)) => {
-                forget();
-                Err(Error::Unavailable(
-                    "etcd closed the keepalive stream".into(),
-                ))
-            }
-            Ok(Err(e)) => {
-                forget();
-                if is_lease_not_found(&e) {
-                    Err(Error::LeaseExpired { lease })
-                } else {
-                    Err(map(e))
-                }
-            }
-            Err(_) => {
-                forget();
-                Err(Error::Timeout {
-                    operation: "keep_alive",
-                    after: self.config.request_timeout,
-                })
-            }
+            let mut round = KeepAliveRound {
+                slot: &mut slot,
+                keeper: &keeper,
+                keepers: &self.keepers,
+                id,
+                answered: false,
+                completed: false,
+                reuse_when_abandoned: self.reuse_abandoned_streams,
+            };
+            let result = round.run(self.config.request_timeout, lease).await;
+            round.answered = true;
+            round.completed = result.is_ok();
+            return result;
         }
+        Err(Error::Unavailable(
+            "the keepalive stream was reset twice while waiting for it".into(),
+        ))
     }
 
     async fn revoke(&self, lease: LeaseId) -> Result<()> {

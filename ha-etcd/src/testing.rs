@@ -163,6 +163,11 @@ impl Etcd {
         Ok(())
     }
 
+    /// The client endpoint, `127.0.0.1:port`.
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
     /// The server's PID.
     pub fn pid(&self) -> u32 {
         self.child.id()
@@ -205,13 +210,19 @@ impl Etcd {
 
     /// A backend on this server under a prefix no other caller uses.
     pub async fn backend(&self) -> ha_core::Result<EtcdBackend> {
+        EtcdBackend::connect(self.config()).await
+    }
+
+    /// Settings for this server under a prefix no other caller uses (point
+    /// `endpoints` elsewhere, at a proxy, to put faults between client and server).
+    pub fn config(&self) -> EtcdConfig {
         static NEXT: AtomicU64 = AtomicU64::new(0);
         let prefix = format!(
             "ha-test-{}-{}",
             std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed)
         );
-        EtcdBackend::connect(EtcdConfig::new([self.endpoint.clone()]).with_prefix(prefix)).await
+        EtcdConfig::new([self.endpoint.clone()]).with_prefix(prefix)
     }
 }
 
