@@ -48,10 +48,12 @@ pub enum Error {
         reason: String,
     },
 
-    /// A key or value of the guarded store is longer than the backend's limit.
+    /// Something is longer than its limit: a key or value of the guarded store
+    /// ([`KvLimits`](crate::KvLimits)), a leader value, or a member's address or
+    /// metadata ([`RecordLimits`](crate::RecordLimits)).
     #[error("{what} too large: {size} bytes, the limit is {limit}")]
     TooLarge {
-        /// `key` or `value`.
+        /// `key`, `value`, `leader value`, `address` or `metadata`.
         what: &'static str,
         /// Its size in bytes.
         size: usize,

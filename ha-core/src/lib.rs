@@ -6,6 +6,7 @@ mod backend;
 mod error;
 mod kv;
 mod leadership;
+mod limits;
 mod session;
 mod types;
 
@@ -23,6 +24,7 @@ pub use kv::{
     DEFAULT_MAX_VALUE_BYTES,
 };
 pub use leadership::Leadership;
+pub use limits::{RecordLimits, MAX_ADDRESS_BYTES, MAX_LEADER_VALUE_BYTES, MAX_METADATA_BYTES};
 pub use session::{
     LossReason, Session, SessionBuilder, SessionOptions, SessionState, DEFAULT_DRIFT, DEFAULT_TTL,
 };

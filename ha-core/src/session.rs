@@ -341,7 +341,10 @@ impl Session {
         backend.capabilities().check_ttl(options.ttl)?;
         options.validate()?;
         let sent = Instant::now();
-        let lease = backend.register(&member, options.ttl).await?;
+        let mut lease = backend.register(&member, options.ttl).await?;
+        // The deadline never counts on more than was asked: a server that reports more
+        // (a bug, a corrupt reply) would otherwise stretch it, up to never fencing.
+        lease.ttl = lease.ttl.min(options.ttl);
         let (state, _) = watch::channel(SessionState::Alive);
         let shared = Arc::new(SessionShared {
             backend,
@@ -544,6 +547,7 @@ async fn keepalive_loop(shared: Arc<SessionShared>) {
         };
         match outcome {
             Ok(Ok(granted)) => {
+                let granted = granted.min(ttl);
                 metrics::histogram!("ha_keepalive_seconds", "backend" => shared.backend.name())
                     .record(sent.elapsed().as_secs_f64());
                 shared.extend(sent, granted);

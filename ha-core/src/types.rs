@@ -303,6 +303,8 @@ pub struct Capabilities {
     pub virtual_time: bool,
     /// Size limits of the guarded store ([`Backend::kv_write`](crate::Backend::kv_write)).
     pub kv_limits: KvLimits,
+    /// Size limits of leader values and member records, the same on every backend.
+    pub record_limits: crate::RecordLimits,
 }
 
 impl Capabilities {
@@ -315,6 +317,7 @@ impl Capabilities {
                 max_key_bytes: crate::kv::DEFAULT_MAX_KEY_BYTES,
                 max_value_bytes: crate::kv::DEFAULT_MAX_VALUE_BYTES,
             },
+            record_limits: crate::RecordLimits::DEFAULT,
         }
     }
 

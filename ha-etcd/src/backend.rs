@@ -15,7 +15,7 @@ use futures::StreamExt;
 use ha_core::{
     Backend, Capabilities, ElectionName, Error, FencingToken, KvKey, KvWrite, KvWriteOutcome,
     Leader, LeaderEvent, LeaderKey, LeaderStream, Lease, LeaseId, Member, MemberEvent,
-    MemberStream, Result, Role, ServerId,
+    MemberStream, RecordLimits, Result, Role, ServerId,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -148,8 +148,21 @@ impl std::fmt::Debug for EtcdBackend {
     }
 }
 
-fn lease_i64(lease: LeaseId) -> i64 {
-    lease.get() as i64
+/// etcd's lease ids and revisions are non-negative `i64`s; a larger one cannot be
+/// ours (a crafted or corrupted key), and a plain cast would turn it negative.
+fn lease_i64(lease: LeaseId) -> Result<i64> {
+    i64::try_from(lease.get()).map_err(|_| Error::InvalidArgument {
+        what: "lease",
+        reason: format!("lease {lease} is above etcd's largest lease id (2^63 - 1)"),
+    })
+}
+
+/// See [`lease_i64`].
+fn token_i64(token: FencingToken) -> Result<i64> {
+    i64::try_from(token.get()).map_err(|_| Error::InvalidArgument {
+        what: "token",
+        reason: format!("token {token} is above etcd's largest revision (2^63 - 1)"),
+    })
 }
 
 fn lease_id(raw: i64) -> LeaseId {
@@ -366,7 +379,7 @@ impl EtcdBackend {
         let response = self
             .bounded(
                 "lease_time_to_live",
-                client.lease_time_to_live(lease_i64(lease), None),
+                client.lease_time_to_live(lease_i64(lease)?, None),
             )
             .await?;
         Ok(response.ttl() > 0)
@@ -506,6 +519,7 @@ impl Backend for EtcdBackend {
 
     async fn register(&self, member: &Member, ttl: Duration) -> Result<Lease> {
         self.capabilities().check_ttl(ttl)?;
+        RecordLimits::DEFAULT.check_member(member)?;
         let seconds = ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0);
         let mut client = self.client.clone();
         let grant = self
@@ -544,7 +558,7 @@ impl Backend for EtcdBackend {
     }
 
     async fn keep_alive(&self, lease: LeaseId) -> Result<Duration> {
-        let id = lease_i64(lease);
+        let id = lease_i64(lease)?;
         // A stream poisoned by an abandoned round while this call waited for it is
         // replaced once; the replacement is fresh, so a second pass always has a stream.
         for _ in 0..2 {
@@ -576,11 +590,11 @@ impl Backend for EtcdBackend {
         self.keepers
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .remove(&lease_i64(lease));
+            .remove(&lease_i64(lease)?);
         let mut client = self.client.clone();
         match timeout(
             self.config.request_timeout,
-            client.lease_revoke(lease_i64(lease)),
+            client.lease_revoke(lease_i64(lease)?),
         )
         .await
         {
@@ -600,8 +614,9 @@ impl Backend for EtcdBackend {
         election: &ElectionName,
         value: Bytes,
     ) -> Result<LeaderKey> {
+        RecordLimits::DEFAULT.check_leader_value(&value)?;
         let key = keys::candidate_key(self.prefix(), election, lease);
-        let put = PutOptions::new().with_lease(lease_i64(lease));
+        let put = PutOptions::new().with_lease(lease_i64(lease)?);
         let txn = Txn::new()
             .when(vec![Compare::create_revision(
                 key.as_str(),
@@ -673,15 +688,16 @@ impl Backend for EtcdBackend {
 
     async fn resign(&self, key: &LeaderKey) -> Result<()> {
         let candidate = keys::candidate_key(self.prefix(), &key.election, key.lease);
-        self.delete_candidacy(&candidate, key.token.get() as i64)
+        self.delete_candidacy(&candidate, token_i64(key.token)?)
             .await
     }
 
     async fn proclaim(&self, key: &LeaderKey, value: Bytes) -> Result<()> {
+        RecordLimits::DEFAULT.check_leader_value(&value)?;
         let (_, candidates) = self.candidates(&key.election).await?;
         let head = candidates.first();
         let candidate = keys::candidate_key(self.prefix(), &key.election, key.lease);
-        let token = key.token.get() as i64;
+        let token = token_i64(key.token)?;
         let not_leader = || Error::NotLeader {
             election: key.election.clone(),
             current: head.map(|kv| FencingToken::new(kv.create_revision() as u64)),
@@ -751,7 +767,7 @@ impl Backend for EtcdBackend {
         let candidate = keys::candidate_key(prefix, &guard.election, guard.lease);
         let election = keys::election_prefix(prefix, &guard.election);
         let key = keys::kv_key(prefix, &guard.election, write.key());
-        let token = guard.token.get() as i64;
+        let token = token_i64(guard.token)?;
         // The guard, in the same transaction as the write: the writer's key exists with
         // its token as create revision, and no candidate key of the election is older,
         // so it heads the queue (etcd's range compare checks every key under the prefix).

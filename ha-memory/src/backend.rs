@@ -8,7 +8,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use ha_core::{
     Backend, Capabilities, ElectionName, Error, KvKey, KvLimits, KvWrite, KvWriteOutcome, Leader,
-    LeaderKey, LeaderStream, Lease, LeaseId, Member, MemberStream, Result, Role,
+    LeaderKey, LeaderStream, Lease, LeaseId, Member, MemberStream, RecordLimits, Result, Role,
 };
 use tokio::sync::{mpsc, watch};
 use tokio::time::{sleep_until, Instant};
@@ -134,6 +134,13 @@ impl MemoryBackend {
         self.inner.lock().faults.unavailable = unavailable;
     }
 
+    /// Makes `register` and `keep_alive` report `granted` as the TTL given (a server
+    /// that claims more than it keeps, or a corrupt reply), while leases still end at
+    /// the TTL asked. `None` reports the truth again.
+    pub fn granted_ttl_fault(&self, granted: Option<Duration>) {
+        self.inner.lock().faults.granted_ttl = granted;
+    }
+
     /// Breaks the guarded store on purpose: writes are applied without checking that
     /// the writer leads, as a plain key-value store would. For showing that the history
     /// checker catches what the guard prevents; never set it otherwise.
@@ -216,6 +223,7 @@ impl Backend for MemoryBackend {
 
     async fn register(&self, member: &Member, ttl: Duration) -> Result<Lease> {
         self.capabilities().check_ttl(ttl)?;
+        RecordLimits::DEFAULT.check_member(member)?;
         self.mutate(|state, now| {
             if state
                 .members
@@ -228,7 +236,10 @@ impl Backend for MemoryBackend {
             }
             self.start_reaper(state);
             let id = state.new_lease(member.clone(), ttl, now);
-            Ok(Lease { id, ttl })
+            Ok(Lease {
+                id,
+                ttl: state.faults.granted_ttl.unwrap_or(ttl),
+            })
         })
     }
 
@@ -246,7 +257,8 @@ impl Backend for MemoryBackend {
             .get_mut(&lease)
             .ok_or(Error::LeaseExpired { lease })?;
         entry.deadline = now + entry.ttl;
-        Ok(entry.ttl)
+        let ttl = entry.ttl;
+        Ok(state.faults.granted_ttl.unwrap_or(ttl))
         // No notify: a renewal changes nothing anyone waits on except the reaper's
         // next deadline, which only moves later.
     }
@@ -264,6 +276,7 @@ impl Backend for MemoryBackend {
         election: &ElectionName,
         value: Bytes,
     ) -> Result<LeaderKey> {
+        RecordLimits::DEFAULT.check_leader_value(&value)?;
         let key = self.mutate(|state, now| {
             let existing = state
                 .leases
@@ -333,6 +346,7 @@ impl Backend for MemoryBackend {
     }
 
     async fn proclaim(&self, key: &LeaderKey, value: Bytes) -> Result<()> {
+        RecordLimits::DEFAULT.check_leader_value(&value)?;
         self.mutate(|state, now| {
             let leader = state.leader(&key.election);
             match leader {

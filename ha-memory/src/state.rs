@@ -48,6 +48,7 @@ pub(crate) struct Faults {
     pub(crate) notification_delay: Duration,
     pub(crate) unavailable: bool,
     pub(crate) unguarded_writes: bool,
+    pub(crate) granted_ttl: Option<Duration>,
 }
 
 #[derive(Debug)]

@@ -269,3 +269,29 @@ fn is_valid_turns_false_at_the_deadline_even_if_no_task_ran() {
         assert!(!la.is_valid());
     });
 }
+
+/// A server that reports a TTL far above the one asked (a bug, a corrupt reply, a
+/// hostile proxy) must not stretch the deadline past the lease it really keeps, nor
+/// overflow the clock.
+#[tokio::test(start_paused = true)]
+async fn a_granted_ttl_above_the_one_asked_is_capped() {
+    let backend = MemoryBackend::new();
+    let ttl = Duration::from_secs(5);
+    backend.granted_ttl_fault(Some(Duration::from_secs(u64::MAX / 4)));
+    let a = session(&backend, 1, ttl).await;
+    let leadership = a
+        .campaign(&election(), "a")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    tokio::time::sleep(ttl).await;
+    assert!(leadership.is_valid());
+    assert!(
+        a.deadline() <= Instant::now() + ttl,
+        "the deadline is {:?} away, beyond the TTL asked",
+        a.deadline() - Instant::now()
+    );
+    backend.fail_keep_alive_fault(a.lease(), true);
+    tokio::time::sleep(ttl).await;
+    assert!(!leadership.is_valid(), "the session never fenced itself");
+    assert_eq!(a.state(), SessionState::Lost(LossReason::SelfFenced));
+}

@@ -14,7 +14,7 @@ use futures::StreamExt;
 use ha_core::{
     Backend, Capabilities, ElectionName, Error, KvKey, KvLimits, KvWrite, KvWriteOutcome, Leader,
     LeaderEvent, LeaderKey, LeaderStream, Lease, LeaseId, Member, MemberEvent, MemberStream,
-    Result, Role, ServerId,
+    RecordLimits, Result, Role, ServerId,
 };
 use tokio::sync::mpsc;
 use tokio::time::{sleep, Instant};
@@ -310,6 +310,7 @@ impl Backend for RaftClient {
 
     async fn register(&self, member: &Member, ttl: Duration) -> Result<Lease> {
         self.capabilities().check_ttl(ttl)?;
+        RecordLimits::DEFAULT.check_member(member)?;
         let request = proto::RegisterRequest {
             member: Some(member_to_proto(member)),
             ttl_ms: ttl.as_millis() as u64,
@@ -352,6 +353,7 @@ impl Backend for RaftClient {
         election: &ElectionName,
         value: Bytes,
     ) -> Result<LeaderKey> {
+        RecordLimits::DEFAULT.check_leader_value(&value)?;
         let request = proto::CampaignRequest {
             lease: lease.get(),
             election: election.as_str().to_owned(),
@@ -385,6 +387,7 @@ impl Backend for RaftClient {
     }
 
     async fn proclaim(&self, key: &LeaderKey, value: Bytes) -> Result<()> {
+        RecordLimits::DEFAULT.check_leader_value(&value)?;
         let request = proto::ProclaimRequest {
             key: Some(key_to_proto(key)),
             value: value.to_vec(),

@@ -91,6 +91,7 @@ pub enum Command {
         /// Election name.
         election: String,
         /// Value to publish while leading.
+        #[serde(with = "compact_bytes")]
         value: Vec<u8>,
     },
     /// Remove a candidacy if it still stands.
@@ -111,6 +112,7 @@ pub enum Command {
         /// Leader's token.
         token: u64,
         /// New value.
+        #[serde(with = "compact_bytes")]
         value: Vec<u8>,
     },
     /// A write to an election's guarded store, applied only if the key leads.
@@ -138,19 +140,60 @@ pub struct Blob(pub Vec<u8>);
 
 impl Serialize for Blob {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        use base64::Engine as _;
-        serializer.serialize_str(&base64::engine::general_purpose::STANDARD.encode(&self.0))
+        compact_bytes::serialize(&self.0, serializer)
     }
 }
 
 impl<'de> Deserialize<'de> for Blob {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        use base64::Engine as _;
-        let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
-        base64::engine::general_purpose::STANDARD
-            .decode(text.as_bytes())
-            .map(Blob)
-            .map_err(serde::de::Error::custom)
+        compact_bytes::deserialize(deserializer).map(Blob)
+    }
+}
+
+/// `#[serde(with)]` for byte fields of the log and snapshots: written as base64, read
+/// from base64 or from the array of numbers that data dirs written before carry.
+pub mod compact_bytes {
+    use base64::Engine as _;
+
+    /// Writes base64.
+    pub fn serialize<S: serde::Serializer>(bytes: &[u8], serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&base64::engine::general_purpose::STANDARD.encode(bytes))
+    }
+
+    /// Reads base64 or an array of numbers.
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Vec<u8>, D::Error> {
+        deserializer.deserialize_any(Visitor)
+    }
+
+    struct Visitor;
+
+    impl<'de> serde::de::Visitor<'de> for Visitor {
+        type Value = Vec<u8>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("base64 text or an array of bytes")
+        }
+
+        fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Vec<u8>, E> {
+            base64::engine::general_purpose::STANDARD
+                .decode(text.as_bytes())
+                .map_err(E::custom)
+        }
+
+        fn visit_bytes<E: serde::de::Error>(self, bytes: &[u8]) -> Result<Vec<u8>, E> {
+            Ok(bytes.to_vec())
+        }
+
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u8>, A::Error> {
+            // The hint comes from the input: cap it, so a claimed length costs nothing.
+            let mut bytes = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(4096));
+            while let Some(byte) = seq.next_element::<u8>()? {
+                bytes.push(byte);
+            }
+            Ok(bytes)
+        }
     }
 }
 
@@ -269,4 +312,38 @@ pub enum CommandResult {
         /// The current leader's token.
         current: Option<u64>,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn campaign(value: Vec<u8>) -> Command {
+        Command::Campaign {
+            lease: 7,
+            election: "e".into(),
+            value,
+        }
+    }
+
+    #[test]
+    fn leader_values_are_base64_in_the_log_and_old_number_arrays_still_load() {
+        let value = vec![0xffu8; 64 * 1024];
+        let encoded =
+            serde_json::to_vec(&campaign(value.clone())).unwrap_or_else(|e| panic!("{e}"));
+        // base64 is 4/3 of the bytes; a JSON array of 255s was 4x.
+        assert!(
+            encoded.len() < value.len() * 14 / 10,
+            "{} bytes",
+            encoded.len()
+        );
+        let back: Command = serde_json::from_slice(&encoded).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(back, campaign(value));
+
+        let old = br#"{"Campaign":{"lease":7,"election":"e","value":[104,105]}}"#;
+        let back: Command = serde_json::from_slice(old).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(back, campaign(b"hi".to_vec()));
+        let bad = br#"{"Campaign":{"lease":7,"election":"e","value":[104,300]}}"#;
+        assert!(serde_json::from_slice::<Command>(bad).is_err());
+    }
 }

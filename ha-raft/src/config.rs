@@ -35,8 +35,13 @@ pub struct RaftNodeConfig {
     pub data_dir: PathBuf,
     /// The group's identity; a data dir or a peer from another cluster is refused.
     pub cluster_id: String,
-    /// Raft heartbeat interval.
+    /// How often the Raft leader tells followers it is alive (and what is committed).
     pub heartbeat_interval: Duration,
+    /// How long one peer RPC may take: an AppendEntries, a vote, one round of
+    /// leadership confirmation. `None`: a third of the shortest election timeout, so a
+    /// slow link (longer RTT) is tuned by raising the election timeout alone. Kept
+    /// apart from the heartbeat, which only sets how often the leader speaks.
+    pub rpc_timeout: Option<Duration>,
     /// Raft election timeout range (each node draws once in it).
     pub election_timeout: (Duration, Duration),
     /// How long one client operation may wait for a leader or a peer.
@@ -71,6 +76,7 @@ impl std::fmt::Debug for RaftNodeConfig {
             .field("data_dir", &self.data_dir)
             .field("cluster_id", &self.cluster_id)
             .field("heartbeat_interval", &self.heartbeat_interval)
+            .field("rpc_timeout", &self.effective_rpc_timeout())
             .field("election_timeout", &self.election_timeout)
             .field("request_timeout", &self.request_timeout)
             .field("snapshot_every", &self.snapshot_every)
@@ -83,7 +89,8 @@ impl std::fmt::Debug for RaftNodeConfig {
 }
 
 impl RaftNodeConfig {
-    /// A node with default timings: heartbeat 50 ms, election timeout 250–500 ms,
+    /// A node with default timings: heartbeat 50 ms, election timeout 250–500 ms, RPC
+    /// timeout 83 ms (a third of the shortest election timeout),
     /// request timeout 5 s, 16 MiB sled cache, a snapshot every 1000 entries. A Raft
     /// leader change must fit well inside the session TTL (TTL ≥ 3× failover).
     pub fn new(
@@ -100,6 +107,7 @@ impl RaftNodeConfig {
             data_dir: data_dir.into(),
             cluster_id: "ha".to_owned(),
             heartbeat_interval: Duration::from_millis(50),
+            rpc_timeout: None,
             election_timeout: (Duration::from_millis(250), Duration::from_millis(500)),
             request_timeout: Duration::from_secs(5),
             cache_capacity: 16 << 20,
@@ -135,6 +143,35 @@ impl RaftNodeConfig {
         self.heartbeat_interval = heartbeat;
         self.election_timeout = election;
         self
+    }
+
+    /// Timings for links whose round trip takes `rtt` (a WAN, a cellular uplink): an RPC
+    /// timeout of `2·rtt + 60 ms` (a round trip, a queued one, and a disk flush), an
+    /// election timeout of at least three RPC timeouts (never below 250 ms) up to twice
+    /// that, and a heartbeat a sixth of the shortest election timeout (at least 50 ms).
+    /// `rtt = 0` gives about the defaults. docs/backends/raft.md says how to choose.
+    pub fn with_timing_for_rtt(mut self, rtt: Duration) -> Self {
+        let rpc = rtt * 2 + Duration::from_millis(60);
+        let election_min = (rpc * 3).max(Duration::from_millis(250));
+        self.election_timeout = (election_min, election_min * 2);
+        self.heartbeat_interval = (election_min / 6).max(Duration::from_millis(50));
+        self.rpc_timeout = Some(rpc);
+        self
+    }
+
+    /// Sets how long one peer RPC (replication, a vote, a leadership confirmation) may
+    /// take; by default a third of the shortest election timeout.
+    pub fn with_rpc_timeout(mut self, rpc_timeout: Duration) -> Self {
+        self.rpc_timeout = Some(rpc_timeout);
+        self
+    }
+
+    /// How long one peer RPC may take: the one set, or a third of the shortest election
+    /// timeout, and never less than the heartbeat interval.
+    pub fn effective_rpc_timeout(&self) -> Duration {
+        self.rpc_timeout
+            .unwrap_or(self.election_timeout.0 / 3)
+            .max(self.heartbeat_interval)
     }
 
     /// Sets the per-operation timeout.
@@ -190,6 +227,12 @@ impl RaftNodeConfig {
             return bad(format!(
                 "need 0 < heartbeat ({:?}) < election timeout min ({min:?}) < max ({max:?})",
                 self.heartbeat_interval
+            ));
+        }
+        let rpc = self.effective_rpc_timeout();
+        if rpc >= min {
+            return bad(format!(
+                "the RPC timeout ({rpc:?}) must be shorter than the election timeout min ({min:?})"
             ));
         }
         if !self.peers.is_empty() && !self.peers.contains_key(&self.id) {

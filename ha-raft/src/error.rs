@@ -19,6 +19,15 @@ pub enum RaftBackendError {
         /// What this node is.
         expected: String,
     },
+    /// The data directory holds files that are not an ha-raft data dir (a home
+    /// directory given by mistake); nothing was written to it.
+    #[error("data directory {dir} is not empty and holds no ha-raft data (it has {found}); give an empty or new directory")]
+    NotADataDir {
+        /// The directory.
+        dir: String,
+        /// One of the files found.
+        found: String,
+    },
     /// Stored or received bytes do not decode.
     #[error("corrupt data: {0}")]
     Corrupt(String),

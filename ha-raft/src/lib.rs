@@ -8,6 +8,7 @@ mod client;
 pub mod command;
 mod config;
 mod error;
+mod heartbeat;
 pub mod hub;
 mod lessor;
 mod network;

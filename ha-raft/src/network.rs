@@ -6,7 +6,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use openraft::error::{
-    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+    InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError,
+    Unreachable,
 };
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
@@ -25,6 +26,22 @@ use crate::tls::RaftTls;
 
 /// How long connecting to a peer may take before it counts as unreachable.
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// The most bytes one AppendEntries carries, encoded. A larger batch is refused with
+/// openraft's `PayloadTooLarge` before it is sent, and openraft splits it; one entry
+/// alone always goes (the size limits keep it far below the peer message limit).
+pub(crate) const MAX_APPEND_BYTES: usize = 4 << 20;
+
+/// How many entries to send instead, when `entries` entries encode to `encoded` bytes
+/// and that is over `budget`: `None` when the batch fits or is a single entry.
+fn entries_hint(encoded: usize, entries: usize, budget: usize) -> Option<u64> {
+    if encoded <= budget || entries <= 1 {
+        return None;
+    }
+    // Scaled by the average entry size, and always fewer than now so it converges.
+    let fit = (entries as u128 * budget as u128 / encoded as u128) as usize;
+    Some(fit.clamp(1, entries - 1) as u64)
+}
 
 /// Test-only network faults between nodes of one process: partitions, delay, drops.
 /// Off (all traffic passes) unless a test changes it. Share one injector between the
@@ -213,6 +230,19 @@ impl PeerPool {
         request: &Req,
         timeout: Duration,
     ) -> Result<Resp, PeerError> {
+        let payload = encode(addr, request)?;
+        self.call_encoded(to, addr, rpc, payload, timeout).await
+    }
+
+    /// [`PeerPool::call`] with the payload already encoded.
+    pub async fn call_encoded<Resp: DeserializeOwned>(
+        &self,
+        to: NodeId,
+        addr: &str,
+        rpc: PeerRpc,
+        payload: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Resp, PeerError> {
         let unreachable = |reason: String| PeerError::Unreachable {
             peer: addr.to_owned(),
             reason,
@@ -223,10 +253,6 @@ impl PeerPool {
                 .await
                 .map_err(|e| unreachable(e.to_string()))?;
         }
-        let payload = serde_json::to_vec(request).map_err(|e| PeerError::Refused {
-            peer: addr.to_owned(),
-            reason: format!("encode: {e}"),
-        })?;
         let message = PeerRequest {
             cluster_id: self.cluster_id.clone(),
             from: self.me,
@@ -279,6 +305,13 @@ impl PeerPool {
     }
 }
 
+fn encode<Req: Serialize>(addr: &str, request: &Req) -> Result<Vec<u8>, PeerError> {
+    serde_json::to_vec(request).map_err(|e| PeerError::Refused {
+        peer: addr.to_owned(),
+        reason: format!("encode: {e}"),
+    })
+}
+
 /// openraft's network factory over the pool.
 #[derive(Debug, Clone)]
 pub struct Network {
@@ -324,9 +357,24 @@ impl Connection {
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
     {
+        let payload =
+            encode(&self.addr, request).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        self.raft_call_encoded(rpc, payload, option).await
+    }
+
+    async fn raft_call_encoded<Resp, E>(
+        &self,
+        rpc: PeerRpc,
+        payload: Vec<u8>,
+        option: &RPCOption,
+    ) -> Result<Resp, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>
+    where
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
         let reply: Result<Resp, RaftError<NodeId, E>> = self
             .pool
-            .call(self.target, &self.addr, rpc, request, option.hard_ttl())
+            .call_encoded(self.target, &self.addr, rpc, payload, option.hard_ttl())
             .await
             .map_err(|e| match e {
                 PeerError::Unreachable { .. } => RPCError::Unreachable(Unreachable::new(&e)),
@@ -342,7 +390,15 @@ impl RaftNetwork<TypeConfig> for Connection {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        self.raft_call(PeerRpc::AppendEntries, &rpc, &option).await
+        let payload =
+            encode(&self.addr, &rpc).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        if let Some(hint) = entries_hint(payload.len(), rpc.entries.len(), MAX_APPEND_BYTES) {
+            return Err(RPCError::PayloadTooLarge(
+                PayloadTooLarge::new_entries_hint(hint),
+            ));
+        }
+        self.raft_call_encoded(PeerRpc::AppendEntries, payload, &option)
+            .await
     }
 
     async fn install_snapshot(
@@ -363,5 +419,20 @@ impl RaftNetwork<TypeConfig> for Connection {
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
         self.raft_call(PeerRpc::Vote, &rpc, &option).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::entries_hint;
+
+    #[test]
+    fn a_batch_over_the_budget_is_cut_by_its_average_entry_size_and_one_entry_always_goes() {
+        assert_eq!(entries_hint(100, 10, 100), None);
+        assert_eq!(entries_hint(1000, 1, 100), None);
+        assert_eq!(entries_hint(1000, 10, 100), Some(1));
+        assert_eq!(entries_hint(400, 100, 100), Some(25));
+        // Just over the budget: still fewer than now, so the retry converges.
+        assert_eq!(entries_hint(101, 10, 100), Some(9));
     }
 }

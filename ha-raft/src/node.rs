@@ -16,7 +16,7 @@ use futures::StreamExt;
 use ha_core::{
     Backend, Capabilities, ElectionName, Error, FencingToken, KvKey, KvWrite, KvWriteOutcome,
     Leader, LeaderEvent, LeaderKey, LeaderStream, Lease, LeaseId, Member, MemberEvent,
-    MemberStream, Result, Role, ServerId,
+    MemberStream, RecordLimits, Result, Role, ServerId,
 };
 use openraft::error::{ClientWriteError, InitializeError, RaftError};
 use openraft::{BasicNode, ServerState, SnapshotPolicy};
@@ -71,8 +71,8 @@ pub struct RaftNode {
 }
 
 pub(crate) struct NodeInner {
-    config: RaftNodeConfig,
-    raft: Raft,
+    pub(crate) config: RaftNodeConfig,
+    pub(crate) raft: Raft,
     sm: StateMachineStore,
     pool: Arc<PeerPool>,
     lessor: Lessor,
@@ -83,7 +83,7 @@ pub(crate) struct NodeInner {
     /// flush of sled's teardown happens there and not in whichever task happens to
     /// drop the last tree.
     db: Mutex<Option<sled::Db>>,
-    shutdown: CancellationToken,
+    pub(crate) shutdown: CancellationToken,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -135,13 +135,17 @@ impl RaftNode {
         let ms = |d: Duration| d.as_millis() as u64;
         let raft_config = openraft::Config {
             cluster_name: config.cluster_id.clone(),
-            heartbeat_interval: ms(config.heartbeat_interval),
+            // openraft bounds every replication and confirmation RPC by this interval;
+            // heartbeats at `heartbeat_interval` come from `heartbeat_loop` instead.
+            heartbeat_interval: ms(config.effective_rpc_timeout()),
+            enable_heartbeat: false,
             election_timeout_min: ms(config.election_timeout.0),
             election_timeout_max: ms(config.election_timeout.1),
             install_snapshot_timeout: ms(config.request_timeout),
             snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_every),
             max_in_snapshot_log_to_keep: config.snapshot_every / 10,
-            max_payload_entries: max_payload_entries(&config.kv_limits),
+            // Batches are cut to `MAX_APPEND_BYTES` by their encoded size in the network.
+            max_payload_entries: MAX_PAYLOAD_ENTRIES,
             ..Default::default()
         }
         .validate()
@@ -192,6 +196,9 @@ impl RaftNode {
             node.inner.shutdown.clone(),
         ));
         node.spawn(lessor_loop(Arc::downgrade(&node.inner)));
+        node.spawn(crate::heartbeat::heartbeat_loop(Arc::downgrade(
+            &node.inner,
+        )));
         node.spawn(watchdog(Arc::downgrade(&node.inner)));
         if let Err(e) = node.bootstrap().await {
             node.shutdown().await;
@@ -753,10 +760,6 @@ impl NodeInner {
     }
 }
 
-/// Entries per AppendEntries message (openraft's default is 300). Sized so a batch of the
-/// largest guarded writes stays within the 64 MiB peer message limit, but never below
-/// 16: openraft keeps one AppendEntries in flight per follower, so a batch of one would
-/// replicate one entry per round trip for every command, not just the large ones.
 /// Drops a node's last database handle, which makes sled flush and unlock the data
 /// dir. On a thread of its own, waited for at most 5 s: every acknowledged write was
 /// flushed already, and a teardown flush that never returns (seen once with sled 0.34
@@ -784,12 +787,8 @@ async fn release(db: sled::Db, node: NodeId) {
     }
 }
 
-fn max_payload_entries(limits: &ha_core::KvLimits) -> u64 {
-    const BUDGET: usize = 48 << 20;
-    // Base64 of the largest value (or a compare-and-set's two), plus key and envelope.
-    let largest = (limits.max_value_bytes * 2).div_ceil(3) * 4 + limits.max_key_bytes + 4096;
-    (BUDGET / largest).clamp(16, 300) as u64
-}
+/// Most entries in one AppendEntries; the byte budget usually binds first.
+const MAX_PAYLOAD_ENTRIES: u64 = 300;
 
 /// Expires leases whose deadline passed, while this node leads.
 async fn lessor_loop(node: Weak<NodeInner>) {
@@ -975,6 +974,7 @@ impl Backend for RaftNode {
 
     async fn register(&self, member: &Member, ttl: Duration) -> Result<Lease> {
         self.capabilities().check_ttl(ttl)?;
+        RecordLimits::DEFAULT.check_member(member)?;
         let ttl_ms = ttl.as_millis().max(1) as u64;
         let command = Command::Register {
             member: MemberRecord::from(member),
@@ -1030,6 +1030,7 @@ impl Backend for RaftNode {
         election: &ElectionName,
         value: Bytes,
     ) -> Result<LeaderKey> {
+        RecordLimits::DEFAULT.check_leader_value(&value)?;
         let command = Command::Campaign {
             lease: lease.get(),
             election: election.as_str().to_owned(),
@@ -1111,6 +1112,7 @@ impl Backend for RaftNode {
     }
 
     async fn proclaim(&self, key: &LeaderKey, value: Bytes) -> Result<()> {
+        RecordLimits::DEFAULT.check_leader_value(&value)?;
         let command = Command::Proclaim {
             election: key.election.as_str().to_owned(),
             lease: key.lease.get(),

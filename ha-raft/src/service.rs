@@ -111,6 +111,19 @@ impl PeerService {
     }
 }
 
+/// The vote inside a Raft payload must be the sender's own: a candidate asks votes for
+/// itself, a leader replicates as itself. The envelope's `from` is what the certificate
+/// proved; a payload naming another node would let one member speak for another.
+fn own_vote(from: NodeId, vote: &openraft::Vote<NodeId>) -> Result<(), Status> {
+    match vote.leader_id().voted_for() {
+        Some(named) if named == from => Ok(()),
+        named => Err(Status::permission_denied(format!(
+            "node {from} sent a Raft message in the name of node {}",
+            named.map_or_else(|| "none".to_owned(), |n| n.to_string())
+        ))),
+    }
+}
+
 fn reply<T: Serialize>(value: &T) -> Result<Response<PeerReply>, Status> {
     serde_json::to_vec(value)
         .map(|payload| Response::new(PeerReply { payload }))
@@ -120,7 +133,8 @@ fn reply<T: Serialize>(value: &T) -> Result<Response<PeerReply>, Status> {
 #[tonic::async_trait]
 impl Peer for PeerService {
     async fn vote(&self, request: Request<PeerRequest>) -> Result<Response<PeerReply>, Status> {
-        let (node, _, rpc): (_, _, VoteRequest<NodeId>) = self.open(request)?;
+        let (node, from, rpc): (_, _, VoteRequest<NodeId>) = self.open(request)?;
+        own_vote(from, &rpc.vote)?;
         reply(&node.raft().vote(rpc).await)
     }
 
@@ -128,7 +142,8 @@ impl Peer for PeerService {
         &self,
         request: Request<PeerRequest>,
     ) -> Result<Response<PeerReply>, Status> {
-        let (node, _, rpc): (_, _, AppendEntriesRequest<TypeConfig>) = self.open(request)?;
+        let (node, from, rpc): (_, _, AppendEntriesRequest<TypeConfig>) = self.open(request)?;
+        own_vote(from, &rpc.vote)?;
         reply(&node.raft().append_entries(rpc).await)
     }
 
@@ -136,7 +151,8 @@ impl Peer for PeerService {
         &self,
         request: Request<PeerRequest>,
     ) -> Result<Response<PeerReply>, Status> {
-        let (node, _, rpc): (_, _, InstallSnapshotRequest<TypeConfig>) = self.open(request)?;
+        let (node, from, rpc): (_, _, InstallSnapshotRequest<TypeConfig>) = self.open(request)?;
+        own_vote(from, &rpc.vote)?;
         reply(&node.raft().install_snapshot(rpc).await)
     }
 

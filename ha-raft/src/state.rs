@@ -25,6 +25,7 @@ pub struct CandidateRecord {
     /// Its lease.
     pub lease: u64,
     /// Its published value.
+    #[serde(with = "crate::command::compact_bytes")]
     pub value: Vec<u8>,
 }
 

@@ -45,17 +45,48 @@ pub struct Identity {
 /// How long opening waits for a database another handle still holds.
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// Creates a new data dir readable by its owner only (it holds the group's state and
+/// the guarded store), and refuses an existing one that holds anything but sled's files.
+fn prepare_dir(dir: &Path) -> Result<(), RaftBackendError> {
+    use std::os::unix::fs::DirBuilderExt;
+    let storage = |e: std::io::Error| RaftBackendError::Storage(format!("{}: {e}", dir.display()));
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(storage);
+        }
+        Err(e) => return Err(storage(e)),
+    };
+    for entry in entries {
+        let name = entry.map_err(storage)?.file_name();
+        let name = name.to_string_lossy();
+        let sled_file = matches!(&*name, "conf" | "db" | "blobs") || name.starts_with("snap.");
+        if !sled_file {
+            return Err(RaftBackendError::NotADataDir {
+                dir: dir.display().to_string(),
+                found: name.into_owned(),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Opens (or creates) a node's database and checks it belongs to `identity`.
 /// Waits up to 5 s while another handle still holds its lock.
 ///
 /// # Errors
 /// `Storage` if sled cannot open it, `ForeignDataDir` if it holds another cluster's or
-/// node's data, `Corrupt` if its identity record does not decode.
+/// node's data, `NotADataDir` if it holds files that are not sled's, `Corrupt` if its identity record does not decode.
 pub async fn open_db(
     dir: &Path,
     identity: &Identity,
     cache_bytes: u64,
 ) -> Result<sled::Db, RaftBackendError> {
+    prepare_dir(dir)?;
     let config = sled::Config::new()
         .path(dir)
         .cache_capacity(cache_bytes)

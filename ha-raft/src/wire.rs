@@ -84,6 +84,14 @@ fn auth_failure_name(failure: AuthFailure) -> &'static str {
         .map_or("PermissionDenied", |(_, name)| name)
 }
 
+/// The `what` of a `TooLarge` must be `'static`; anything unknown is a `value`.
+fn too_large_what(what: &str) -> &'static str {
+    ["key", "leader value", "address", "metadata"]
+        .into_iter()
+        .find(|known| *known == what)
+        .unwrap_or("value")
+}
+
 /// The `what` of an `InvalidArgument` must be `'static`; the known ones map back, the
 /// rest become "argument".
 fn static_what(what: &str) -> &'static str {
@@ -180,7 +188,7 @@ impl From<WireError> for Error {
                 reason,
             },
             WireError::TooLarge { what, size, limit } => Error::TooLarge {
-                what: if what == "key" { "key" } else { "value" },
+                what: too_large_what(&what),
                 size: usize::try_from(size).unwrap_or(usize::MAX),
                 limit: usize::try_from(limit).unwrap_or(usize::MAX),
             },

@@ -189,6 +189,37 @@ async fn foreign_corrupt_and_misconfigured_data_dirs_are_refused() {
     assert!(RaftNode::start(single(&file)).await.is_err());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_data_dir_is_private_and_a_dir_holding_other_files_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let parent = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let fresh = parent.path().join("node-1");
+    let node = RaftNode::start(single(&fresh))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    node.shutdown().await;
+    let mode = std::fs::metadata(&fresh)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o700, "a new data dir is {:o}", mode & 0o777);
+
+    // Someone's home directory, given as --data by mistake: nothing is written there.
+    let home = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(home.path().join("notes.txt"), b"mine").unwrap_or_else(|e| panic!("{e}"));
+    match RaftNode::start(single(home.path())).await {
+        Err(e) => assert!(
+            e.to_string().contains("not empty") && e.to_string().contains("notes.txt"),
+            "{e}"
+        ),
+        Ok(_) => panic!("a directory holding other files was used as a data dir"),
+    }
+    let entries: Vec<_> = std::fs::read_dir(home.path())
+        .unwrap_or_else(|e| panic!("{e}"))
+        .collect();
+    assert_eq!(entries.len(), 1, "files were written into the refused dir");
+}
+
 #[tokio::test]
 async fn invalid_configurations_are_invalid_arguments() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));

@@ -117,6 +117,19 @@ async fn peer_call(
     from: u64,
     rpc: &str,
 ) -> Result<(), tonic::Status> {
+    peer_call_naming(addr, ca_pem, server_name, identity, from, from, rpc).await
+}
+
+/// [`peer_call`] whose payload's vote names `candidate` (the envelope says `from`).
+async fn peer_call_naming(
+    addr: &str,
+    ca_pem: &str,
+    server_name: &str,
+    identity: Option<&(String, String)>,
+    from: u64,
+    candidate: u64,
+    rpc: &str,
+) -> Result<(), tonic::Status> {
     let mut tls = ClientTlsConfig::new()
         .ca_certificate(TonicCert::from_pem(ca_pem))
         .domain_name(server_name);
@@ -131,9 +144,9 @@ async fn peer_call(
         .connect_lazy();
     let mut client = PeerClient::new(channel);
     let payload = match rpc {
-        "vote" => serde_json::to_vec(&VoteRequest::<u64>::new(Vote::new(1, from), None)),
+        "vote" => serde_json::to_vec(&VoteRequest::<u64>::new(Vote::new(1, candidate), None)),
         _ => serde_json::to_vec(&AppendEntriesRequest::<ha_raft::command::TypeConfig> {
-            vote: Vote::new(1, from),
+            vote: Vote::new(1, candidate),
             prev_log_id: None,
             entries: Vec::new(),
             leader_commit: None,
@@ -238,6 +251,15 @@ async fn strangers_are_refused_and_say_why() {
     peer_call(&addr, ca_pem, "node-1", Some(node2), 2, "vote")
         .await
         .unwrap_or_else(|e| panic!("node 2 as itself was refused: {e}"));
+    // Node 2 as itself, but asking votes for (or leading as) node 3 inside the payload.
+    for rpc in ["vote", "append"] {
+        let status = peer_call_naming(&addr, ca_pem, "node-1", Some(node2), 2, 3, rpc)
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("node 2 could {rpc} in node 3's name"));
+        assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status}");
+        assert!(status.message().contains("node 3"), "{status}");
+    }
     // A server that is not who it is dialled as: node 2's address, expected as node 1.
     let other = group.peers[&2].clone();
     let status = peer_call(&other, ca_pem, "node-1", Some(node2), 2, "vote")

@@ -34,6 +34,7 @@ cases! {
     1 register_rejects_ttl_out_of_bounds,
     1 register_rejects_duplicate_server_id_in_role,
     1 members_are_per_role_and_ordered_by_server_id,
+    1 oversize_records_and_leader_values_are_too_large,
     2 keep_alive_extends_lease,
     2 lease_expires_without_keep_alive,
     2 keep_alive_of_unknown_lease_is_lease_expired,
@@ -81,6 +82,69 @@ cases! {
 }
 
 // ---- clause 1: register -------------------------------------------------------------
+
+async fn oversize_records_and_leader_values_are_too_large(b: Arc<dyn Backend>) -> Result<()> {
+    let limits = b.capabilities().record_limits;
+    let ttl = long_ttl(&*b);
+    let too_large = |result: Result<()>, what: &str, size: usize, limit: usize| match result {
+        Err(Error::TooLarge {
+            what: got,
+            size: got_size,
+            limit: got_limit,
+        }) if got == what => assert_eq!((got_size, got_limit), (size, limit), "{what}"),
+        other => panic!("an oversize {what} gave {other:?}"),
+    };
+    let mut long_address = test_member(1);
+    long_address.address = "a".repeat(limits.max_address_bytes + 1);
+    too_large(
+        b.register(&long_address, ttl).await.map(drop),
+        "address",
+        limits.max_address_bytes + 1,
+        limits.max_address_bytes,
+    );
+    let mut heavy = test_member(2);
+    heavy.metadata.clear();
+    heavy = heavy.with_metadata("k", "v".repeat(limits.max_metadata_bytes));
+    too_large(
+        b.register(&heavy, ttl).await.map(drop),
+        "metadata",
+        limits.max_metadata_bytes + 1,
+        limits.max_metadata_bytes,
+    );
+    assert!(b.members(&test_role()).await?.is_empty());
+
+    // At the limits exactly, it fits.
+    let mut exact = test_member(3);
+    exact.metadata.clear();
+    exact = exact.with_metadata("k", "v".repeat(limits.max_metadata_bytes - 1));
+    exact.address = "a".repeat(limits.max_address_bytes);
+    let lease = b.register(&exact, ttl).await?;
+    assert_eq!(b.members(&test_role()).await?, vec![exact]);
+
+    let e = election("record-limits");
+    let max = limits.max_leader_value_bytes;
+    too_large(
+        b.campaign(lease.id, &e, Bytes::from(vec![b'x'; max + 1]))
+            .await
+            .map(drop),
+        "leader value",
+        max + 1,
+        max,
+    );
+    assert_eq!(b.leader(&e).await?, None);
+    let key = b
+        .campaign(lease.id, &e, Bytes::from(vec![b'x'; max]))
+        .await?;
+    too_large(
+        b.proclaim(&key, Bytes::from(vec![b'y'; max + 1])).await,
+        "leader value",
+        max + 1,
+        max,
+    );
+    let leader = b.leader(&e).await?.map(|l| l.value);
+    assert_eq!(leader, Some(Bytes::from(vec![b'x'; max])));
+    Ok(())
+}
 
 async fn register_makes_member_visible(b: Arc<dyn Backend>) -> Result<()> {
     assert!(b.members(&test_role()).await?.is_empty());

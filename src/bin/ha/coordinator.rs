@@ -163,6 +163,7 @@ pub async fn node(args: crate::NodeArgs) -> Exit {
     if let Some(cluster) = &args.cluster {
         config = config.with_cluster_id(cluster.as_str());
     }
+    config = node_timing(config, &args);
     match node_security(&args) {
         Ok(apply) => config = apply(config),
         Err(e) => {
@@ -228,6 +229,28 @@ async fn print_raft_leaders(node: ha::raft::RaftNode, printer: Printer) {
 
 /// TLS, the client token and `--insecure` of `ha node`, as a change to its configuration.
 #[cfg(feature = "raft")]
+/// The Raft timings from `--rtt-ms`, then the single-value flags over it.
+#[cfg(feature = "raft")]
+fn node_timing(
+    mut config: ha::raft::RaftNodeConfig,
+    args: &crate::NodeArgs,
+) -> ha::raft::RaftNodeConfig {
+    let ms = Duration::from_millis;
+    if let Some(rtt) = args.rtt_ms {
+        config = config.with_timing_for_rtt(ms(rtt));
+    }
+    let heartbeat = args.heartbeat_ms.map_or(config.heartbeat_interval, ms);
+    let election = match args.election_timeout_ms.as_deref() {
+        Some([min, max]) => (ms(*min), ms(*max)),
+        _ => config.election_timeout,
+    };
+    config = config.with_timing(heartbeat, election);
+    if let Some(rpc) = args.rpc_timeout_ms {
+        config = config.with_rpc_timeout(ms(rpc));
+    }
+    config
+}
+
 fn node_security(
     args: &crate::NodeArgs,
 ) -> Result<impl FnOnce(ha::raft::RaftNodeConfig) -> ha::raft::RaftNodeConfig, String> {

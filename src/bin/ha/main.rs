@@ -328,6 +328,22 @@ pub struct NodeArgs {
     /// The cluster id, so members of different groups refuse each other.
     #[arg(long)]
     pub cluster: Option<String>,
+    /// Tune the Raft timings for links with this round-trip time in milliseconds (a
+    /// WAN, a cellular uplink): RPC timeout 2·RTT+60 ms, election timeout from 3 RPC
+    /// timeouts (at least 250 ms) to twice that, heartbeat a sixth of it. The flags
+    /// below override single values.
+    #[arg(long, value_name = "MS")]
+    pub rtt_ms: Option<u64>,
+    /// How often the Raft leader sends heartbeats, in milliseconds (default 50).
+    #[arg(long, value_name = "MS")]
+    pub heartbeat_ms: Option<u64>,
+    /// The Raft election timeout range in milliseconds, MIN,MAX (default 250,500).
+    #[arg(long, value_name = "MIN,MAX", value_delimiter = ',', num_args = 2)]
+    pub election_timeout_ms: Option<Vec<u64>>,
+    /// How long one peer RPC (replication, a vote, a leadership confirmation) may take,
+    /// in milliseconds (default: a third of the shortest election timeout).
+    #[arg(long, value_name = "MS")]
+    pub rpc_timeout_ms: Option<u64>,
     /// Also run an ActiveStandby coordinator on this member.
     #[arg(long)]
     pub active_standby: bool,
