@@ -3,6 +3,7 @@
 
 mod active_standby;
 mod backend;
+mod clock;
 mod error;
 mod kv;
 mod leadership;

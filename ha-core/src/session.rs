@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::backend::Backend;
+use crate::clock;
 use crate::error::{Error, Result};
 use crate::leadership::Leadership;
 use crate::types::{ElectionName, Lease, LeaseId, Member};
@@ -240,16 +241,21 @@ impl SessionShared {
     }
 
     pub(crate) fn is_valid(&self) -> bool {
-        self.state() == SessionState::Alive
-            && (Instant::now() < self.deadline() || mutant::no_self_fence())
+        self.state() == SessionState::Alive && (!self.past_deadline() || mutant::no_self_fence())
     }
 
-    /// The self-fence deadline, or (with the test-only mutant on) never.
+    /// Whether the deadline passed, on the suspend-aware clock.
+    fn past_deadline(&self) -> bool {
+        clock::now() >= self.deadline()
+    }
+
+    /// The tokio instant of the self-fence deadline (if the host does not suspend
+    /// before it), or (with the test-only mutant on) never.
     fn fence_at(&self) -> Instant {
         if mutant::no_self_fence() {
             Instant::now() + Duration::from_secs(86_400 * 365)
         } else {
-            self.deadline()
+            clock::to_tokio(self.deadline())
         }
     }
 
@@ -340,7 +346,7 @@ impl Session {
     ) -> Result<Self> {
         backend.capabilities().check_ttl(options.ttl)?;
         options.validate()?;
-        let sent = Instant::now();
+        let sent = clock::now();
         let mut lease = backend.register(&member, options.ttl).await?;
         // The deadline never counts on more than was asked: a server that reports more
         // (a bug, a corrupt reply) would otherwise stretch it, up to never fencing.
@@ -403,10 +409,11 @@ impl Session {
         self.shared.subscribe()
     }
 
-    /// The instant (tokio's monotonic clock) at which the session fences itself unless
-    /// a keepalive is acknowledged first.
+    /// The instant (on tokio's clock) at which the session fences itself unless a
+    /// keepalive is acknowledged first and the host does not suspend before: time
+    /// suspended counts towards the deadline (CLOCK_BOOTTIME on Linux).
     pub fn deadline(&self) -> Instant {
-        self.shared.deadline()
+        clock::to_tokio(self.shared.deadline())
     }
 
     /// Whether the session is alive and before its self-fence deadline. Local: no I/O,
@@ -516,42 +523,52 @@ impl Drop for Session {
     }
 }
 
-/// Renews the lease every TTL/3 and fences the session at its deadline.
+/// Renews the lease every TTL/3 and fences the session at its deadline. Times sent and
+/// deadlines are on the suspend-aware clock (`clock`); waits are on tokio's, and a
+/// resume from a host suspend wakes every wait so the deadline is checked at once.
 async fn keepalive_loop(shared: Arc<SessionShared>) {
     let ttl = shared.lease.ttl;
     let retry_every = (ttl / 15).max(Duration::from_millis(20));
+    let mut resumed = clock::resumed();
     let mut next = Instant::now() + ttl / 3;
     loop {
         tokio::select! {
             biased;
             _ = shared.cancel.cancelled() => return,
-            _ = sleep_until(shared.fence_at()) => {
-                shared.lose(LossReason::SelfFenced);
-                return;
-            }
+            _ = sleep_until(shared.fence_at()) => {}
+            _ = resumed.changed() => {}
             _ = sleep_until(next) => {}
         }
-        let sent = Instant::now();
-        let attempt = timeout(
+        if shared.past_deadline() && !mutant::no_self_fence() {
+            shared.lose(LossReason::SelfFenced);
+            return;
+        }
+        let sent = clock::now();
+        let mut attempt = std::pin::pin!(timeout(
             shared.request_timeout,
             shared.backend.keep_alive(shared.lease.id),
-        );
-        let outcome = tokio::select! {
-            biased;
-            _ = shared.cancel.cancelled() => return,
-            _ = sleep_until(shared.fence_at()) => {
+        ));
+        let outcome = loop {
+            tokio::select! {
+                biased;
+                _ = shared.cancel.cancelled() => return,
+                _ = sleep_until(shared.fence_at()) => {}
+                _ = resumed.changed() => {}
+                outcome = &mut attempt => break outcome,
+            }
+            if shared.past_deadline() && !mutant::no_self_fence() {
                 shared.lose(LossReason::SelfFenced);
                 return;
             }
-            outcome = attempt => outcome,
         };
         match outcome {
             Ok(Ok(granted)) => {
                 let granted = granted.min(ttl);
+                let took = clock::now().saturating_duration_since(sent);
                 metrics::histogram!("ha_keepalive_seconds", "backend" => shared.backend.name())
-                    .record(sent.elapsed().as_secs_f64());
+                    .record(took.as_secs_f64());
                 shared.extend(sent, granted);
-                next = sent + granted / 3;
+                next = clock::to_tokio(sent + granted / 3);
             }
             Ok(Err(Error::LeaseExpired { .. })) => {
                 shared.lose(LossReason::LeaseExpired);

@@ -39,6 +39,14 @@ pub mod mutant {
     }
 }
 
+/// Makes this process's sessions count `duration` of host suspend, as if the host had
+/// just resumed from one (the lease owner's clock ran on meanwhile). For testing what a
+/// suspend does under tokio's paused clock; process-wide, so a test that uses it runs
+/// alone in its binary.
+pub fn suspend_host(duration: Duration) {
+    crate::clock::inject_suspend(duration);
+}
+
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
