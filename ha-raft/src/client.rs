@@ -206,7 +206,13 @@ impl RaftClient {
                     reason: format!("{endpoint:?}: {e}"),
                 })?
                 .connect_timeout(Duration::from_secs(1))
-                .tcp_nodelay(true);
+                .tcp_nodelay(true)
+                // A watch or a waiting campaign is a stream that may carry nothing for
+                // hours; over a connection that went silent (a dead host, a black-holing
+                // link) it would wait forever. Pings find such a connection.
+                .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+                .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+                .keep_alive_while_idle(true);
             if let Some(tls) = &options.tls {
                 channel = channel
                     .tls_config(tls.config())
@@ -479,6 +485,11 @@ impl Backend for RaftClient {
         UnboundedReceiverStream::new(rx).boxed()
     }
 }
+
+/// How often an idle connection to a node is pinged, and how long a ping may go
+/// unanswered before the connection counts as dead (its streams then fail over).
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Opens a server stream on the current endpoint, moving to the next after a transient
 /// failure (at most 100 in a row). `None` once the consumer is gone or a final error was

@@ -40,11 +40,20 @@ pub struct Hub {
     leader_watchers: HashMap<String, Vec<mpsc::UnboundedSender<LeaderUpdate>>>,
     member_watchers: Vec<(String, mpsc::UnboundedSender<MemberUpdate>)>,
     history: VecDeque<LeaderUpdate>,
-    /// The newest revision that fell out of `history`.
+    /// `history` holds every change after this revision: the newest one that fell out,
+    /// or the index of a snapshot the state was loaded from (whose changes it never
+    /// saw one by one).
     forgotten: u64,
 }
 
 impl Hub {
+    /// The state now comes from a snapshot at `revision`: changes up to it are not in
+    /// the history, so a watcher resuming from before it gets the current state.
+    pub fn restored_at(&mut self, revision: u64) {
+        self.forgotten = self.forgotten.max(revision);
+        self.history.retain(|update| update.revision > revision);
+    }
+
     /// Sends what one applied entry changed to the watchers concerned.
     pub fn publish(&mut self, revision: u64, changes: Vec<Change>) {
         for change in changes {

@@ -405,6 +405,8 @@ impl StateMachineStore {
                 .map_err(|e| RaftBackendError::Corrupt(format!("snapshot data: {e}")))?;
             machine.last_applied = stored.meta.last_log_id;
             machine.last_membership = stored.meta.last_membership;
+            let restored = machine.applied_index();
+            machine.hub.restored_at(restored);
         }
         let applied = watch::channel(machine.applied_index()).0;
         Ok(Self {
@@ -570,6 +572,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             machine.last_applied = meta.last_log_id;
             machine.last_membership = meta.last_membership.clone();
             let index = machine.applied_index();
+            machine.hub.restored_at(index);
             machine.hub.publish(index, changes);
             index
         };
