@@ -82,6 +82,15 @@ pub enum Error {
         feature: &'static str,
     },
 
+    /// A watch stopped reading for so long that its buffer filled, and the backend ended
+    /// it rather than grow without bound or skip events. Watch again (from the last
+    /// revision seen, where the backend resumes).
+    #[error("the watcher fell behind ({buffered} unread events) and was ended; watch again")]
+    WatchLagged {
+        /// The buffer it filled.
+        buffered: usize,
+    },
+
     /// The backend cannot be reached now; the operation may be retried.
     #[error("backend unavailable: {0}")]
     Unavailable(String),
@@ -210,7 +219,10 @@ impl Error {
     /// Whether retrying the same call later may succeed (the backend was unreachable or
     /// slow), as opposed to an answer that will not change.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Self::Unavailable(_) | Self::Timeout { .. })
+        matches!(
+            self,
+            Self::Unavailable(_) | Self::Timeout { .. } | Self::WatchLagged { .. }
+        )
     }
 }
 

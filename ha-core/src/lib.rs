@@ -10,6 +10,7 @@ mod leadership;
 mod limits;
 mod session;
 mod types;
+pub mod watch_buffer;
 
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;

@@ -6,13 +6,13 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
+use ha_core::watch_buffer::{self, WatchReceiver, WATCH_BUFFER};
 use ha_core::{
     Backend, Capabilities, ElectionName, Error, KvKey, KvLimits, KvWrite, KvWriteOutcome, Leader,
     LeaderKey, LeaderStream, Lease, LeaseId, Member, MemberStream, RecordLimits, Result, Role,
 };
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::time::{sleep_until, Instant};
-use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use crate::state::State;
 
@@ -37,6 +37,8 @@ struct Inner {
     /// Bumped after every change, to wake campaigns and the lease reaper.
     changed: watch::Sender<u64>,
     kv_limits: KvLimits,
+    /// Unread events a watcher may have before it is ended.
+    watch_buffer: usize,
 }
 
 impl Default for Inner {
@@ -45,6 +47,7 @@ impl Default for Inner {
             state: Mutex::new(State::default()),
             changed: watch::channel(0).0,
             kv_limits: KvLimits::default(),
+            watch_buffer: WATCH_BUFFER,
         }
     }
 }
@@ -79,6 +82,17 @@ impl MemoryBackend {
         Self {
             inner: Arc::new(Inner {
                 kv_limits,
+                ..Inner::default()
+            }),
+        }
+    }
+
+    /// A new, empty backend whose watchers are ended once `watch_buffer` events wait
+    /// unread (default [`WATCH_BUFFER`]), for tests of slow watchers.
+    pub fn with_watch_buffer(watch_buffer: usize) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                watch_buffer,
                 ..Inner::default()
             }),
         }
@@ -407,7 +421,7 @@ impl Backend for MemoryBackend {
     }
 
     fn watch(&self, election: &ElectionName) -> LeaderStream {
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = watch_buffer::channel(self.inner.watch_buffer);
         self.inner
             .lock()
             .subscribe_leader(election, tx, Instant::now());
@@ -421,7 +435,7 @@ impl Backend for MemoryBackend {
     }
 
     fn watch_members(&self, role: &Role) -> MemberStream {
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = watch_buffer::channel(self.inner.watch_buffer);
         self.inner
             .lock()
             .subscribe_members(role, tx, Instant::now());
@@ -431,10 +445,11 @@ impl Backend for MemoryBackend {
 
 /// Turns a watcher's channel into a stream that delivers each event at its instant.
 fn delayed<T: Send + 'static>(
-    rx: mpsc::UnboundedReceiver<(Instant, T)>,
+    rx: WatchReceiver<(Instant, T)>,
 ) -> futures::stream::BoxStream<'static, Result<T>> {
-    UnboundedReceiverStream::new(rx)
-        .then(|(at, event)| async move {
+    rx.into_stream()
+        .then(|item| async move {
+            let (at, event) = item?;
             if at > Instant::now() {
                 sleep_until(at).await;
             }

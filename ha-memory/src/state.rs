@@ -6,16 +6,16 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
 use bytes::Bytes;
+use ha_core::watch_buffer::WatchSender;
 use ha_core::{
     ElectionName, FencingToken, KvKey, Leader, LeaderEvent, LeaderKey, LeaseId, Member,
     MemberEvent, Role, ServerId,
 };
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 /// A watcher's channel: each event carries the instant it may be delivered at, so a
-/// notification delay keeps the order.
-pub(crate) type Subscriber<T> = mpsc::UnboundedSender<(Instant, T)>;
+/// notification delay keeps the order. Bounded: a watcher that stops reading is ended.
+pub(crate) type Subscriber<T> = WatchSender<(Instant, T)>;
 
 #[derive(Debug)]
 pub(crate) struct LeaseEntry {
@@ -196,7 +196,7 @@ impl State {
             state.last_reported = current;
             state
                 .watchers
-                .retain(|watcher| watcher.send((at, event.clone())).is_ok());
+                .retain(|watcher| watcher.offer((at, event.clone())));
         }
         if state.queue.is_empty() && state.watchers.is_empty() {
             self.elections.remove(election);
@@ -214,16 +214,17 @@ impl State {
         let at = self.deliver_at(now);
         let state = self.elections.entry(election.clone()).or_default();
         state.last_reported = event.leader().map(|l| (l.token(), l.value.clone()));
-        if watcher.send((at, event)).is_ok() {
+        // Watchers that went away are otherwise pruned only when the election changes.
+        state.watchers.retain(|w| !w.is_closed());
+        if watcher.offer((at, event)) {
             state.watchers.push(watcher);
         }
     }
 
     fn publish_member(&mut self, role: &Role, event: MemberEvent, now: Instant) {
         let at = self.deliver_at(now);
-        self.member_watchers.retain(|(watched, watcher)| {
-            watched != role || watcher.send((at, event.clone())).is_ok()
-        });
+        self.member_watchers
+            .retain(|(watched, watcher)| watched != role || watcher.offer((at, event.clone())));
     }
 
     pub(crate) fn members(&self, role: &Role) -> Vec<Member> {
@@ -241,7 +242,8 @@ impl State {
         now: Instant,
     ) {
         let snapshot = MemberEvent::Snapshot(self.members(role));
-        if watcher.send((self.deliver_at(now), snapshot)).is_ok() {
+        self.member_watchers.retain(|(_, w)| !w.is_closed());
+        if watcher.offer((self.deliver_at(now), snapshot)) {
             self.member_watchers.push((role.clone(), watcher));
         }
     }

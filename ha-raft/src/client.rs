@@ -11,14 +11,13 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
+use ha_core::watch_buffer::{self, WatchReceiver, WatchSender, WATCH_BUFFER};
 use ha_core::{
     Backend, Capabilities, ElectionName, Error, KvKey, KvLimits, KvWrite, KvWriteOutcome, Leader,
     LeaderEvent, LeaderKey, LeaderStream, Lease, LeaseId, Member, MemberEvent, MemberStream,
     RecordLimits, Result, Role, ServerId,
 };
-use tokio::sync::mpsc;
 use tokio::time::{sleep, Instant};
-use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::{InterceptedService, Interceptor};
 use tonic::transport::{Channel, Endpoint};
@@ -460,9 +459,9 @@ impl Backend for RaftClient {
     }
 
     fn watch(&self, election: &ElectionName) -> LeaderStream {
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = watch_buffer::channel(WATCH_BUFFER);
         tokio::spawn(follow_leader(self.clone(), election.clone(), tx));
-        UnboundedReceiverStream::new(rx).boxed()
+        flatten_lag(rx)
     }
 
     async fn members(&self, role: &Role) -> Result<Vec<Member>> {
@@ -480,10 +479,20 @@ impl Backend for RaftClient {
     }
 
     fn watch_members(&self, role: &Role) -> MemberStream {
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = watch_buffer::channel(WATCH_BUFFER);
         tokio::spawn(follow_members(self.clone(), role.clone(), tx));
-        UnboundedReceiverStream::new(rx).boxed()
+        flatten_lag(rx)
     }
+}
+
+/// A follower task's events for its reader; a reader that stopped reading gets
+/// `WatchLagged` after what was buffered (its follower task ended) and watches again.
+fn flatten_lag<T: Send + 'static>(
+    rx: WatchReceiver<Result<T>>,
+) -> futures::stream::BoxStream<'static, Result<T>> {
+    rx.into_stream()
+        .map(|item| item.and_then(|event| event))
+        .boxed()
 }
 
 /// How often an idle connection to a node is pinged, and how long a ping may go
@@ -496,7 +505,7 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(2);
 /// sent to it.
 async fn open_stream<T, E, F, Fut>(
     client: &RaftClient,
-    tx: &mpsc::UnboundedSender<Result<E>>,
+    tx: &WatchSender<Result<E>>,
     mut open: F,
 ) -> Option<(usize, tonic::Streaming<T>)>
 where
@@ -518,7 +527,7 @@ where
                 sleep(Duration::from_millis(100)).await;
             }
             Err(status) => {
-                let _ = tx.send(Err(from_status(&status)));
+                let _ = tx.offer(Err(from_status(&status)));
                 return None;
             }
         }
@@ -530,7 +539,7 @@ where
 async fn follow_leader(
     client: RaftClient,
     election: ElectionName,
-    tx: mpsc::UnboundedSender<Result<LeaderEvent>>,
+    tx: WatchSender<Result<LeaderEvent>>,
 ) {
     let mut after = 0u64;
     let mut last: Option<Option<(u64, Vec<u8>)>> = None;
@@ -570,7 +579,7 @@ async fn follow_leader(
                         Some(leader) => leader_from_proto(leader).map(LeaderEvent::Elected),
                         None => Ok(LeaderEvent::Vacant),
                     };
-                    if tx.send(item).is_err() {
+                    if !tx.offer(item) {
                         return;
                     }
                 }
@@ -584,11 +593,7 @@ async fn follow_leader(
 
 /// Feeds a member watch; after a reconnect, the difference between the old and new
 /// snapshots is reported as joins and leaves.
-async fn follow_members(
-    client: RaftClient,
-    role: Role,
-    tx: mpsc::UnboundedSender<Result<MemberEvent>>,
-) {
+async fn follow_members(client: RaftClient, role: Role, tx: WatchSender<Result<MemberEvent>>) {
     let mut known: Option<BTreeMap<ServerId, Member>> = None;
     loop {
         let request = proto::RoleRequest {
@@ -616,7 +621,7 @@ async fn follow_members(
             let members = match members {
                 Ok(members) => members,
                 Err(e) => {
-                    let _ = tx.send(Err(e));
+                    let _ = tx.offer(Err(e));
                     return;
                 }
             };
@@ -659,7 +664,7 @@ async fn follow_members(
                 (_, None) => {} // a change before the snapshot cannot happen; ignore it
             }
             for event in out {
-                if tx.send(Ok(event)).is_err() {
+                if !tx.offer(Ok(event)) {
                     return;
                 }
             }

@@ -4,7 +4,7 @@
 
 use std::collections::{HashMap, VecDeque};
 
-use tokio::sync::mpsc;
+use ha_core::watch_buffer::WatchSender;
 
 use crate::command::MemberRecord;
 use crate::state::{Change, HeadView, State};
@@ -37,8 +37,8 @@ pub enum MemberUpdate {
 /// Watchers and recent history of one node.
 #[derive(Debug, Default)]
 pub struct Hub {
-    leader_watchers: HashMap<String, Vec<mpsc::UnboundedSender<LeaderUpdate>>>,
-    member_watchers: Vec<(String, mpsc::UnboundedSender<MemberUpdate>)>,
+    leader_watchers: HashMap<String, Vec<WatchSender<LeaderUpdate>>>,
+    member_watchers: Vec<(String, WatchSender<MemberUpdate>)>,
     history: VecDeque<LeaderUpdate>,
     /// `history` holds every change after this revision: the newest one that fell out,
     /// or the index of a snapshot the state was loaded from (whose changes it never
@@ -65,7 +65,7 @@ impl Hub {
                         head,
                     };
                     if let Some(watchers) = self.leader_watchers.get_mut(&update.election) {
-                        watchers.retain(|w| w.send(update.clone()).is_ok());
+                        watchers.retain(|w| w.offer(update.clone()));
                         if watchers.is_empty() {
                             self.leader_watchers.remove(&update.election);
                         }
@@ -89,7 +89,7 @@ impl Hub {
 
     fn publish_member(&mut self, role: &str, update: MemberUpdate) {
         self.member_watchers
-            .retain(|(watched, w)| watched != role || w.send(update.clone()).is_ok());
+            .retain(|(watched, w)| watched != role || w.offer(update.clone()));
     }
 
     /// Adds a leader watcher. With `after == 0` it first gets the current state at
@@ -101,7 +101,7 @@ impl Hub {
         applied: u64,
         election: &str,
         after: u64,
-        watcher: mpsc::UnboundedSender<LeaderUpdate>,
+        watcher: WatchSender<LeaderUpdate>,
     ) {
         let current = LeaderUpdate {
             revision: applied,
@@ -110,15 +110,19 @@ impl Hub {
         };
         let mut ok = true;
         if after == 0 || after < self.forgotten {
-            ok = watcher.send(current).is_ok();
+            ok = watcher.offer(current);
         } else {
             for update in self
                 .history
                 .iter()
                 .filter(|u| u.revision > after && u.election == election)
             {
-                ok &= watcher.send(update.clone()).is_ok();
+                ok = ok && watcher.offer(update.clone());
             }
+        }
+        // Watchers that went away are otherwise pruned only when their election changes.
+        if let Some(watchers) = self.leader_watchers.get_mut(election) {
+            watchers.retain(|w| !w.is_closed());
         }
         if ok {
             self.leader_watchers
@@ -133,12 +137,10 @@ impl Hub {
         &mut self,
         state: &State,
         role: &str,
-        watcher: mpsc::UnboundedSender<MemberUpdate>,
+        watcher: WatchSender<MemberUpdate>,
     ) {
-        if watcher
-            .send(MemberUpdate::Snapshot(state.members_of(role)))
-            .is_ok()
-        {
+        self.member_watchers.retain(|(_, w)| !w.is_closed());
+        if watcher.offer(MemberUpdate::Snapshot(state.members_of(role))) {
             self.member_watchers.push((role.to_owned(), watcher));
         }
     }

@@ -13,6 +13,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
+use ha_core::watch_buffer::{self, WatchReceiver, WATCH_BUFFER};
 use ha_core::{
     Backend, Capabilities, ElectionName, Error, FencingToken, KvKey, KvWrite, KvWriteOutcome,
     Leader, LeaderEvent, LeaderKey, LeaderStream, Lease, LeaseId, Member, MemberEvent,
@@ -22,10 +23,8 @@ use openraft::error::{ClientWriteError, InitializeError, RaftError};
 use openraft::{BasicNode, ServerState, SnapshotPolicy};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::{sleep, sleep_until, Instant};
-use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
@@ -445,8 +444,8 @@ impl RaftNode {
         &self,
         election: &str,
         after: u64,
-    ) -> Result<mpsc::UnboundedReceiver<LeaderUpdate>> {
-        let (tx, rx) = mpsc::unbounded_channel();
+    ) -> Result<WatchReceiver<LeaderUpdate>> {
+        let (tx, rx) = watch_buffer::channel(WATCH_BUFFER);
         let index = if after == 0 {
             self.inner.read_index().await?
         } else {
@@ -464,11 +463,8 @@ impl RaftNode {
     }
 
     /// Watches a role's members, starting with a linearizable snapshot.
-    pub(crate) async fn member_updates(
-        &self,
-        role: &str,
-    ) -> Result<mpsc::UnboundedReceiver<MemberUpdate>> {
-        let (tx, rx) = mpsc::unbounded_channel();
+    pub(crate) async fn member_updates(&self, role: &str) -> Result<WatchReceiver<MemberUpdate>> {
+        let (tx, rx) = watch_buffer::channel(WATCH_BUFFER);
         let index = self.inner.read_index().await?;
         self.inner
             .read_at(index, |machine| {
@@ -937,6 +933,67 @@ pub(crate) fn head_to_leader(election: &ElectionName, head: HeadView) -> Leader 
     }
 }
 
+/// A local leader watch. A watcher that fell behind is ended by the hub; this one then
+/// subscribes again after the last revision it saw, so its reader sees every change
+/// once, in order, however slowly it reads.
+fn follow_leader(node: RaftNode, election: ElectionName) -> LeaderStream {
+    struct Follow {
+        node: RaftNode,
+        election: ElectionName,
+        updates: Option<WatchReceiver<LeaderUpdate>>,
+        after: u64,
+        /// The head last reported, so a resume that starts with the current state
+        /// does not report it twice.
+        last: Option<Option<(u64, Vec<u8>)>>,
+        done: bool,
+    }
+    let start = Follow {
+        node,
+        election,
+        updates: None,
+        after: 0,
+        last: None,
+        done: false,
+    };
+    futures::stream::unfold(start, |mut follow| async move {
+        if follow.done {
+            return None;
+        }
+        loop {
+            let mut updates = match follow.updates.take() {
+                Some(updates) => updates,
+                None => match follow
+                    .node
+                    .watch_updates(follow.election.as_str(), follow.after)
+                    .await
+                {
+                    Ok(updates) => updates,
+                    Err(e) => {
+                        follow.done = true;
+                        return Some((Err(e), follow));
+                    }
+                },
+            };
+            let Some(update) = updates.recv().await else {
+                if updates.lagged() {
+                    continue; // resume after `after`
+                }
+                return None;
+            };
+            follow.updates = Some(updates);
+            follow.after = follow.after.max(update.revision);
+            let head = update.head.as_ref().map(|h| (h.token, h.value.clone()));
+            if follow.last.as_ref() == Some(&head) {
+                continue;
+            }
+            follow.last = Some(head);
+            let event = update_to_event(&follow.election, update);
+            return Some((Ok(event), follow));
+        }
+    })
+    .boxed()
+}
+
 pub(crate) fn update_to_event(election: &ElectionName, update: LeaderUpdate) -> LeaderEvent {
     match update.head {
         Some(head) => LeaderEvent::Elected(head_to_leader(election, head)),
@@ -1138,19 +1195,7 @@ impl Backend for RaftNode {
     }
 
     fn watch(&self, election: &ElectionName) -> LeaderStream {
-        let node = self.clone();
-        let election = election.clone();
-        futures::stream::once(async move {
-            let updates = node.watch_updates(election.as_str(), 0).await;
-            (election, updates)
-        })
-        .flat_map(|(election, updates)| match updates {
-            Ok(updates) => UnboundedReceiverStream::new(updates)
-                .map(move |update| Ok(update_to_event(&election, update)))
-                .boxed(),
-            Err(e) => futures::stream::iter([Err(e)]).boxed(),
-        })
-        .boxed()
+        follow_leader(self.clone(), election.clone())
     }
 
     async fn members(&self, role: &Role) -> Result<Vec<Member>> {
@@ -1206,8 +1251,9 @@ impl Backend for RaftNode {
         let role = role.clone();
         futures::stream::once(async move { node.member_updates(role.as_str()).await })
             .flat_map(|updates| match updates {
-                Ok(updates) => UnboundedReceiverStream::new(updates)
-                    .map(member_update_to_event)
+                Ok(updates) => updates
+                    .into_stream()
+                    .map(|update| update.and_then(member_update_to_event))
                     .boxed(),
                 Err(e) => futures::stream::iter([Err(e)]).boxed(),
             })

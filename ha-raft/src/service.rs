@@ -6,11 +6,12 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
+use ha_core::watch_buffer::WatchReceiver;
 use ha_core::{Backend, ElectionName, KvKey, LeaseId, Role};
 use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tokio_stream::wrappers::{TcpListenerStream, UnboundedReceiverStream};
+use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status};
@@ -62,6 +63,17 @@ pub(crate) async fn serve(
     if let Err(e) = result {
         warn!(error = %e, "raft gRPC server stopped");
     }
+}
+
+/// A hub watcher's updates; one ended for falling behind (a client that stopped
+/// reading) ends its stream with `ResourceExhausted`, and `RaftClient` resumes after
+/// the last revision it saw.
+fn lagging_ends_with_status<T: Send + 'static>(
+    updates: WatchReceiver<T>,
+) -> impl Stream<Item = Result<T, Status>> {
+    updates
+        .into_stream()
+        .map(|update| update.map_err(|e| Status::resource_exhausted(e.to_string())))
 }
 
 fn gone() -> Status {
@@ -328,7 +340,8 @@ impl Coordination for ClientService {
             .watch_updates(election.as_str(), request.after_revision)
             .await
             .map_err(status)?;
-        let stream = UnboundedReceiverStream::new(updates).map(move |update| {
+        let stream = lagging_ends_with_status(updates).map(move |update| {
+            let update = update?;
             let revision = update.revision;
             let event = update_to_event(&election, update);
             Ok(proto::LeaderEvent {
@@ -362,9 +375,9 @@ impl Coordination for ClientService {
             .member_updates(role.as_str())
             .await
             .map_err(status)?;
-        let stream = UnboundedReceiverStream::new(updates).map(|update| {
+        let stream = lagging_ends_with_status(updates).map(|update| {
             use proto::member_event::Kind;
-            let (kind, members) = match member_update_to_event(update).map_err(status)? {
+            let (kind, members) = match member_update_to_event(update?).map_err(status)? {
                 ha_core::MemberEvent::Snapshot(members) => (Kind::Snapshot, members),
                 ha_core::MemberEvent::Joined(member) => (Kind::Joined, vec![member]),
                 ha_core::MemberEvent::Left(member) => (Kind::Left, vec![member]),
