@@ -4,6 +4,7 @@
 mod active_standby;
 mod backend;
 mod clock;
+mod endpoint;
 mod error;
 mod kv;
 mod leadership;
@@ -20,6 +21,7 @@ pub use active_standby::{
     Readiness, RoleState, DEFAULT_STANDBY_LOG_INTERVAL,
 };
 pub use backend::{Backend, LeaderStream, MemberStream};
+pub use endpoint::is_loopback_endpoint;
 pub use error::{auth_failure_in, error_chain, AuthFailure, Error, Result};
 pub use kv::{
     CasOutcome, KvKey, KvLimits, KvWrite, KvWriteOutcome, DEFAULT_MAX_KEY_BYTES,

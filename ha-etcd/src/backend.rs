@@ -191,6 +191,22 @@ impl EtcdBackend {
                 ),
             });
         }
+        if config.user.is_some()
+            && config.tls.is_none()
+            && !config
+                .endpoints
+                .iter()
+                .all(|e| ha_core::is_loopback_endpoint(e))
+        {
+            // A password in cleartext to another host is readable by anyone on the path.
+            return Err(Error::InvalidArgument {
+                what: "tls",
+                reason: format!(
+                    "refusing to send the etcd password without TLS to {:?}; configure TLS (--cacert) or use a loopback endpoint",
+                    config.endpoints
+                ),
+            });
+        }
         let mut options = ConnectOptions::new()
             .with_connect_timeout(config.connect_timeout)
             .with_timeout(config.request_timeout);

@@ -46,3 +46,19 @@ async fn tokens_and_leases_at_or_above_2_pow_63_are_invalid_arguments() {
             .map(drop),
     );
 }
+
+/// A password in cleartext to another host is refused before anything is sent (the
+/// endpoint is a reserved name that never resolves, and nothing dials it).
+#[tokio::test]
+async fn a_password_without_tls_to_another_host_is_refused() {
+    let config = ha_etcd::EtcdConfig::new(["etcd.invalid:2379"]).with_user("root", "secret");
+    match ha_etcd::EtcdBackend::connect(config).await {
+        Err(Error::InvalidArgument {
+            what: "tls",
+            reason,
+        }) => {
+            assert!(reason.contains("without TLS"), "{reason}")
+        }
+        other => panic!("expected a refusal, got {:?}", other.map(|_| ())),
+    }
+}

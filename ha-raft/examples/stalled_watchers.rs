@@ -27,7 +27,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let watchers: usize = args.next().map_or(Ok(1000), |a| a.parse())?;
     let changes: usize = args.next().map_or(Ok(10_000), |a| a.parse())?;
     let dir = tempfile::tempdir()?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
     let addr = format!("127.0.0.1:{port}");
     let peers: BTreeMap<u64, String> = [(1, addr.clone())].into_iter().collect();
     let node = RaftNode::start(RaftNodeConfig::new(1, addr.parse()?, peers, dir.path())).await?;

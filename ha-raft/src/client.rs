@@ -165,6 +165,20 @@ impl RaftClient {
         S: Into<String>,
     {
         let request_timeout = options.request_timeout;
+        let endpoints: Vec<String> = endpoints.into_iter().map(Into::into).collect();
+        if options.token.is_some()
+            && options.tls.is_none()
+            && !endpoints.iter().all(|e| ha_core::is_loopback_endpoint(e))
+        {
+            // A bearer token in cleartext to another host is readable by anyone on the
+            // path (and the nodes refuse tokens without TLS anyway).
+            return Err(Error::InvalidArgument {
+                what: "tls",
+                reason: format!(
+                    "refusing to send the bearer token without TLS to {endpoints:?}; configure TLS (--cacert) or use a loopback endpoint"
+                ),
+            });
+        }
         let token = match &options.token {
             Some(token) => {
                 let mut value =
@@ -179,7 +193,6 @@ impl RaftClient {
             }
             None => None,
         };
-        let endpoints: Vec<String> = endpoints.into_iter().map(Into::into).collect();
         if endpoints.is_empty() {
             return Err(Error::InvalidArgument {
                 what: "url",

@@ -88,7 +88,32 @@ impl std::fmt::Debug for RaftNodeConfig {
     }
 }
 
+/// The largest gRPC message each service of a node decodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct MessageLimits {
+    /// Peer messages: a 4 MiB AppendEntries, or one entry carrying the largest
+    /// compare-and-set (two values, base64, in JSON), or a snapshot chunk.
+    pub(crate) peer: usize,
+    /// Client requests: the largest guarded write or leader value, and room.
+    pub(crate) client: usize,
+}
+
 impl RaftNodeConfig {
+    /// The message limits for this configuration's value limits.
+    pub(crate) fn message_limits(&self) -> MessageLimits {
+        let value = self.kv_limits.max_value_bytes;
+        let key = self.kv_limits.max_key_bytes;
+        MessageLimits {
+            peer: (16 << 20).max(value.saturating_mul(4).saturating_add(1 << 20)),
+            client: (4 << 20).max(
+                value
+                    .saturating_mul(2)
+                    .saturating_add(key)
+                    .saturating_add(256 << 10),
+            ),
+        }
+    }
+
     /// A node with default timings: heartbeat 50 ms, election timeout 250–500 ms, RPC
     /// timeout 83 ms (a third of the shortest election timeout),
     /// request timeout 5 s, 16 MiB sled cache, a snapshot every 1000 entries. A Raft

@@ -493,6 +493,26 @@ impl NodeInner {
         &self.raft
     }
 
+    /// Whether a certificate names some member (or some initial peer, or any node while
+    /// this node has no configuration yet).
+    pub(crate) fn names_a_peer(&self, certs: &[tonic::transport::CertificateDer<'static>]) -> bool {
+        let metrics = self.raft.metrics();
+        let metrics = metrics.borrow();
+        let membership = metrics.membership_config.membership();
+        let mut ids: BTreeSet<NodeId> = membership.nodes().map(|(id, _)| *id).collect();
+        if ids.is_empty() {
+            // A learner not yet told its group: the body check decides.
+            return certs.first().is_some();
+        }
+        ids.extend(self.config.peers.keys());
+        ids.iter().any(|id| crate::tls::names_node(certs, *id))
+    }
+
+    /// The largest message each service decodes.
+    pub(crate) fn message_limits(&self) -> crate::config::MessageLimits {
+        self.config.message_limits()
+    }
+
     /// Whether `from` may talk to this node: a member of its configuration, or anyone
     /// while this node has no configuration yet (a learner being added).
     pub(crate) fn knows_peer(&self, from: NodeId) -> bool {

@@ -36,7 +36,13 @@ pub(crate) async fn serve(
     auth: ClientAuth,
     shutdown: CancellationToken,
 ) {
-    let mut builder = tonic::transport::Server::builder().tcp_nodelay(true);
+    let Some(limits) = node.upgrade().map(|n| n.message_limits()) else {
+        return;
+    };
+    let mut builder = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        // Each stream may buffer up to a message limit: bound how many one connection has.
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION));
     if let Some(tls) = &tls {
         builder = match builder.tls_config(tls.server_config()) {
             Ok(builder) => builder,
@@ -47,14 +53,15 @@ pub(crate) async fn serve(
         };
     }
     let clients = CoordinationServer::new(ClientService { node: node.clone() })
-        .max_decoding_message_size(64 << 20)
-        .max_encoding_message_size(64 << 20);
+        .max_decoding_message_size(limits.client)
+        .max_encoding_message_size(limits.client);
+    let peers = PeerServer::new(PeerService { node: node.clone() })
+        .max_decoding_message_size(limits.peer)
+        .max_encoding_message_size(limits.peer);
     let result = builder
-        .add_service(
-            PeerServer::new(PeerService { node })
-                .max_decoding_message_size(64 << 20)
-                .max_encoding_message_size(64 << 20),
-        )
+        .add_service(InterceptedService::new(peers, move |request| {
+            peer_gate(&node, request)
+        }))
         .add_service(InterceptedService::new(clients, move |request| {
             auth.check(request)
         }))
@@ -74,6 +81,25 @@ fn lagging_ends_with_status<T: Send + 'static>(
     updates
         .into_stream()
         .map(|update| update.map_err(|e| Status::resource_exhausted(e.to_string())))
+}
+
+/// Streams one connection may have open at once.
+const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
+
+/// Runs before a peer message's body is read: with TLS, the sender's certificate must
+/// name a member (`node-<id>`), so a stranger cannot make the node buffer peer-sized
+/// messages. Which member it speaks for is checked against the body afterwards.
+fn peer_gate(node: &Weak<NodeInner>, request: Request<()>) -> Result<Request<()>, Status> {
+    let node = node.upgrade().ok_or_else(gone)?;
+    if !node.peers_need_certificates() {
+        return Ok(request);
+    }
+    match request.peer_certs() {
+        Some(certs) if node.names_a_peer(&certs) => Ok(request),
+        _ => Err(Status::permission_denied(
+            "peer messages need a certificate from the cluster CA naming node-<id> of a member",
+        )),
+    }
 }
 
 fn gone() -> Status {

@@ -136,6 +136,23 @@ async fn garbage_on_the_port_and_refused_peers() {
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
     assert!(status.message().contains("ttl"), "{}", status.message());
 
+    // A client request far over any limit is refused by its size before it is decoded
+    // (the client API's limit is 4 MiB, the peer service's 16 MiB).
+    let mut big_sender = client.clone().max_encoding_message_size(usize::MAX);
+    let status = big_sender
+        .campaign(proto::CampaignRequest {
+            lease: 1,
+            election: "e".into(),
+            value: vec![0; 5 << 20],
+        })
+        .await
+        .err()
+        .unwrap_or_else(|| panic!("a 5 MiB client request was accepted"));
+    assert!(
+        status.message().contains("message length too large"),
+        "{status}"
+    );
+
     still_works(&backend, 2).await;
     drop(backend);
     group.shutdown().await;
@@ -256,5 +273,23 @@ async fn invalid_configurations_are_invalid_arguments() {
             assert!(reason.contains("cannot listen"), "{reason}")
         }
         other => panic!("a taken port gave {:?}", other.map(|n| n.id())),
+    }
+}
+
+/// A bearer token in cleartext to another host is refused before anything is sent.
+#[tokio::test]
+async fn a_token_without_tls_to_another_host_is_refused() {
+    let options = ha_raft::RaftClientOptions {
+        token: Some("secret".into()),
+        ..Default::default()
+    };
+    match ha_raft::RaftClient::connect_with(["node.invalid:7001"], options).await {
+        Err(ha_core::Error::InvalidArgument {
+            what: "tls",
+            reason,
+        }) => {
+            assert!(reason.contains("without TLS"), "{reason}")
+        }
+        other => panic!("expected a refusal, got {:?}", other.map(|_| ())),
     }
 }

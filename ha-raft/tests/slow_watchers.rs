@@ -38,7 +38,11 @@ async fn a_stalled_local_watch_resumes_and_misses_nothing() {
     for i in 1..=changes {
         match tokio::time::timeout(Duration::from_secs(10), stalled.next()).await {
             Ok(Some(Ok(LeaderEvent::Elected(leader)))) => {
-                assert_eq!(leader.value, format!("v{i}"), "change {i} skipped or reordered")
+                assert_eq!(
+                    leader.value,
+                    format!("v{i}"),
+                    "change {i} skipped or reordered"
+                )
             }
             other => panic!("change {i}: {other:?}"),
         }

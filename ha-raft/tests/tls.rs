@@ -169,6 +169,38 @@ async fn peer_call_naming(
         .unwrap_or_else(|_| panic!("{rpc} from {from}: no answer in 10 s"))
 }
 
+/// A vote envelope from `from` whose payload is `size` bytes of padding.
+async fn raw_peer_vote(
+    addr: &str,
+    ca_pem: &str,
+    server_name: &str,
+    identity: Option<&(String, String)>,
+    from: u64,
+    size: usize,
+) -> Result<(), tonic::Status> {
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(TonicCert::from_pem(ca_pem))
+        .domain_name(server_name);
+    if let Some((cert, key)) = identity {
+        tls = tls.identity(Identity::from_pem(cert, key));
+    }
+    let channel = Endpoint::from_shared(format!("https://{addr}"))
+        .unwrap_or_else(|e| panic!("{e}"))
+        .tls_config(tls)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .connect_lazy();
+    let mut client = PeerClient::new(channel).max_encoding_message_size(usize::MAX);
+    let request = PeerRequest {
+        cluster_id: "test-cluster".to_owned(),
+        from,
+        payload: vec![b' '; size],
+    };
+    tokio::time::timeout(Duration::from_secs(30), client.vote(request))
+        .await
+        .unwrap_or_else(|_| panic!("no answer in 30 s"))
+        .map(|_| ())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn strangers_are_refused_and_say_why() {
     let cluster = Ca::new("ha raft test CA");
@@ -260,6 +292,13 @@ async fn strangers_are_refused_and_say_why() {
         assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status}");
         assert!(status.message().contains("node 3"), "{status}");
     }
+    // A huge peer message without a certificate is refused for the missing certificate,
+    // before its body is read (a body over the size limit would say so instead).
+    let huge = raw_peer_vote(&addr, ca_pem, "node-1", None, 2, 80 << 20).await;
+    let status = huge
+        .err()
+        .unwrap_or_else(|| panic!("an 80 MiB stranger's message passed"));
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status}");
     // A server that is not who it is dialled as: node 2's address, expected as node 1.
     let other = group.peers[&2].clone();
     let status = peer_call(&other, ca_pem, "node-1", Some(node2), 2, "vote")
