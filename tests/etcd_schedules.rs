@@ -10,20 +10,19 @@
 
 #[path = "../ha-etcd/tests/common/mod.rs"]
 mod etcd_fixture;
+#[path = "support/participant.rs"]
+mod participant;
 
 use std::collections::BTreeMap;
-use std::process::Stdio;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::Duration;
 
 use futures::StreamExt;
-use ha_core::testing::history::{fault_seeds, CampaignOutcome, History, Record, Totals};
-use ha_core::FencingToken;
+use ha_core::testing::history::{fault_seeds, History, Record, Totals};
+use participant::{signal, unix_us, Supervised};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 use tokio::time::sleep;
 
 const HA: &str = env!("CARGO_BIN_EXE_ha");
@@ -34,141 +33,6 @@ const LIVENESS: Duration = Duration::from_secs(12);
 const STEPS: usize = 4;
 const CONCURRENT: usize = 4;
 const PARTICIPANTS: u64 = 3;
-
-fn unix_us() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(0)
-}
-
-fn signal(pid: u32, signal: &str) {
-    let _ = std::process::Command::new("kill")
-        .arg(format!("-{signal}"))
-        .arg(pid.to_string())
-        .status();
-}
-
-/// One participant process, restarted whenever it exits until the run stops.
-struct Supervised {
-    pid: Arc<Mutex<Option<u32>>>,
-    stop: tokio_util::sync::CancellationToken,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Supervised {
-    fn start(id: u64, backend: String, epoch: u64, history: Arc<History>) -> Self {
-        let pid = Arc::new(Mutex::new(None));
-        let stop = tokio_util::sync::CancellationToken::new();
-        let task = tokio::spawn(supervise(
-            id,
-            backend,
-            epoch,
-            history,
-            Arc::clone(&pid),
-            stop.clone(),
-        ));
-        Self { pid, stop, task }
-    }
-
-    fn pid(&self) -> Option<u32> {
-        *self.pid.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    async fn stop(self) {
-        self.stop.cancel();
-        let _ = self.task.await;
-    }
-}
-
-async fn supervise(
-    id: u64,
-    backend: String,
-    epoch: u64,
-    history: Arc<History>,
-    pid_slot: Arc<Mutex<Option<u32>>>,
-    stop: tokio_util::sync::CancellationToken,
-) {
-    while !stop.is_cancelled() {
-        let spawned = Command::new(HA)
-            .args([
-                "elect",
-                "schedule",
-                &format!("p{id}"),
-                "--json",
-                "--print-every-ms",
-                "50",
-            ])
-            .args([
-                "--backend",
-                &backend,
-                "--id",
-                &id.to_string(),
-                "--ttl",
-                &TTL.as_secs().to_string(),
-            ])
-            .env("RUST_LOG", "off")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn();
-        let mut child: Child = match spawned {
-            Ok(child) => child,
-            Err(e) => panic!("spawn ha: {e}"),
-        };
-        *pid_slot.lock().unwrap_or_else(|e| e.into_inner()) = child.id();
-        let Some(stdout) = child.stdout.take() else {
-            return;
-        };
-        let mut lines = BufReader::new(stdout).lines();
-        let mut lease = 0u64;
-        let mut started = unix_us().saturating_sub(epoch);
-        loop {
-            tokio::select! {
-                line = lines.next_line() => match line {
-                    Ok(Some(line)) => {
-                        let Ok(json) = serde_json::from_str::<Value>(&line) else { continue };
-                        let at = json["at_unix_us"].as_u64().unwrap_or(0).saturating_sub(epoch);
-                        let token = FencingToken::new(json["token"].as_u64().unwrap_or(0));
-                        match json["event"].as_str().unwrap_or("") {
-                            "registered" => {
-                                lease = json["lease"].as_str().and_then(|l| u64::from_str_radix(l, 16).ok()).unwrap_or(0);
-                                started = at;
-                            }
-                            "elected" => history.record(Record::Campaign {
-                                participant: id, lease, started, at, outcome: CampaignOutcome::Won(token),
-                            }),
-                            "leading" => history.record(Record::Acted { participant: id, token, at }),
-                            "lost" | "resigned" if json["token"].is_u64() => {
-                                let reason = json["reason"].as_str().unwrap_or("resigned").to_owned();
-                                history.record(Record::Lost { participant: id, token, at, reason });
-                            }
-                            _ => {}
-                        }
-                    }
-                    _ => break, // exited (or killed): restart below
-                },
-                () = stop.cancelled() => {
-                    if let Some(pid) = child.id() {
-                        signal(pid, "CONT");
-                        signal(pid, "TERM");
-                    }
-                    if tokio::time::timeout(Duration::from_secs(10), child.wait()).await.is_err() {
-                        let _ = child.kill().await;
-                    }
-                    return;
-                }
-            }
-        }
-        let _ = child.wait().await;
-        *pid_slot.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        tokio::select! {
-            () = sleep(Duration::from_millis(200)) => {}
-            () = stop.cancelled() => return,
-        }
-    }
-}
 
 async fn schedule(seed: u64) -> Option<Arc<History>> {
     let mut rng = StdRng::seed_from_u64(seed);
@@ -181,9 +45,18 @@ async fn schedule(seed: u64) -> Option<Arc<History>> {
     let now = || unix_us().saturating_sub(epoch);
     let participants: BTreeMap<u64, Supervised> = (1..=PARTICIPANTS)
         .map(|id| {
+            let backend = backend.clone();
+            let command: participant::MakeCommand = Arc::new(move || {
+                let mut command = Command::new(HA);
+                command
+                    .args(["elect", "schedule", &format!("p{id}"), "--json"])
+                    .args(["--print-every-ms", "50", "--backend", &backend])
+                    .args(["--id", &id.to_string(), "--ttl", &TTL.as_secs().to_string()]);
+                command
+            });
             (
                 id,
-                Supervised::start(id, backend.clone(), epoch, Arc::clone(&history)),
+                Supervised::start(id, command, epoch, Arc::clone(&history)),
             )
         })
         .collect();

@@ -1,0 +1,168 @@
+//! One `ha elect --print-every-ms` participant process, restarted whenever it exits
+//! until the run stops, whose JSON lines feed the history checker. Shared by the fault
+//! schedules that run participants as real processes.
+
+#![allow(dead_code)]
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ha_core::testing::history::{CampaignOutcome, History, Record};
+use ha_core::FencingToken;
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::time::sleep;
+
+/// Microseconds since the Unix epoch: the clock every process of a run shares.
+pub fn unix_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+/// Sends a signal by PID (`STOP`, `CONT`, `KILL`, `TERM`).
+pub fn signal(pid: u32, signal: &str) {
+    let _ = std::process::Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status();
+}
+
+/// Builds the participant's command line, fresh for each restart.
+pub type MakeCommand = Arc<dyn Fn() -> Command + Send + Sync>;
+
+/// One participant process, restarted whenever it exits until the run stops.
+pub struct Supervised {
+    pid: Arc<Mutex<Option<u32>>>,
+    /// The token it leads with, while it says it leads.
+    leading: Arc<Mutex<Option<u64>>>,
+    stop: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Supervised {
+    /// Starts participant `id`; `epoch` is the run's time zero (unix µs).
+    pub fn start(id: u64, command: MakeCommand, epoch: u64, history: Arc<History>) -> Self {
+        let pid = Arc::new(Mutex::new(None));
+        let leading = Arc::new(Mutex::new(None));
+        let stop = tokio_util::sync::CancellationToken::new();
+        let task = tokio::spawn(supervise(
+            id,
+            command,
+            epoch,
+            history,
+            Arc::clone(&pid),
+            Arc::clone(&leading),
+            stop.clone(),
+        ));
+        Self {
+            pid,
+            leading,
+            stop,
+            task,
+        }
+    }
+
+    /// The running process's PID.
+    pub fn pid(&self) -> Option<u32> {
+        *self.pid.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether it said it was elected and has not said it lost since.
+    pub fn is_leading(&self) -> bool {
+        self.leading
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+    }
+
+    /// Stops the process (SIGTERM, then SIGKILL after 10 s) and the restarts.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+}
+
+async fn supervise(
+    id: u64,
+    command: MakeCommand,
+    epoch: u64,
+    history: Arc<History>,
+    pid_slot: Arc<Mutex<Option<u32>>>,
+    leading: Arc<Mutex<Option<u64>>>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let set_leading = |token: Option<u64>| {
+        *leading.lock().unwrap_or_else(|e| e.into_inner()) = token;
+    };
+    while !stop.is_cancelled() {
+        let spawned = command()
+            .env("RUST_LOG", "off")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn();
+        let mut child: Child = match spawned {
+            Ok(child) => child,
+            Err(e) => panic!("spawn ha: {e}"),
+        };
+        *pid_slot.lock().unwrap_or_else(|e| e.into_inner()) = child.id();
+        let Some(stdout) = child.stdout.take() else {
+            return;
+        };
+        let mut lines = BufReader::new(stdout).lines();
+        let mut lease = 0u64;
+        let mut started = unix_us().saturating_sub(epoch);
+        loop {
+            tokio::select! {
+                line = lines.next_line() => match line {
+                    Ok(Some(line)) => {
+                        let Ok(json) = serde_json::from_str::<Value>(&line) else { continue };
+                        let at = json["at_unix_us"].as_u64().unwrap_or(0).saturating_sub(epoch);
+                        let token = FencingToken::new(json["token"].as_u64().unwrap_or(0));
+                        match json["event"].as_str().unwrap_or("") {
+                            "registered" => {
+                                lease = json["lease"].as_str().and_then(|l| u64::from_str_radix(l, 16).ok()).unwrap_or(0);
+                                started = at;
+                            }
+                            "elected" => {
+                                set_leading(Some(token.get()));
+                                history.record(Record::Campaign {
+                                    participant: id, lease, started, at, outcome: CampaignOutcome::Won(token),
+                                });
+                            }
+                            "leading" => history.record(Record::Acted { participant: id, token, at }),
+                            "lost" | "resigned" if json["token"].is_u64() => {
+                                set_leading(None);
+                                let reason = json["reason"].as_str().unwrap_or("resigned").to_owned();
+                                history.record(Record::Lost { participant: id, token, at, reason });
+                            }
+                            _ => {}
+                        }
+                    }
+                    _ => break, // exited (or killed): restart below
+                },
+                () = stop.cancelled() => {
+                    if let Some(pid) = child.id() {
+                        signal(pid, "CONT");
+                        signal(pid, "TERM");
+                    }
+                    if tokio::time::timeout(Duration::from_secs(10), child.wait()).await.is_err() {
+                        let _ = child.kill().await;
+                    }
+                    return;
+                }
+            }
+        }
+        set_leading(None);
+        let _ = child.wait().await;
+        *pid_slot.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        tokio::select! {
+            () = sleep(Duration::from_millis(200)) => {}
+            () = stop.cancelled() => return,
+        }
+    }
+}
