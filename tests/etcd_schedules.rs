@@ -1,7 +1,10 @@
 //! Seeded fault schedules on a real etcd with participants as real processes
 //! (`ha elect --print-every-ms`, restarted by a supervisor loop when they exit), each
-//! checked by the history checker. Faults: a participant SIGSTOPped for up to twice the
-//! TTL, kill -9, SIGTERM, an etcd restart, etcd paused (SIGSTOP). Each schedule has its
+//! checked by the history checker. Each participant reaches etcd through a byte-level
+//! proxy of its own. Faults: a participant SIGSTOPped for up to twice the TTL, kill -9,
+//! SIGTERM, an etcd restart, etcd paused (SIGSTOP), a participant's replies held past its
+//! request timeout and then its requests dropped, its link black-holed (then its
+//! connections reset). Each schedule has its
 //! own etcd; several run at once. `HA_FAULT_RUNS=N` / `HA_FAULT_SEEDS=a,b` pick the seeds
 //! (CI runs 20). Wall-clock time: a seed gives the same fault schedule, not the same
 //! interleaving.
@@ -19,6 +22,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use ha_core::testing::history::{fault_seeds, History, Record, Totals};
+use ha_testkit::{Direction, Fault};
 use participant::{signal, unix_us, Supervised};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -39,13 +43,24 @@ async fn schedule(seed: u64) -> Option<Arc<History>> {
     let mut etcd = tokio::task::spawn_blocking(etcd_fixture::Etcd::start)
         .await
         .unwrap_or_else(|e| panic!("{e}"))?;
-    let backend = format!("etcd://{}/schedule-{seed}", etcd.endpoint);
+    // Each participant reaches etcd through a byte-level proxy of its own.
+    let upstream = etcd
+        .endpoint()
+        .parse()
+        .unwrap_or_else(|e| panic!("etcd endpoint: {e}"));
+    let mut links = BTreeMap::new();
+    for id in 1..=PARTICIPANTS {
+        let proxy = ha_testkit::Proxy::start(upstream)
+            .await
+            .unwrap_or_else(|e| panic!("proxy: {e}"));
+        links.insert(id, proxy);
+    }
     let history = Arc::new(History::new());
     let epoch = unix_us();
     let now = || unix_us().saturating_sub(epoch);
     let participants: BTreeMap<u64, Supervised> = (1..=PARTICIPANTS)
         .map(|id| {
-            let backend = backend.clone();
+            let backend = format!("etcd://{}/schedule-{seed}", links[&id].addr());
             let command: participant::MakeCommand = Arc::new(move || {
                 let mut command = Command::new(HA);
                 command
@@ -67,7 +82,32 @@ async fn schedule(seed: u64) -> Option<Arc<History>> {
         let p = rng.random_range(1..=PARTICIPANTS);
         let long = Duration::from_millis(rng.random_range(300..(TTL.as_millis() as u64 * 2)));
         let pid = participants[&p].pid();
-        match rng.random_range(0..5) {
+        match rng.random_range(0..7) {
+            5 => {
+                // A reply held past the request timeout, then a link that passes nothing
+                // the participant sends: etcd stops hearing it while late replies arrive.
+                let held = TTL / 3 + Duration::from_millis(300);
+                let silent = TTL + Duration::from_millis(rng.random_range(500..2000));
+                fault(format!(
+                    "p{p}'s replies held {held:?}, then its requests dropped for {silent:?}"
+                ));
+                links[&p].set(Direction::ToClient, Fault::Hold);
+                sleep(held).await;
+                links[&p].set(Direction::ToServer, Fault::Drop);
+                links[&p].set(Direction::ToClient, Fault::Pass);
+                sleep(silent).await;
+                links[&p].reset();
+                links[&p].set_both(Fault::Pass);
+            }
+            6 => {
+                fault(format!(
+                    "p{p}'s link black-holed for {long:?}, then its connections reset"
+                ));
+                links[&p].set_both(Fault::Drop);
+                sleep(long).await;
+                links[&p].reset();
+                links[&p].set_both(Fault::Pass);
+            }
             0 => {
                 if let Some(pid) = pid {
                     fault(format!("p{p} SIGSTOPped for {long:?}"));

@@ -230,6 +230,18 @@ impl Proxy {
         }
     }
 
+    /// Closes every open connection (new ones are still accepted), as a link that was
+    /// down long enough for both ends to give up. Needed after `Drop`: discarded bytes
+    /// leave a byte stream that neither end can parse again.
+    pub fn reset(&self) {
+        let mut tasks = self.tasks.lock().unwrap_or_else(PoisonError::into_inner);
+        // The first task is the listener; the rest are connections.
+        for task in tasks.iter().skip(1) {
+            task.abort();
+        }
+        tasks.truncate(1);
+    }
+
     /// Connections accepted so far.
     pub fn connections(&self) -> u64 {
         self.control.connections.load(Ordering::Relaxed)
