@@ -6,7 +6,8 @@
 //! request timeout and then its requests dropped, its link black-holed (then its
 //! connections reset). Each schedule has its
 //! own etcd; several run at once. `HA_FAULT_RUNS=N` / `HA_FAULT_SEEDS=a,b` pick the seeds
-//! (CI runs 20). Wall-clock time: a seed gives the same fault schedule, not the same
+//! (CI runs 20, and 4 on a 3-member etcd cluster whose leader is killed, paused and
+//! restarted). Wall-clock time: a seed gives the same fault schedule, not the same
 //! interleaving.
 
 #![cfg(all(feature = "cli", feature = "etcd"))]
@@ -38,6 +39,34 @@ const STEPS: usize = 4;
 const CONCURRENT: usize = 4;
 const PARTICIPANTS: u64 = 3;
 
+/// The two tests run their schedules one after the other: at once, their processes
+/// would starve each other on a 2-core machine.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// One supervised `ha elect` participant per id, on the backend URL `backend(id)`.
+fn participants(
+    backend: impl Fn(u64) -> String,
+    ttl: Duration,
+    epoch: u64,
+    history: &Arc<History>,
+) -> BTreeMap<u64, Supervised> {
+    (1..=PARTICIPANTS)
+        .map(|id| {
+            let backend = backend(id);
+            let command: participant::MakeCommand = Arc::new(move || {
+                let mut command = Command::new(HA);
+                command
+                    .args(["elect", "schedule", &format!("p{id}"), "--json"])
+                    .args(["--print-every-ms", "50", "--backend", &backend])
+                    .args(["--id", &id.to_string(), "--ttl", &ttl.as_secs().to_string()]);
+                command
+            });
+            let supervised = Supervised::start(id, command, epoch, Arc::clone(history));
+            (id, supervised)
+        })
+        .collect()
+}
+
 async fn schedule(seed: u64) -> Option<Arc<History>> {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut etcd = tokio::task::spawn_blocking(etcd_fixture::Etcd::start)
@@ -58,23 +87,12 @@ async fn schedule(seed: u64) -> Option<Arc<History>> {
     let history = Arc::new(History::new());
     let epoch = unix_us();
     let now = || unix_us().saturating_sub(epoch);
-    let participants: BTreeMap<u64, Supervised> = (1..=PARTICIPANTS)
-        .map(|id| {
-            let backend = format!("etcd://{}/schedule-{seed}", links[&id].addr());
-            let command: participant::MakeCommand = Arc::new(move || {
-                let mut command = Command::new(HA);
-                command
-                    .args(["elect", "schedule", &format!("p{id}"), "--json"])
-                    .args(["--print-every-ms", "50", "--backend", &backend])
-                    .args(["--id", &id.to_string(), "--ttl", &TTL.as_secs().to_string()]);
-                command
-            });
-            (
-                id,
-                Supervised::start(id, command, epoch, Arc::clone(&history)),
-            )
-        })
-        .collect();
+    let participants = participants(
+        |id| format!("etcd://{}/schedule-{seed}", links[&id].addr()),
+        TTL,
+        epoch,
+        &history,
+    );
     let fault = |what: String| history.record(Record::Fault { at: now(), what });
     sleep(Duration::from_secs(2)).await;
     for _ in 0..STEPS {
@@ -156,6 +174,7 @@ async fn schedule(seed: u64) -> Option<Arc<History>> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_fault_schedules_never_show_two_leaders() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     let seeds = fault_seeds(20);
     let started = std::time::Instant::now();
     let results: Vec<(u64, Option<Arc<History>>)> = futures::stream::iter(seeds.clone())
@@ -173,6 +192,104 @@ async fn etcd_fault_schedules_never_show_two_leaders() {
         totals.add(&history.assert_ok(Some(LIVENESS), *seed, &replay));
     }
     eprintln!("etcd: {totals}, in {:?}", started.elapsed());
+    assert!(
+        totals.leaderships >= seeds.len(),
+        "the schedules elected almost nobody"
+    );
+}
+
+/// TTL on the 3-member cluster: an etcd leader election (about 1 s with etcd's default
+/// timing) must fit inside it with room.
+const CLUSTER_TTL: Duration = Duration::from_secs(3);
+const CLUSTER_LIVENESS: Duration = Duration::from_secs(15);
+
+/// The same participants on a 3-member etcd cluster, connected to every member: faults
+/// kill, pause or restart etcd members, the etcd leader among them.
+async fn cluster_schedule(seed: u64) -> Option<Arc<History>> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut cluster = tokio::task::spawn_blocking(|| etcd_fixture::EtcdCluster::start(3))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))?;
+    let endpoints = cluster.endpoints().join(",");
+    let history = Arc::new(History::new());
+    let epoch = unix_us();
+    let now = || unix_us().saturating_sub(epoch);
+    let participants = participants(
+        |_| format!("etcd://{endpoints}/cluster-{seed}"),
+        CLUSTER_TTL,
+        epoch,
+        &history,
+    );
+    let fault = |what: String| history.record(Record::Fault { at: now(), what });
+    sleep(Duration::from_secs(3)).await;
+    for _ in 0..STEPS {
+        sleep(Duration::from_millis(rng.random_range(500..2000))).await;
+        let long =
+            Duration::from_millis(rng.random_range(300..(CLUSTER_TTL.as_millis() as u64 * 2)));
+        let random = rng.random_range(0..cluster.size());
+        match rng.random_range(0..4) {
+            0 | 1 => {
+                let member = cluster.leader().await.unwrap_or(random);
+                fault(format!(
+                    "etcd leader (member {member}) killed, down for {long:?}"
+                ));
+                cluster.kill(member);
+                sleep(long).await;
+                cluster = tokio::task::spawn_blocking(move || {
+                    cluster.restart(member);
+                    cluster
+                })
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            }
+            2 => {
+                let member = cluster.leader().await.unwrap_or(random);
+                fault(format!(
+                    "etcd leader (member {member}) SIGSTOPped for {long:?}"
+                ));
+                cluster.signal(member, "STOP");
+                sleep(long).await;
+                cluster.signal(member, "CONT");
+            }
+            _ => {
+                let p = rng.random_range(1..=PARTICIPANTS);
+                if let Some(pid) = participants[&p].pid() {
+                    fault(format!("p{p} killed (-9)"));
+                    signal(pid, "KILL");
+                }
+            }
+        }
+    }
+    history.record(Record::Healed { at: now() });
+    sleep(CLUSTER_LIVENESS + Duration::from_secs(1)).await;
+    for (_, p) in participants {
+        p.stop().await;
+    }
+    drop(cluster);
+    Some(history)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_cluster_fault_schedules_never_show_two_leaders() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let seeds = fault_seeds(4);
+    let started = std::time::Instant::now();
+    let results: Vec<(u64, Option<Arc<History>>)> = futures::stream::iter(seeds.clone())
+        .map(|seed| async move { (seed, cluster_schedule(seed).await) })
+        .buffer_unordered(2)
+        .collect()
+        .await;
+    let mut totals = Totals::default();
+    for (seed, history) in &results {
+        let Some(history) = history else {
+            return;
+        };
+        let replay = format!(
+            "HA_FAULT_SEEDS={seed} cargo test --all-features --test etcd_schedules cluster"
+        );
+        totals.add(&history.assert_ok(Some(CLUSTER_LIVENESS), *seed, &replay));
+    }
+    eprintln!("etcd cluster: {totals}, in {:?}", started.elapsed());
     assert!(
         totals.leaderships >= seeds.len(),
         "the schedules elected almost nobody"

@@ -11,6 +11,10 @@ use std::time::{Duration, Instant};
 
 use crate::{EtcdBackend, EtcdConfig};
 
+mod cluster;
+
+pub use cluster::EtcdCluster;
+
 /// Server-side TLS files: etcd then serves clients over https and requires a client
 /// certificate signed by the CA.
 #[derive(Debug, Clone)]

@@ -2,4 +2,4 @@
 
 #![allow(unused_imports)]
 
-pub use ha_etcd::testing::{Etcd, ServerTls};
+pub use ha_etcd::testing::{Etcd, EtcdCluster, ServerTls};

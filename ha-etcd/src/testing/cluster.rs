@@ -1,0 +1,213 @@
+//! A private 3-member (or n-member) etcd cluster on loopback, for the tests that kill,
+//! pause and restart members (the etcd leader among them) while sessions run.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use super::{find_binary, free_port, StartError, LISTEN_WITHIN};
+
+/// One member: its ports and data dir outlive its process, so it restarts as itself.
+#[derive(Debug)]
+struct Member {
+    name: String,
+    client_port: u16,
+    peer_port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+/// A running private etcd cluster; dropping it stops every member by PID.
+#[derive(Debug)]
+pub struct EtcdCluster {
+    binary: PathBuf,
+    token: String,
+    members: Vec<Member>,
+}
+
+impl EtcdCluster {
+    /// Starts a cluster of `size` members for a test, or returns `None` (outside CI,
+    /// with a loud message) when etcd is not installed. Panics on any other failure,
+    /// and under `CI` when etcd is missing.
+    pub fn start(size: usize) -> Option<Self> {
+        match Self::try_start(size) {
+            Ok(cluster) => Some(cluster),
+            Err(StartError::NotInstalled) if std::env::var_os("CI").is_none() => {
+                eprintln!("SKIPPED: etcd is not installed; run ./scripts/test.sh to install it");
+                None
+            }
+            Err(error) => panic!("{error} (CI is set, so this fails)"),
+        }
+    }
+
+    /// Starts `size` members and waits until each accepts connections.
+    ///
+    /// # Errors
+    /// No etcd binary, no ports or temp dirs, or a member that does not listen in time.
+    pub fn try_start(size: usize) -> Result<Self, StartError> {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let binary = find_binary("etcd").ok_or(StartError::NotInstalled)?;
+        let mut members = Vec::new();
+        for i in 1..=size {
+            members.push(Member {
+                name: format!("m{i}"),
+                client_port: free_port()?,
+                peer_port: free_port()?,
+                dir: tempfile::tempdir()?,
+                child: None,
+            });
+        }
+        let token = format!(
+            "ha-test-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let mut cluster = Self {
+            binary,
+            token,
+            members,
+        };
+        for i in 0..size {
+            cluster.spawn(i)?;
+        }
+        for i in 0..size {
+            cluster.wait_listening(i)?;
+        }
+        Ok(cluster)
+    }
+
+    fn initial_cluster(&self) -> String {
+        self.members
+            .iter()
+            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    fn spawn(&mut self, i: usize) -> std::io::Result<()> {
+        let initial = self.initial_cluster();
+        let member = &self.members[i];
+        let client = format!("http://127.0.0.1:{}", member.client_port);
+        let peer = format!("http://127.0.0.1:{}", member.peer_port);
+        let child = Command::new(&self.binary)
+            .arg(format!("--name={}", member.name))
+            .arg(format!("--data-dir={}", member.dir.path().display()))
+            .arg(format!("--listen-client-urls={client}"))
+            .arg(format!("--advertise-client-urls={client}"))
+            .arg(format!("--listen-peer-urls={peer}"))
+            .arg(format!("--initial-advertise-peer-urls={peer}"))
+            .arg(format!("--initial-cluster={initial}"))
+            .arg(format!("--initial-cluster-token={}", self.token))
+            .arg("--initial-cluster-state=new")
+            .arg("--logger=zap")
+            .arg("--log-level=error")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        self.members[i].child = Some(child);
+        Ok(())
+    }
+
+    fn wait_listening(&self, i: usize) -> Result<(), StartError> {
+        let endpoint = self.endpoint(i);
+        let deadline = Instant::now() + LISTEN_WITHIN;
+        while std::net::TcpStream::connect(&endpoint).is_err() {
+            if Instant::now() >= deadline {
+                return Err(StartError::NotListening {
+                    endpoint,
+                    within: LISTEN_WITHIN,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    /// Members in the cluster.
+    pub fn size(&self) -> usize {
+        self.members.len()
+    }
+
+    /// Member `i`'s client endpoint (0-based), `127.0.0.1:port`.
+    pub fn endpoint(&self, i: usize) -> String {
+        format!("127.0.0.1:{}", self.members[i].client_port)
+    }
+
+    /// Every member's client endpoint.
+    pub fn endpoints(&self) -> Vec<String> {
+        (0..self.members.len()).map(|i| self.endpoint(i)).collect()
+    }
+
+    /// Member `i`'s PID, while it runs.
+    pub fn pid(&self, i: usize) -> Option<u32> {
+        self.members[i].child.as_ref().map(Child::id)
+    }
+
+    /// The member that leads etcd's Raft now, as the members report it.
+    pub async fn leader(&self) -> Option<usize> {
+        for i in 0..self.members.len() {
+            if self.members[i].child.is_none() {
+                continue;
+            }
+            let connect = etcd_client::Client::connect([self.endpoint(i)], None);
+            let Ok(Ok(mut client)) = tokio::time::timeout(Duration::from_secs(2), connect).await
+            else {
+                continue;
+            };
+            let Ok(Ok(status)) =
+                tokio::time::timeout(Duration::from_secs(2), client.status()).await
+            else {
+                continue;
+            };
+            if status
+                .header()
+                .is_some_and(|h| h.member_id() == status.leader())
+            {
+                return Some(i);
+            }
+        }
+        None
+    }
+
+    /// Kills member `i` (SIGKILL) and reaps it; its data dir stays.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut child) = self.members[i].child.take() {
+            let _ = Command::new("kill")
+                .arg("-CONT")
+                .arg(child.id().to_string())
+                .status();
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts a killed member again from its data dir. Panics if it does not come back
+    /// (a test fixture).
+    pub fn restart(&mut self, i: usize) {
+        self.kill(i);
+        self.spawn(i)
+            .unwrap_or_else(|e| panic!("restart etcd member {i}: {e}"));
+        if let Err(error) = self.wait_listening(i) {
+            panic!("{error}");
+        }
+    }
+
+    /// Sends a signal (`STOP`, `CONT`) to member `i` by PID.
+    pub fn signal(&self, i: usize, signal: &str) {
+        if let Some(pid) = self.pid(i) {
+            let _ = Command::new("kill")
+                .arg(format!("-{signal}"))
+                .arg(pid.to_string())
+                .status();
+        }
+    }
+}
+
+impl Drop for EtcdCluster {
+    fn drop(&mut self) {
+        for i in 0..self.members.len() {
+            self.kill(i);
+        }
+    }
+}
