@@ -21,8 +21,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
-use ha_core::testing::history::{fault_seeds, History, Record, Totals};
+use ha_core::testing::history::{History, Record};
 use ha_testkit::{Direction, Fault};
 use participant::{signal, unix_us, Supervised};
 use rand::rngs::StdRng;
@@ -175,27 +174,14 @@ async fn schedule(seed: u64) -> Option<Arc<History>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_fault_schedules_never_show_two_leaders() {
     let _alone = ONE_AT_A_TIME.lock().await;
-    let seeds = fault_seeds(20);
-    let started = std::time::Instant::now();
-    let results: Vec<(u64, Option<Arc<History>>)> = futures::stream::iter(seeds.clone())
-        .map(|seed| async move { (seed, schedule(seed).await) })
-        .buffer_unordered(CONCURRENT)
-        .collect()
-        .await;
-    let mut totals = Totals::default();
-    for (seed, history) in &results {
-        let Some(history) = history else {
-            return; // no etcd outside CI: the fixture said so loudly
-        };
-        let replay =
-            format!("HA_FAULT_SEEDS={seed} cargo test --all-features --test etcd_schedules");
-        totals.add(&history.assert_ok(Some(LIVENESS), *seed, &replay));
-    }
-    eprintln!("etcd: {totals}, in {:?}", started.elapsed());
-    assert!(
-        totals.leaderships >= seeds.len(),
-        "the schedules elected almost nobody"
-    );
+    let run = participant::Run {
+        name: "etcd",
+        default_runs: 20,
+        concurrent: CONCURRENT,
+        liveness: LIVENESS,
+        replay: "--test etcd_schedules etcd_fault",
+    };
+    participant::run_schedules(run, schedule).await;
 }
 
 /// TTL on the 3-member cluster: an etcd leader election (about 1 s with etcd's default
@@ -272,26 +258,12 @@ async fn cluster_schedule(seed: u64) -> Option<Arc<History>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_cluster_fault_schedules_never_show_two_leaders() {
     let _alone = ONE_AT_A_TIME.lock().await;
-    let seeds = fault_seeds(4);
-    let started = std::time::Instant::now();
-    let results: Vec<(u64, Option<Arc<History>>)> = futures::stream::iter(seeds.clone())
-        .map(|seed| async move { (seed, cluster_schedule(seed).await) })
-        .buffer_unordered(2)
-        .collect()
-        .await;
-    let mut totals = Totals::default();
-    for (seed, history) in &results {
-        let Some(history) = history else {
-            return;
-        };
-        let replay = format!(
-            "HA_FAULT_SEEDS={seed} cargo test --all-features --test etcd_schedules cluster"
-        );
-        totals.add(&history.assert_ok(Some(CLUSTER_LIVENESS), *seed, &replay));
-    }
-    eprintln!("etcd cluster: {totals}, in {:?}", started.elapsed());
-    assert!(
-        totals.leaderships >= seeds.len(),
-        "the schedules elected almost nobody"
-    );
+    let run = participant::Run {
+        name: "etcd cluster",
+        default_runs: 4,
+        concurrent: 2,
+        liveness: CLUSTER_LIVENESS,
+        replay: "--test etcd_schedules cluster",
+    };
+    participant::run_schedules(run, cluster_schedule).await;
 }

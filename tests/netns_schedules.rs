@@ -16,8 +16,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::StreamExt;
-use ha_core::testing::history::{fault_seeds, History, Record, Totals};
+use ha_core::testing::history::{History, Record};
 use ha_testkit::Lab;
 use participant::{unix_us, Supervised};
 use rand::rngs::StdRng;
@@ -196,28 +195,12 @@ async fn schedule(seed: u64) -> Option<Arc<History>> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partitions_on_a_real_network_never_show_two_leaders() {
-    let seeds = fault_seeds(4);
-    let started = std::time::Instant::now();
-    let results: Vec<(u64, Option<Arc<History>>)> = futures::stream::iter(seeds.clone())
-        .map(|seed| async move { (seed, schedule(seed).await) })
-        .buffer_unordered(CONCURRENT)
-        .collect()
-        .await;
-    let mut totals = Totals::default();
-    for (seed, history) in &results {
-        let Some(history) = history else {
-            return; // no namespaces outside CI: the lab said so loudly
-        };
-        let replay =
-            format!("HA_FAULT_SEEDS={seed} cargo test --all-features --test netns_schedules");
-        totals.add(&history.assert_ok(Some(LIVENESS), *seed, &replay));
-    }
-    eprintln!(
-        "raft on a real network: {totals}, in {:?}",
-        started.elapsed()
-    );
-    assert!(
-        totals.leaderships >= seeds.len(),
-        "the schedules elected almost nobody"
-    );
+    let run = participant::Run {
+        name: "raft on a real network",
+        default_runs: 4,
+        concurrent: CONCURRENT,
+        liveness: LIVENESS,
+        replay: "--test netns_schedules",
+    };
+    participant::run_schedules(run, schedule).await;
 }

@@ -70,6 +70,19 @@ fn free_port() -> std::io::Result<u16> {
         .port())
 }
 
+/// What a test does with a start: go on, skip loudly when etcd is not installed (outside
+/// CI), or panic (any other failure, and a missing etcd under `CI`).
+fn for_test<T>(started: Result<T, StartError>) -> Option<T> {
+    match started {
+        Ok(started) => Some(started),
+        Err(StartError::NotInstalled) if std::env::var_os("CI").is_none() => {
+            eprintln!("SKIPPED: etcd is not installed; run ./scripts/test.sh to install it");
+            None
+        }
+        Err(error) => panic!("{error} (CI is set, so this fails)"),
+    }
+}
+
 /// A program on `PATH` (`etcd`, `etcdctl`), if any.
 pub fn find_binary(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
@@ -124,14 +137,7 @@ impl Etcd {
     }
 
     fn start_for_test(tls: Option<ServerTls>) -> Option<Self> {
-        match Self::try_start(tls) {
-            Ok(etcd) => Some(etcd),
-            Err(StartError::NotInstalled) if std::env::var_os("CI").is_none() => {
-                eprintln!("SKIPPED: etcd is not installed; run ./scripts/test.sh to install it");
-                None
-            }
-            Err(error) => panic!("{error} (CI is set, so this fails)"),
-        }
+        for_test(Self::try_start(tls))
     }
 
     /// Starts etcd and waits until it accepts connections.

@@ -166,3 +166,53 @@ async fn supervise(
         }
     }
 }
+
+/// What one run of schedules checks: its name in the summary, the seeds, how many run
+/// at once, the liveness bound, and the command that replays one seed.
+pub struct Run<'a> {
+    /// Printed before the totals.
+    pub name: &'a str,
+    /// Seeds when `HA_FAULT_*` says nothing.
+    pub default_runs: u64,
+    /// Schedules at once.
+    pub concurrent: usize,
+    /// Someone must act again within this after healing.
+    pub liveness: Duration,
+    /// `cargo test` arguments that select the test, for the replay line.
+    pub replay: &'a str,
+}
+
+/// Runs `schedule` for every seed, checks each history (panicking with the seed and a
+/// replay command), and prints the totals. A schedule that returns `None` (a fixture
+/// missing outside CI, which said so) ends the run without checks.
+pub async fn run_schedules<F, Fut>(run: Run<'_>, schedule: F)
+where
+    F: Fn(u64) -> Fut,
+    Fut: std::future::Future<Output = Option<Arc<History>>>,
+{
+    use futures::StreamExt;
+    let seeds = ha_core::testing::history::fault_seeds(run.default_runs);
+    let started = std::time::Instant::now();
+    let schedule = &schedule;
+    let results: Vec<(u64, Option<Arc<History>>)> = futures::stream::iter(seeds.clone())
+        .map(|seed| async move { (seed, schedule(seed).await) })
+        .buffer_unordered(run.concurrent)
+        .collect()
+        .await;
+    let mut totals = ha_core::testing::history::Totals::default();
+    for (seed, history) in &results {
+        let Some(history) = history else {
+            return;
+        };
+        let replay = format!(
+            "HA_FAULT_SEEDS={seed} cargo test --all-features {}",
+            run.replay
+        );
+        totals.add(&history.assert_ok(Some(run.liveness), *seed, &replay));
+    }
+    eprintln!("{}: {totals}, in {:?}", run.name, started.elapsed());
+    assert!(
+        totals.leaderships >= seeds.len(),
+        "the schedules elected almost nobody"
+    );
+}

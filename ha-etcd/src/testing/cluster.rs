@@ -31,14 +31,7 @@ impl EtcdCluster {
     /// with a loud message) when etcd is not installed. Panics on any other failure,
     /// and under `CI` when etcd is missing.
     pub fn start(size: usize) -> Option<Self> {
-        match Self::try_start(size) {
-            Ok(cluster) => Some(cluster),
-            Err(StartError::NotInstalled) if std::env::var_os("CI").is_none() => {
-                eprintln!("SKIPPED: etcd is not installed; run ./scripts/test.sh to install it");
-                None
-            }
-            Err(error) => panic!("{error} (CI is set, so this fails)"),
-        }
+        super::for_test(Self::try_start(size))
     }
 
     /// Starts `size` members and waits until each accepts connections.
