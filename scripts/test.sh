@@ -6,13 +6,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # System packages the tests need (etcd for the etcd backend's tests, protoc and its
-# well-known types for the etcd backend's build).
+# well-known types for the etcd backend's build, iproute2 for network namespaces).
 missing=()
 command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
 command -v etcdctl >/dev/null 2>&1 || missing+=(etcd-client)
 command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler)
 # protoc's well-known types (google/protobuf/*.proto), which etcd-client's protos import.
 [ -f /usr/include/google/protobuf/descriptor.proto ] || missing+=(libprotobuf-dev)
+# `ip` for the network-namespace tests (tests/netns_schedules.rs, ha-testkit's Lab).
+command -v ip >/dev/null 2>&1 || missing+=(iproute2)
 if ((${#missing[@]})); then
   echo "installing: ${missing[*]}"
   sudo=""
