@@ -143,20 +143,37 @@ impl Etcd {
     /// Starts etcd and waits until it accepts connections.
     pub fn try_start(tls: Option<ServerTls>) -> Result<Self, StartError> {
         let binary = find_binary("etcd").ok_or(StartError::NotInstalled)?;
-        let dir = tempfile::tempdir()?;
-        let (client_port, peer_port) = (free_port()?, free_port()?);
-        let endpoint = format!("127.0.0.1:{client_port}");
-        let child = spawn(&binary, &endpoint, peer_port, dir.path(), tls.as_ref())?;
-        let etcd = Self {
-            child,
-            binary,
-            tls,
-            endpoint,
-            peer_port,
-            dir,
-        };
-        etcd.wait_listening()?;
-        Ok(etcd)
+        // A free port can be taken again between our probe and etcd's bind (tests start
+        // servers in parallel); etcd then exits, and the port we saw answer is another
+        // test's. So an etcd that died right after listening is started again on new
+        // ports.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let dir = tempfile::tempdir()?;
+            let (client_port, peer_port) = (free_port()?, free_port()?);
+            let endpoint = format!("127.0.0.1:{client_port}");
+            let child = spawn(&binary, &endpoint, peer_port, dir.path(), tls.as_ref())?;
+            let mut etcd = Self {
+                child,
+                binary: binary.clone(),
+                tls: tls.clone(),
+                endpoint,
+                peer_port,
+                dir,
+            };
+            etcd.wait_listening()?;
+            std::thread::sleep(Duration::from_millis(200));
+            match etcd.child.try_wait() {
+                Ok(None) => return Ok(etcd),
+                _ if attempt < 5 => continue,
+                _ => {
+                    return Err(StartError::Io(std::io::Error::other(
+                        "etcd exited right after start five times (ports taken?)",
+                    )))
+                }
+            }
+        }
     }
 
     fn wait_listening(&self) -> Result<(), StartError> {

@@ -67,6 +67,18 @@ impl EtcdCluster {
         for i in 0..size {
             cluster.wait_listening(i)?;
         }
+        // A member that lost a port race exits at once (see `Etcd::try_start`).
+        std::thread::sleep(Duration::from_millis(200));
+        for member in &mut cluster.members {
+            if let Some(child) = member.child.as_mut() {
+                if !matches!(child.try_wait(), Ok(None)) {
+                    return Err(StartError::Io(std::io::Error::other(format!(
+                        "etcd member {} exited right after start (port taken?)",
+                        member.name
+                    ))));
+                }
+            }
+        }
         Ok(cluster)
     }
 
