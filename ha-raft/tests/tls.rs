@@ -108,6 +108,27 @@ async fn refused(what: &str, failure: AuthFailure, options: RaftClientOptions, g
     );
 }
 
+/// A TLS channel to a node dialled as `server_name`, presenting `identity`.
+fn peer_channel(
+    addr: &str,
+    ca_pem: &str,
+    server_name: &str,
+    identity: Option<&(String, String)>,
+) -> tonic::transport::Channel {
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(TonicCert::from_pem(ca_pem))
+        .domain_name(server_name);
+    if let Some((cert, key)) = identity {
+        tls = tls.identity(Identity::from_pem(cert, key));
+    }
+    Endpoint::from_shared(format!("https://{addr}"))
+        .unwrap_or_else(|e| panic!("{e}"))
+        .tls_config(tls)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .connect_timeout(Duration::from_secs(2))
+        .connect_lazy()
+}
+
 /// Sends one peer RPC with a raw client: `identity` is what the sender presents.
 async fn peer_call(
     addr: &str,
@@ -130,19 +151,7 @@ async fn peer_call_naming(
     candidate: u64,
     rpc: &str,
 ) -> Result<(), tonic::Status> {
-    let mut tls = ClientTlsConfig::new()
-        .ca_certificate(TonicCert::from_pem(ca_pem))
-        .domain_name(server_name);
-    if let Some((cert, key)) = identity {
-        tls = tls.identity(Identity::from_pem(cert, key));
-    }
-    let channel = Endpoint::from_shared(format!("https://{addr}"))
-        .unwrap_or_else(|e| panic!("{e}"))
-        .tls_config(tls)
-        .unwrap_or_else(|e| panic!("{e}"))
-        .connect_timeout(Duration::from_secs(2))
-        .connect_lazy();
-    let mut client = PeerClient::new(channel);
+    let mut client = PeerClient::new(peer_channel(addr, ca_pem, server_name, identity));
     let payload = match rpc {
         "vote" => serde_json::to_vec(&VoteRequest::<u64>::new(Vote::new(1, candidate), None)),
         _ => serde_json::to_vec(&AppendEntriesRequest::<ha_raft::command::TypeConfig> {
@@ -178,18 +187,8 @@ async fn raw_peer_vote(
     from: u64,
     size: usize,
 ) -> Result<(), tonic::Status> {
-    let mut tls = ClientTlsConfig::new()
-        .ca_certificate(TonicCert::from_pem(ca_pem))
-        .domain_name(server_name);
-    if let Some((cert, key)) = identity {
-        tls = tls.identity(Identity::from_pem(cert, key));
-    }
-    let channel = Endpoint::from_shared(format!("https://{addr}"))
-        .unwrap_or_else(|e| panic!("{e}"))
-        .tls_config(tls)
-        .unwrap_or_else(|e| panic!("{e}"))
-        .connect_lazy();
-    let mut client = PeerClient::new(channel).max_encoding_message_size(usize::MAX);
+    let mut client = PeerClient::new(peer_channel(addr, ca_pem, server_name, identity))
+        .max_encoding_message_size(usize::MAX);
     let request = PeerRequest {
         cluster_id: "test-cluster".to_owned(),
         from,
