@@ -1,8 +1,11 @@
-//! Test support shared by the workspace's tests: faults that live on real sockets, outside
-//! the processes under test, so they hold, delay and drop bytes the way real networks do.
+//! Test support shared by the workspace's tests: faults that live outside the processes
+//! under test, on real sockets (held, delayed and dropped bytes), real networks (network
+//! namespaces on a bridge) and real disks (a tmpfs that fills up).
 
+pub mod disk;
 pub mod netns;
 pub mod proxy;
 
+pub use disk::{small_disk_for_test, SmallDisk};
 pub use netns::{lab_for_test, Lab, LabError};
 pub use proxy::{Direction, Fault, Proxy};

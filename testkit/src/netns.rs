@@ -4,7 +4,8 @@
 //! inside these namespaces, and dropping the [`Lab`] deletes every namespace it made
 //! (also when the test panics). Cutting a host detaches its veth from the bridge:
 //! packets are silently lost, no RST, no FIN, as with a dead link or a crashed switch
-//! port.
+//! port. Cutting one link of a pair (or one direction of it) leaves each host on the
+//! switch and loses only what passes between the two.
 //!
 //! Needs root (CI runs as root) and `ip` from iproute2.
 
@@ -12,7 +13,7 @@ use std::net::Ipv4Addr;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 
-/// Why a lab could not be built.
+/// Why a network lab or a small disk could not be made.
 #[derive(Debug)]
 pub struct LabError(pub String);
 
@@ -170,12 +171,84 @@ impl Lab {
         ])
     }
 
-    /// Puts every host back on the switch.
+    /// Puts every host back on the switch and heals every cut link.
     ///
     /// # Errors
     /// When `ip` fails.
     pub fn heal_all(&self) -> Result<(), LabError> {
-        (1..=self.hosts).try_for_each(|host| self.heal(host))
+        for host in 1..=self.hosts {
+            self.heal(host)?;
+            ip(&[
+                "-n",
+                &self.namespace(host),
+                "neigh",
+                "flush",
+                "dev",
+                "eth0",
+                "nud",
+                "permanent",
+            ])?;
+        }
+        Ok(())
+    }
+
+    /// Cuts the link between hosts `a` and `b` only, both ways; both still reach every
+    /// other host. Each sends the other's packets to a hardware address no host has (a
+    /// permanent neighbour entry), so the switch floods them to nobody who takes them:
+    /// lost silently, as on a broken path (no RST, no ICMP).
+    ///
+    /// # Errors
+    /// When `ip` fails.
+    pub fn cut_link(&self, a: usize, b: usize) -> Result<(), LabError> {
+        self.cut_one_way(a, b)?;
+        self.cut_one_way(b, a)
+    }
+
+    /// Loses what host `from` sends to host `to`, and nothing else (an asymmetric
+    /// fault: `to` still reaches `from`, but TCP needs both ways, so connections between
+    /// them stall).
+    ///
+    /// # Errors
+    /// When `ip` fails.
+    pub fn cut_one_way(&self, from: usize, to: usize) -> Result<(), LabError> {
+        // Locally administered; a veth's random address is this one by a 2^-46 chance.
+        let nowhere = format!("02:00:5e:ff:{:02x}:{:02x}", from as u8, to as u8);
+        ip(&[
+            "-n",
+            &self.namespace(from),
+            "neigh",
+            "replace",
+            &self.addr(to).to_string(),
+            "lladdr",
+            &nowhere,
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
+        ])
+    }
+
+    /// Heals the link between hosts `a` and `b` (both ways).
+    ///
+    /// # Errors
+    /// When `ip` fails.
+    pub fn heal_link(&self, a: usize, b: usize) -> Result<(), LabError> {
+        for (from, to) in [(a, b), (b, a)] {
+            // `flush` and not `del`: after a one-way cut only one entry exists.
+            ip(&[
+                "-n",
+                &self.namespace(from),
+                "neigh",
+                "flush",
+                "to",
+                &self.addr(to).to_string(),
+                "dev",
+                "eth0",
+                "nud",
+                "permanent",
+            ])?;
+        }
+        Ok(())
     }
 }
 
@@ -261,6 +334,50 @@ mod tests {
         drop(listener);
         let names: Vec<String> = (1..=2).map(|h| lab.namespace(h)).collect();
         drop(lab);
+        assert_namespaces_gone(&names);
+    }
+
+    #[test]
+    fn a_cut_link_loses_only_the_traffic_between_its_two_hosts() {
+        let Some(lab) = lab_for_test(3) else {
+            return;
+        };
+        let listeners: Vec<std::net::TcpListener> = (1..=3)
+            .map(|host| {
+                let addr = std::net::SocketAddr::from((lab.addr(host), 7000));
+                lab.in_host(host, move || std::net::TcpListener::bind(addr))
+                    .unwrap_or_else(|e| panic!("{e}"))
+                    .unwrap_or_else(|e| panic!("bind in host {host}: {e}"))
+            })
+            .collect();
+        let connects = |from: usize, to: usize| {
+            let server = std::net::SocketAddr::from((lab.addr(to), 7000));
+            lab.in_host(from, move || {
+                std::net::TcpStream::connect_timeout(&server, std::time::Duration::from_millis(500))
+                    .is_ok()
+            })
+            .unwrap_or_else(|e| panic!("{e}"))
+        };
+        lab.cut_link(1, 2).unwrap_or_else(|e| panic!("{e}"));
+        assert!(!connects(1, 2), "1 reached 2 over a cut link");
+        assert!(!connects(2, 1), "2 reached 1 over a cut link");
+        assert!(
+            connects(1, 3) && connects(3, 2),
+            "a cut link cut other paths"
+        );
+        lab.heal_link(1, 2).unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            connects(1, 2) && connects(2, 1),
+            "a healed link did not carry"
+        );
+        lab.cut_one_way(1, 3).unwrap_or_else(|e| panic!("{e}"));
+        assert!(!connects(1, 3), "a connection needs both ways");
+        lab.heal_all().unwrap_or_else(|e| panic!("{e}"));
+        assert!(connects(1, 3), "heal_all left a link cut");
+        drop(listeners);
+    }
+
+    fn assert_namespaces_gone(names: &[String]) {
         let listed = String::from_utf8_lossy(
             &Command::new("ip")
                 .args(["netns", "list"])
@@ -270,7 +387,10 @@ mod tests {
         )
         .into_owned();
         for name in names {
-            assert!(!listed.contains(&name), "namespace {name} left behind");
+            assert!(
+                !listed.contains(name.as_str()),
+                "namespace {name} left behind"
+            );
         }
     }
 }
