@@ -475,6 +475,28 @@ async fn bad_usage_exits_with_2_and_says_what_was_wrong() {
         &["run", "--ttl", "0"],
         &["run", "--role", ""],
         &["node", "--id", "1"],
+        &[
+            "node",
+            "--id",
+            "1",
+            "--listen",
+            "127.0.0.1:1",
+            "--data",
+            "/nonexistent/ha",
+            "--election-timeout-ms",
+            "400,200",
+        ],
+        &[
+            "node",
+            "--id",
+            "1",
+            "--listen",
+            "127.0.0.1:1",
+            "--data",
+            "/nonexistent/ha",
+            "--election-timeout-ms",
+            "300",
+        ],
         &["frobnicate"],
     ];
     for args in cases {

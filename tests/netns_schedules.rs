@@ -1,11 +1,13 @@
 //! Seeded fault schedules on a real network: three hosts, each a network namespace on a
 //! private bridge (`ha_testkit::Lab`), each running an `ha node` member of one Raft group
 //! and an `ha elect --print-every-ms` participant (restarted when it exits) that talks to
-//! its own host's member. Faults cut hosts off the bridge (packets silently lost, no
-//! RST): a random host, the Raft leader's host, the ACTIVE's host, and a host whose link
-//! flaps. The history checker checks every schedule (one leader acting at a time, tokens
-//! in order, someone acting again after healing). `HA_FAULT_RUNS=N` / `HA_FAULT_SEEDS=a,b`
-//! pick the seeds (CI runs 4). Needs root for namespaces; under `CI` their absence fails.
+//! its own host's member. Faults lose packets silently (no RST): a random host, the Raft
+//! leader's host or the ACTIVE's host cut off the bridge, a host whose link flaps, the
+//! one link between the Raft leader and another host cut (each still reaches the
+//! third), and one direction of such a link. The history checker checks every schedule
+//! (one leader acting at a time, tokens in order, someone acting again after healing).
+//! `HA_FAULT_RUNS=N` / `HA_FAULT_SEEDS=a,b` pick the seeds (CI runs 4). Needs root for
+//! namespaces; under `CI` their absence fails.
 
 #![cfg(all(feature = "cli", feature = "raft"))]
 
@@ -31,7 +33,7 @@ const TTL: Duration = Duration::from_secs(3);
 /// After healing: a Raft election (about 1 s), a stale lease (one TTL), a participant
 /// restart, with room for a slow CI machine.
 const LIVENESS: Duration = Duration::from_secs(15);
-const STEPS: usize = 4;
+const STEPS: usize = 5;
 const CONCURRENT: usize = 2;
 const HOSTS: usize = 3;
 const PORT: u16 = 7000;
@@ -151,7 +153,30 @@ async fn schedule(seed: u64) -> Option<Arc<History>> {
         sleep(Duration::from_millis(rng.random_range(500..2000))).await;
         let long = Duration::from_millis(rng.random_range(500..(TTL.as_millis() as u64 * 2)));
         let random = rng.random_range(1..=HOSTS);
-        let kind = rng.random_range(0..4);
+        let kind = rng.random_range(0..6);
+        if kind >= 4 {
+            // One link of a pair: the Raft leader and another host lose each other and
+            // still reach the third; or one host's packets to another are lost.
+            let Some(leader) = nodes.raft_leader() else {
+                continue;
+            };
+            let other = (leader + rng.random_range(0..HOSTS - 1)) % HOSTS + 1;
+            if kind == 4 {
+                fault(format!("the link between host {leader} (the Raft leader) and host {other} cut for {long:?}"));
+                lab.cut_link(leader, other)
+                    .unwrap_or_else(|e| panic!("{e}"));
+            } else {
+                fault(format!(
+                    "host {other}'s packets to host {leader} (the Raft leader) lost for {long:?}"
+                ));
+                lab.cut_one_way(other, leader)
+                    .unwrap_or_else(|e| panic!("{e}"));
+            }
+            sleep(long).await;
+            lab.heal_link(leader, other)
+                .unwrap_or_else(|e| panic!("{e}"));
+            continue;
+        }
         let (host, what) = match kind {
             0 => (Some(random), "a host".to_owned()),
             1 => (nodes.raft_leader(), "the Raft leader's host".to_owned()),

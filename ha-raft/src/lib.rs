@@ -8,6 +8,7 @@ mod client;
 pub mod command;
 mod config;
 mod error;
+mod failure;
 mod heartbeat;
 pub mod hub;
 mod lessor;

@@ -199,6 +199,7 @@ impl RaftNode {
             &node.inner,
         )));
         node.spawn(watchdog(Arc::downgrade(&node.inner)));
+        node.spawn(crate::failure::stop_on_failure(Arc::downgrade(&node.inner)));
         if let Err(e) = node.bootstrap().await {
             node.shutdown().await;
             return Err(e);
@@ -265,9 +266,28 @@ impl RaftNode {
         &self.inner.raft
     }
 
-    /// The current Raft leader, as this node knows it.
+    /// The current Raft leader, as this node knows it (`None` once its core has
+    /// stopped: its last knowledge is stale).
     pub fn current_leader(&self) -> Option<NodeId> {
-        self.inner.raft.metrics().borrow().current_leader
+        let metrics = self.inner.raft.metrics();
+        let metrics = metrics.borrow();
+        metrics
+            .running_state
+            .is_ok()
+            .then_some(metrics.current_leader)
+            .flatten()
+    }
+
+    /// Resolves, with the cause, when the Raft core stops on its own: a storage error
+    /// (a full disk, failing I/O) or a panic. The node has then shut its server and
+    /// tasks down; call [`shutdown`](Self::shutdown) to release the data dir, fix the
+    /// cause and start it again (what it acknowledged is on disk or on a quorum). Never
+    /// resolves for a node that runs or was shut down on purpose.
+    pub async fn failed(&self) -> RaftBackendError {
+        match crate::failure::wait_for_failure(&self.inner.raft).await {
+            Some(failure) => failure,
+            None => std::future::pending().await,
+        }
     }
 
     /// Whether this node is the Raft leader now.
@@ -557,6 +577,9 @@ impl NodeInner {
         let deadline = Instant::now() + self.config.request_timeout;
         let mut metrics = self.raft.metrics();
         loop {
+            if let Some(failure) = crate::failure::core_failure(&self.raft) {
+                return Err(failure.into());
+            }
             if self.shutdown.is_cancelled() {
                 return Err(Error::Unavailable(format!(
                     "raft node {} is shut down",

@@ -10,7 +10,8 @@
 //!
 //! Prints `ready <id>` once serving and `leader <id>` whenever the Raft leader it knows
 //! changes; stops cleanly on SIGINT or SIGTERM. Exit codes: 0 clean, 2 bad usage,
-//! 4 the node could not start.
+//! 4 the node could not start, or its Raft core stopped (a storage error such as a
+//! full disk).
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -96,8 +97,9 @@ async fn main() -> ExitCode {
                 return ExitCode::from(4);
             }
         };
+    let mut exit = ExitCode::SUCCESS;
     loop {
-        let leader = metrics.borrow_and_update().current_leader;
+        let leader = node.current_leader();
         if leader != known {
             known = leader;
             if let Some(leader) = leader {
@@ -108,8 +110,13 @@ async fn main() -> ExitCode {
             changed = metrics.changed() => if changed.is_err() { break },
             _ = tokio::signal::ctrl_c() => break,
             _ = terminate.recv() => break,
+            failure = node.failed() => {
+                eprintln!("ha-raft-node: node {id} stopped: {failure}");
+                exit = ExitCode::from(4);
+                break;
+            }
         }
     }
     node.shutdown().await;
-    ExitCode::SUCCESS
+    exit
 }

@@ -177,31 +177,43 @@ pub async fn node(args: crate::NodeArgs) -> Exit {
     };
     printer.print(&Event::new("node_ready").node(args.id));
     let leader_task = tokio::spawn(print_raft_leaders(node.clone(), printer));
-    let exit = if args.active_standby {
-        let backend: Arc<dyn Backend> = Arc::new(node.clone());
-        drive(
-            backend,
-            &args.coordinator,
-            Duration::from_secs_f64(args.ttl),
-            ServerId::new(args.id),
-            printer,
-        )
-        .await
-    } else {
-        let (_, state) = tokio::sync::watch::channel(ha::RoleState::Standby);
-        let served = match args.coordinator.metrics_addr {
-            Some(addr) => http::serve(addr, state).await.map_err(|e| {
-                eprintln!("ha: cannot serve metrics on {addr}: {e}");
-                Exit::Usage
-            }),
-            None => Ok(()),
-        };
-        match served {
-            Ok(()) => {
-                shutdown_signal().await;
-                Exit::Clean
+    let serve = async {
+        if args.active_standby {
+            let backend: Arc<dyn Backend> = Arc::new(node.clone());
+            drive(
+                backend,
+                &args.coordinator,
+                Duration::from_secs_f64(args.ttl),
+                ServerId::new(args.id),
+                printer,
+            )
+            .await
+        } else {
+            let (_, state) = tokio::sync::watch::channel(ha::RoleState::Standby);
+            let served = match args.coordinator.metrics_addr {
+                Some(addr) => http::serve(addr, state).await.map_err(|e| {
+                    eprintln!("ha: cannot serve metrics on {addr}: {e}");
+                    Exit::Usage
+                }),
+                None => Ok(()),
+            };
+            match served {
+                Ok(()) => {
+                    shutdown_signal().await;
+                    Exit::Clean
+                }
+                Err(exit) => exit,
             }
-            Err(exit) => exit,
+        }
+    };
+    // A node whose Raft core stopped (a full disk) cannot vote, lead or serve: exit, so
+    // that a supervisor restarts it once the cause is fixed, instead of looking alive.
+    let exit = tokio::select! {
+        exit = serve => exit,
+        failure = node.failed() => {
+            printer.print(&Event::new("node_failed").node(args.id).reason(&failure));
+            eprintln!("ha node: node {} stopped: {failure}", args.id);
+            Exit::Unavailable
         }
     };
     leader_task.abort();
@@ -240,10 +252,9 @@ fn node_timing(
         config = config.with_timing_for_rtt(ms(rtt));
     }
     let heartbeat = args.heartbeat_ms.map_or(config.heartbeat_interval, ms);
-    let election = match args.election_timeout_ms.as_deref() {
-        Some([min, max]) => (ms(*min), ms(*max)),
-        _ => config.election_timeout,
-    };
+    let election = args
+        .election_timeout_ms
+        .map_or(config.election_timeout, |(min, max)| (ms(min), ms(max)));
     config = config.with_timing(heartbeat, election);
     if let Some(rpc) = args.rpc_timeout_ms {
         config = config.with_rpc_timeout(ms(rpc));

@@ -68,7 +68,8 @@ Exit codes:
   2  bad usage: unknown flag, invalid name, URL or TTL
   3  leadership or session lost, the activation failed, or the role is held by another
      instance (exclusive mode)
-  4  backend unavailable
+  4  backend unavailable; for ha node also: it could not start, or its Raft core
+     stopped on a storage error (a full disk)
   5  refused: the server's certificate is not trusted, or it refused our certificate,
      user, password or token";
 
@@ -338,8 +339,8 @@ pub struct NodeArgs {
     #[arg(long, value_name = "MS")]
     pub heartbeat_ms: Option<u64>,
     /// The Raft election timeout range in milliseconds, MIN,MAX (default 250,500).
-    #[arg(long, value_name = "MIN,MAX", value_delimiter = ',', num_args = 2)]
-    pub election_timeout_ms: Option<Vec<u64>>,
+    #[arg(long, value_name = "MIN,MAX", value_parser = parse_ms_range)]
+    pub election_timeout_ms: Option<(u64, u64)>,
     /// How long one peer RPC (replication, a vote, a leadership confirmation) may take,
     /// in milliseconds (default: a third of the shortest election timeout).
     #[arg(long, value_name = "MS")]
@@ -472,6 +473,26 @@ async fn bench_command(options: BenchOptions) -> Exit {
 async fn bench_command(_options: BenchOptions) -> Exit {
     eprintln!("ha bench: this build has no Raft backend; enable the Cargo feature \"raft\"");
     Exit::Usage
+}
+
+/// `MIN,MAX` in milliseconds, MIN below MAX. (clap's `num_args = 2` with a `,`
+/// delimiter counts arguments before splitting them, and refused `200,400`.)
+fn parse_ms_range(text: &str) -> Result<(u64, u64), String> {
+    let (min, max) = text
+        .split_once(',')
+        .ok_or_else(|| format!("{text:?} is not MIN,MAX (two numbers of milliseconds)"))?;
+    let number = |n: &str| {
+        n.trim()
+            .parse::<u64>()
+            .map_err(|e| format!("{n:?} is not a number of milliseconds: {e}"))
+    };
+    let (min, max) = (number(min)?, number(max)?);
+    if min == 0 || min >= max {
+        return Err(format!(
+            "MIN must be above 0 and below MAX, got {min},{max}"
+        ));
+    }
+    Ok((min, max))
 }
 
 /// Resolves on SIGINT or SIGTERM. The handlers are installed when this is called, not
