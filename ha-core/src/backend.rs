@@ -7,11 +7,12 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::stream::BoxStream;
 
-use crate::error::Result;
-use crate::kv::{KvKey, KvWrite, KvWriteOutcome};
+use crate::error::{Error, Result};
+use crate::kv::{KvKey, KvLimits, KvWrite, KvWriteOutcome};
+use crate::limits::RecordLimits;
+use crate::types::MAX_TTL;
 use crate::types::{
-    Capabilities, ElectionName, Leader, LeaderEvent, LeaderKey, Lease, LeaseId, Member,
-    MemberEvent, Role,
+    ElectionName, Leader, LeaderEvent, LeaderKey, Lease, LeaseId, Member, MemberEvent, Role,
 };
 
 /// A stream of election changes; see [`Backend::watch`].
@@ -122,4 +123,94 @@ pub trait Backend: Send + Sync + Debug + 'static {
 
     /// Reads a key of an election's store, linearizably (clause 10).
     async fn kv_read(&self, election: &ElectionName, key: &KvKey) -> Result<Option<Bytes>>;
+}
+
+/// What a backend can do, so callers and the conformance suite can adapt to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Capabilities {
+    /// The shortest TTL the backend accepts.
+    pub min_ttl: Duration,
+    /// Whether the backend's clocks follow tokio's clock, so tests under
+    /// `tokio::time::pause()` expire leases instantly and deterministically.
+    pub virtual_time: bool,
+    /// Size limits of the guarded store ([`Backend::kv_write`](Backend::kv_write)).
+    pub kv_limits: KvLimits,
+    /// Size limits of leader values and member records, the same on every backend.
+    pub record_limits: RecordLimits,
+}
+
+impl Capabilities {
+    /// Describes a backend with the given TTL floor and real time.
+    pub const fn new(min_ttl: Duration) -> Self {
+        Self {
+            min_ttl,
+            virtual_time: false,
+            kv_limits: KvLimits {
+                max_key_bytes: crate::kv::DEFAULT_MAX_KEY_BYTES,
+                max_value_bytes: crate::kv::DEFAULT_MAX_VALUE_BYTES,
+            },
+            record_limits: RecordLimits::DEFAULT,
+        }
+    }
+
+    /// Sets the guarded store's size limits.
+    pub const fn with_kv_limits(mut self, kv_limits: KvLimits) -> Self {
+        self.kv_limits = kv_limits;
+        self
+    }
+
+    /// Marks the backend as following tokio's (pausable) clock.
+    pub const fn with_virtual_time(mut self, virtual_time: bool) -> Self {
+        self.virtual_time = virtual_time;
+        self
+    }
+
+    /// Checks a requested TTL against this backend's floor and the global ceiling.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] when the TTL is below [`Self::min_ttl`] or above
+    /// [`MAX_TTL`].
+    pub fn check_ttl(&self, ttl: Duration) -> Result<()> {
+        if ttl < self.min_ttl {
+            return Err(Error::InvalidArgument {
+                what: "ttl",
+                reason: format!(
+                    "{ttl:?} is below this backend's minimum of {:?}",
+                    self.min_ttl
+                ),
+            });
+        }
+        if ttl > MAX_TTL {
+            return Err(Error::InvalidArgument {
+                what: "ttl",
+                reason: format!("{ttl:?} is above the maximum of {MAX_TTL:?}"),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::Error;
+    use crate::types::MAX_TTL;
+
+    #[test]
+    fn ttl_bounds() {
+        let caps = Capabilities::new(Duration::from_secs(2));
+        assert!(caps.check_ttl(Duration::from_secs(2)).is_ok());
+        assert!(caps.check_ttl(MAX_TTL).is_ok());
+        for bad in [
+            Duration::ZERO,
+            Duration::from_millis(1999),
+            MAX_TTL + Duration::from_millis(1),
+        ] {
+            assert!(matches!(
+                caps.check_ttl(bad),
+                Err(Error::InvalidArgument { what: "ttl", .. })
+            ));
+        }
+    }
 }

@@ -20,7 +20,7 @@ pub use active_standby::{
     Active, ActiveStandby, ActiveStandbyBuilder, BoxError, CoordinatorEvent, LossPolicy, Outcome,
     Readiness, RoleState, DEFAULT_STANDBY_LOG_INTERVAL,
 };
-pub use backend::{Backend, LeaderStream, MemberStream};
+pub use backend::{Backend, Capabilities, LeaderStream, MemberStream};
 pub use endpoint::is_loopback_endpoint;
 pub use error::{auth_failure_in, error_chain, AuthFailure, Error, Result};
 pub use kv::{
@@ -33,8 +33,8 @@ pub use session::{
     LossReason, Session, SessionBuilder, SessionOptions, SessionState, DEFAULT_DRIFT, DEFAULT_TTL,
 };
 pub use types::{
-    Capabilities, ElectionName, FencingToken, Leader, LeaderEvent, LeaderKey, Lease, LeaseId,
-    Member, MemberEvent, Role, ServerId, MAX_NAME_LEN, MAX_TTL,
+    ElectionName, FencingToken, Leader, LeaderEvent, LeaderKey, Lease, LeaseId, Member,
+    MemberEvent, Role, ServerId, MAX_NAME_LEN, MAX_TTL,
 };
 
 /// Re-exported so backends and users name the same `Bytes` type.

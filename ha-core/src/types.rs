@@ -11,7 +11,6 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use crate::error::{Error, Result};
-use crate::kv::KvLimits;
 
 /// Longest role or election name, in bytes. Names become parts of storage keys, and
 /// etcd keeps the whole key in memory for every revision, so they stay short.
@@ -292,72 +291,6 @@ pub enum MemberEvent {
     Left(Member),
 }
 
-/// What a backend can do, so callers and the conformance suite can adapt to it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct Capabilities {
-    /// The shortest TTL the backend accepts.
-    pub min_ttl: Duration,
-    /// Whether the backend's clocks follow tokio's clock, so tests under
-    /// `tokio::time::pause()` expire leases instantly and deterministically.
-    pub virtual_time: bool,
-    /// Size limits of the guarded store ([`Backend::kv_write`](crate::Backend::kv_write)).
-    pub kv_limits: KvLimits,
-    /// Size limits of leader values and member records, the same on every backend.
-    pub record_limits: crate::RecordLimits,
-}
-
-impl Capabilities {
-    /// Describes a backend with the given TTL floor and real time.
-    pub const fn new(min_ttl: Duration) -> Self {
-        Self {
-            min_ttl,
-            virtual_time: false,
-            kv_limits: KvLimits {
-                max_key_bytes: crate::kv::DEFAULT_MAX_KEY_BYTES,
-                max_value_bytes: crate::kv::DEFAULT_MAX_VALUE_BYTES,
-            },
-            record_limits: crate::RecordLimits::DEFAULT,
-        }
-    }
-
-    /// Sets the guarded store's size limits.
-    pub const fn with_kv_limits(mut self, kv_limits: KvLimits) -> Self {
-        self.kv_limits = kv_limits;
-        self
-    }
-
-    /// Marks the backend as following tokio's (pausable) clock.
-    pub const fn with_virtual_time(mut self, virtual_time: bool) -> Self {
-        self.virtual_time = virtual_time;
-        self
-    }
-
-    /// Checks a requested TTL against this backend's floor and the global ceiling.
-    ///
-    /// # Errors
-    /// [`Error::InvalidArgument`] when the TTL is below [`Self::min_ttl`] or above
-    /// [`MAX_TTL`].
-    pub fn check_ttl(&self, ttl: Duration) -> Result<()> {
-        if ttl < self.min_ttl {
-            return Err(Error::InvalidArgument {
-                what: "ttl",
-                reason: format!(
-                    "{ttl:?} is below this backend's minimum of {:?}",
-                    self.min_ttl
-                ),
-            });
-        }
-        if ttl > MAX_TTL {
-            return Err(Error::InvalidArgument {
-                what: "ttl",
-                reason: format!("{ttl:?} is above the maximum of {MAX_TTL:?}"),
-            });
-        }
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -403,22 +336,5 @@ mod tests {
     #[test]
     fn lease_ids_print_as_etcd_does() {
         assert_eq!(LeaseId::new(0x694d_7a1b_2c3d).to_string(), "694d7a1b2c3d");
-    }
-
-    #[test]
-    fn ttl_bounds() {
-        let caps = Capabilities::new(Duration::from_secs(2));
-        assert!(caps.check_ttl(Duration::from_secs(2)).is_ok());
-        assert!(caps.check_ttl(MAX_TTL).is_ok());
-        for bad in [
-            Duration::ZERO,
-            Duration::from_millis(1999),
-            MAX_TTL + Duration::from_millis(1),
-        ] {
-            assert!(matches!(
-                caps.check_ttl(bad),
-                Err(Error::InvalidArgument { what: "ttl", .. })
-            ));
-        }
     }
 }

@@ -9,11 +9,16 @@
 //! the new term began.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Mutex, PoisonError, Weak};
 use std::time::Duration;
 
+use ha_core::LeaseId;
 use tokio::sync::{mpsc, oneshot};
-use tokio::time::Instant;
+use tokio::time::{sleep_until, Instant};
+use tracing::info;
+
+use crate::command::Command;
+use crate::node::{NodeInner, Target};
 
 /// Deadlines for one leadership term.
 #[derive(Debug, Default)]
@@ -164,6 +169,65 @@ impl Confirmer {
             .send(tx)
             .map_err(|_| "node is shutting down".to_owned())?;
         rx.await.map_err(|_| "node is shutting down".to_owned())?
+    }
+}
+
+/// Expires leases whose deadline passed, while this node leads.
+pub(crate) async fn lessor_loop(node: Weak<NodeInner>) {
+    const TICK: Duration = Duration::from_millis(100);
+    loop {
+        let Some(inner) = node.upgrade() else { return };
+        let now = Instant::now();
+        let wake = inner
+            .lessor
+            .next_deadline()
+            .map_or(now + TICK, |d| d.min(now + TICK))
+            .max(now + Duration::from_millis(5));
+        let shutdown = inner.shutdown.clone();
+        drop(inner);
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = sleep_until(wake) => {}
+        }
+        let Some(inner) = node.upgrade() else { return };
+        let Target::Me { term } = inner.target() else {
+            inner.lessor.step_down();
+            continue;
+        };
+        if inner.lessor.term() != Some(term) {
+            // Apply everything committed in earlier terms before trusting the lease set.
+            let confirmed = tokio::time::timeout(
+                inner.config.request_timeout,
+                inner.raft.ensure_linearizable(),
+            )
+            .await;
+            if !matches!(confirmed, Ok(Ok(_))) {
+                continue;
+            }
+            inner.lessor.lead(term);
+        }
+        let leases: Vec<(u64, Duration)> = inner
+            .sm
+            .lock()
+            .state
+            .leases
+            .iter()
+            .map(|(id, l)| (*id, Duration::from_millis(l.ttl_ms)))
+            .collect();
+        for lease in inner.lessor.due(term, &leases) {
+            let node = Weak::clone(&node);
+            tokio::spawn(async move {
+                let Some(inner) = node.upgrade() else { return };
+                info!(node = inner.config.id, lease = %LeaseId::new(lease), "lease expired, revoking");
+                if inner
+                    .propose_local(Command::Expire { lease })
+                    .await
+                    .is_err()
+                {
+                    inner.lessor.expire_failed(lease);
+                }
+            });
+        }
     }
 }
 

@@ -18,6 +18,7 @@ mod service;
 pub mod state;
 pub mod storage;
 mod tls;
+mod watchdog;
 mod wire;
 
 /// Generated gRPC code for the peer and client services (`proto/ha_raft.proto`).

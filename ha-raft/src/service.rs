@@ -18,7 +18,7 @@ use tonic::{Request, Response, Status};
 use tracing::warn;
 
 use crate::command::{Command, NodeId, TypeConfig};
-use crate::node::{member_update_to_event, update_to_event, NodeInner, PeerFailure, RaftNode};
+use crate::node::{NodeInner, PeerFailure, RaftNode};
 use crate::proto::coordination_server::{Coordination, CoordinationServer};
 use crate::proto::peer_server::{Peer, PeerServer};
 use crate::proto::{self, PeerReply, PeerRequest};
@@ -27,6 +27,7 @@ use crate::wire::{
     key_from_proto, key_to_proto, kv_outcome_to_proto, kv_read_to_proto, kv_write_from_proto,
     leader_to_proto, member_from_proto, member_to_proto, required, to_status,
 };
+use crate::wire::{member_update_to_event, update_to_event};
 
 /// Serves both services on `listener` until `shutdown`.
 pub(crate) async fn serve(

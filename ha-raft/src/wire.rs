@@ -1,16 +1,20 @@
 //! Conversions between the contract's types and what crosses the wire: protobuf messages
-//! of the client API, and `ha_core::Error` carried inside a gRPC status.
+//! of the client API, `ha_core::Error` carried inside a gRPC status, and the state
+//! machine's views and hub updates as the contract's leaders and events.
 
 use std::time::Duration;
 
 use bytes::Bytes;
 use ha_core::{
     AuthFailure, ElectionName, Error, FencingToken, KvKey, KvWrite, KvWriteOutcome, Leader,
-    LeaderKey, LeaseId, Member, Role, ServerId,
+    LeaderEvent, LeaderKey, LeaseId, Member, MemberEvent, Role, ServerId,
 };
 use serde::{Deserialize, Serialize};
 
+use crate::command::MemberRecord;
+use crate::hub::{LeaderUpdate, MemberUpdate};
 use crate::proto;
+use crate::state::HeadView;
 
 /// `ha_core::Error` in a form that survives serialization, so a remote caller gets the
 /// same typed error a local one would.
@@ -426,6 +430,39 @@ pub fn required<T>(field: Option<T>, name: &str) -> Result<T, Error> {
     field.ok_or_else(|| Error::InvalidArgument {
         what: "argument",
         reason: format!("missing field {name}"),
+    })
+}
+
+pub(crate) fn head_to_leader(election: &ElectionName, head: HeadView) -> Leader {
+    Leader {
+        key: LeaderKey {
+            election: election.clone(),
+            lease: LeaseId::new(head.lease),
+            token: FencingToken::new(head.token),
+        },
+        value: Bytes::from(head.value),
+        server_id: head.server_id.map(ServerId::new),
+    }
+}
+
+pub(crate) fn update_to_event(election: &ElectionName, update: LeaderUpdate) -> LeaderEvent {
+    match update.head {
+        Some(head) => LeaderEvent::Elected(head_to_leader(election, head)),
+        None => LeaderEvent::Vacant,
+    }
+}
+
+pub(crate) fn member_update_to_event(update: MemberUpdate) -> ha_core::Result<MemberEvent> {
+    let convert = |m: MemberRecord| m.to_member().map_err(Error::from);
+    Ok(match update {
+        MemberUpdate::Snapshot(members) => MemberEvent::Snapshot(
+            members
+                .into_iter()
+                .map(convert)
+                .collect::<ha_core::Result<Vec<_>>>()?,
+        ),
+        MemberUpdate::Joined(m) => MemberEvent::Joined(convert(m)?),
+        MemberUpdate::Left(m) => MemberEvent::Left(convert(m)?),
     })
 }
 

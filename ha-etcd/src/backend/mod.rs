@@ -1,0 +1,578 @@
+//! `EtcdBackend`: the contract on etcd leases, transactions and watches.
+
+mod connect;
+mod keepalive;
+mod kv;
+mod watch;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use etcd_client::{
+    Client, Compare, CompareOp, EventType, GetOptions, KeyValue, PutOptions, SortOrder, SortTarget,
+    Txn, TxnOp, WatchOptions,
+};
+use futures::StreamExt;
+use ha_core::{
+    Backend, Capabilities, ElectionName, Error, FencingToken, KvKey, KvWrite, KvWriteOutcome,
+    Leader, LeaderKey, LeaderStream, Lease, LeaseId, Member, MemberStream, RecordLimits, Result,
+    Role, ServerId,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tokio::time::{sleep, timeout};
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tracing::{debug, warn};
+
+use crate::config::{EtcdConfig, MIN_TTL};
+use crate::error::{is_lease_not_found, map, EtcdBackendError};
+use crate::keys;
+
+use keepalive::Keeper;
+use watch::{follow_election, follow_members};
+
+/// A member record as stored in etcd.
+#[derive(Debug, Serialize, Deserialize)]
+struct MemberRecord {
+    server_id: u64,
+    role: String,
+    address: String,
+    metadata: BTreeMap<String, String>,
+}
+
+impl MemberRecord {
+    fn of(member: &Member) -> Self {
+        Self {
+            server_id: member.server_id.get(),
+            role: member.role.as_str().to_owned(),
+            address: member.address.clone(),
+            metadata: member.metadata.clone(),
+        }
+    }
+
+    fn decode(kv: &KeyValue) -> Result<Member> {
+        let corrupt = |reason: String| -> Error {
+            Error::Backend {
+                backend: "etcd",
+                source: Box::new(EtcdBackendError::Corrupt {
+                    key: String::from_utf8_lossy(kv.key()).into_owned(),
+                    reason,
+                }),
+            }
+        };
+        let record: Self =
+            serde_json::from_slice(kv.value()).map_err(|e| corrupt(e.to_string()))?;
+        let mut member = Member::new(
+            ServerId::new(record.server_id),
+            Role::new(record.role)?,
+            record.address,
+        );
+        member.metadata = record.metadata;
+        Ok(member)
+    }
+}
+
+/// The etcd backend. Cheap to clone.
+#[derive(Clone)]
+pub struct EtcdBackend {
+    client: Client,
+    config: Arc<EtcdConfig>,
+    keepers: Arc<Mutex<HashMap<i64, Keeper>>>,
+    /// Test-only mutant: keep a keepalive stream whose round was abandoned.
+    reuse_abandoned_streams: bool,
+}
+
+impl std::fmt::Debug for EtcdBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdBackend")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// etcd's lease ids and revisions are non-negative `i64`s; a larger one cannot be
+/// ours (a crafted or corrupted key), and a plain cast would turn it negative.
+fn lease_i64(lease: LeaseId) -> Result<i64> {
+    i64::try_from(lease.get()).map_err(|_| Error::InvalidArgument {
+        what: "lease",
+        reason: format!("lease {lease} is above etcd's largest lease id (2^63 - 1)"),
+    })
+}
+
+/// See [`lease_i64`].
+fn token_i64(token: FencingToken) -> Result<i64> {
+    i64::try_from(token.get()).map_err(|_| Error::InvalidArgument {
+        what: "token",
+        reason: format!("token {token} is above etcd's largest revision (2^63 - 1)"),
+    })
+}
+
+fn lease_id(raw: i64) -> LeaseId {
+    LeaseId::new(raw as u64)
+}
+
+impl EtcdBackend {
+    /// The key prefix this backend lives under (its elections are at
+    /// `<prefix>/election/<name>`, the name `etcdctl elect` takes).
+    pub fn prefix(&self) -> &str {
+        &self.config.prefix
+    }
+
+    /// Runs one request with the configured timeout.
+    async fn bounded<T>(
+        &self,
+        operation: &'static str,
+        request: impl std::future::Future<Output = std::result::Result<T, etcd_client::Error>>,
+    ) -> Result<T> {
+        match timeout(self.config.request_timeout, request).await {
+            Ok(result) => result.map_err(map),
+            Err(_) => Err(Error::Timeout {
+                operation,
+                after: self.config.request_timeout,
+            }),
+        }
+    }
+
+    /// The candidates of an election, in queue (create revision) order, and the revision
+    /// the read was taken at.
+    async fn candidates(&self, election: &ElectionName) -> Result<(i64, Vec<KeyValue>)> {
+        let options = GetOptions::new()
+            .with_prefix()
+            .with_sort(SortTarget::Create, SortOrder::Ascend);
+        let mut client = self.client.clone();
+        let response = self
+            .bounded(
+                "get",
+                client.get(
+                    keys::election_prefix(self.prefix(), election),
+                    Some(options),
+                ),
+            )
+            .await?;
+        let revision = response.header().map_or(0, |h| h.revision());
+        Ok((revision, response.kvs().to_vec()))
+    }
+
+    /// The server id registered with `lease`, if it has a member record.
+    async fn server_id_of(&self, lease: i64) -> Result<Option<ServerId>> {
+        let mut client = self.client.clone();
+        let response = self
+            .bounded(
+                "get",
+                client.get(
+                    keys::members_prefix(self.prefix()),
+                    Some(GetOptions::new().with_prefix()),
+                ),
+            )
+            .await?;
+        Ok(response
+            .kvs()
+            .iter()
+            .find(|kv| kv.lease() == lease)
+            .and_then(|kv| MemberRecord::decode(kv).ok())
+            .map(|m| m.server_id))
+    }
+
+    async fn leader_of(&self, election: &ElectionName, head: &KeyValue) -> Result<Leader> {
+        Ok(Leader {
+            key: LeaderKey {
+                election: election.clone(),
+                lease: lease_id(head.lease()),
+                token: FencingToken::new(head.create_revision() as u64),
+            },
+            value: Bytes::copy_from_slice(head.value()),
+            server_id: self.server_id_of(head.lease()).await?,
+        })
+    }
+
+    async fn lease_alive(&self, lease: LeaseId) -> Result<bool> {
+        let mut client = self.client.clone();
+        let response = self
+            .bounded(
+                "lease_time_to_live",
+                client.lease_time_to_live(lease_i64(lease)?, None),
+            )
+            .await?;
+        Ok(response.ttl() > 0)
+    }
+
+    /// Deletes a candidate key if it is still the candidacy `token`.
+    async fn delete_candidacy(&self, key: &str, token: i64) -> Result<()> {
+        let txn = Txn::new()
+            .when(vec![Compare::create_revision(key, CompareOp::Equal, token)])
+            .and_then(vec![TxnOp::delete(key, None)]);
+        let mut client = self.client.clone();
+        self.bounded("txn", client.txn(txn)).await?;
+        Ok(())
+    }
+
+    /// Waits until the candidacy `token` heads the election.
+    async fn wait_for_turn(
+        &self,
+        lease: LeaseId,
+        election: &ElectionName,
+        own: &str,
+        token: i64,
+    ) -> Result<()> {
+        // Ride out a short etcd outage (a restart); give up after this long without an answer.
+        const OUTAGE: Duration = Duration::from_secs(30);
+        let mut unreachable_since: Option<tokio::time::Instant> = None;
+        loop {
+            let (revision, candidates) = match self.candidates(election).await {
+                Ok(read) => {
+                    unreachable_since = None;
+                    read
+                }
+                Err(e) if e.is_retryable() => {
+                    let since = *unreachable_since.get_or_insert_with(tokio::time::Instant::now);
+                    if since.elapsed() > OUTAGE {
+                        return Err(e);
+                    }
+                    debug!(election = %election, error = %e, "etcd unreachable while campaigning, retrying");
+                    sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            if !candidates.iter().any(|kv| kv.key() == own.as_bytes()) {
+                return if self.lease_alive(lease).await? {
+                    Err(Error::NotLeader {
+                        election: election.clone(),
+                        current: candidates
+                            .first()
+                            .map(|kv| FencingToken::new(kv.create_revision() as u64)),
+                    })
+                } else {
+                    Err(Error::LeaseExpired { lease })
+                };
+            }
+            if candidates
+                .first()
+                .is_some_and(|kv| kv.create_revision() == token)
+            {
+                return Ok(());
+            }
+            // Wait for any deletion in the election after the read: our predecessor's (our
+            // turn may have come) or our own (our lease died).
+            let options = WatchOptions::new()
+                .with_prefix()
+                .with_start_revision(revision + 1);
+            let mut client = self.client.clone();
+            let mut watch = match client
+                .watch(
+                    keys::election_prefix(self.prefix(), election),
+                    Some(options),
+                )
+                .await
+            {
+                Ok(watch) => watch,
+                Err(e) => {
+                    debug!(error = %e, "campaign watch failed, retrying");
+                    sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+            };
+            loop {
+                match watch.message().await {
+                    Ok(Some(response)) => {
+                        if response.canceled() || response.compact_revision() > 0 {
+                            break;
+                        }
+                        if response
+                            .events()
+                            .iter()
+                            .any(|e| e.event_type() == EventType::Delete)
+                        {
+                            break;
+                        }
+                    }
+                    Ok(None) | Err(_) => {
+                        sleep(Duration::from_millis(200)).await;
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Deletes a candidacy when the campaign future is dropped before it wins.
+struct WithdrawOnDrop {
+    backend: Option<EtcdBackend>,
+    key: String,
+    token: i64,
+}
+
+impl Drop for WithdrawOnDrop {
+    fn drop(&mut self) {
+        if let Some(backend) = self.backend.take() {
+            let (key, token) = (std::mem::take(&mut self.key), self.token);
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(async move {
+                    if let Err(e) = backend.delete_candidacy(&key, token).await {
+                        warn!(key, error = %e, "withdrawing a dropped campaign failed; it ends with its lease");
+                    }
+                });
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Backend for EtcdBackend {
+    fn name(&self) -> &'static str {
+        "etcd"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::new(MIN_TTL).with_kv_limits(self.config.kv_limits)
+    }
+
+    async fn register(&self, member: &Member, ttl: Duration) -> Result<Lease> {
+        self.capabilities().check_ttl(ttl)?;
+        RecordLimits::DEFAULT.check_member(member)?;
+        let seconds = ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0);
+        let mut client = self.client.clone();
+        let grant = self
+            .bounded("lease_grant", client.lease_grant(seconds as i64, None))
+            .await?;
+        let lease = grant.id();
+        let key = keys::member_key(self.prefix(), &member.role, member.server_id);
+        let record =
+            serde_json::to_vec(&MemberRecord::of(member)).map_err(|e| Error::InvalidArgument {
+                what: "member",
+                reason: e.to_string(),
+            })?;
+        let txn = Txn::new()
+            .when(vec![Compare::create_revision(
+                key.as_str(),
+                CompareOp::Equal,
+                0,
+            )])
+            .and_then(vec![TxnOp::put(
+                key.as_str(),
+                record,
+                Some(PutOptions::new().with_lease(lease)),
+            )]);
+        let created = self.bounded("txn", client.txn(txn)).await?;
+        if !created.succeeded() {
+            let _ = client.lease_revoke(lease).await;
+            return Err(Error::AlreadyRegistered {
+                role: member.role.clone(),
+                server_id: member.server_id,
+            });
+        }
+        Ok(Lease {
+            id: lease_id(lease),
+            ttl: Duration::from_secs(grant.ttl().max(0) as u64),
+        })
+    }
+
+    async fn keep_alive(&self, lease: LeaseId) -> Result<Duration> {
+        self.renew(lease).await
+    }
+
+    async fn revoke(&self, lease: LeaseId) -> Result<()> {
+        self.keepers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&lease_i64(lease)?);
+        let mut client = self.client.clone();
+        match timeout(
+            self.config.request_timeout,
+            client.lease_revoke(lease_i64(lease)?),
+        )
+        .await
+        {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) if is_lease_not_found(&e) => Ok(()),
+            Ok(Err(e)) => Err(map(e)),
+            Err(_) => Err(Error::Timeout {
+                operation: "revoke",
+                after: self.config.request_timeout,
+            }),
+        }
+    }
+
+    async fn campaign(
+        &self,
+        lease: LeaseId,
+        election: &ElectionName,
+        value: Bytes,
+    ) -> Result<LeaderKey> {
+        RecordLimits::DEFAULT.check_leader_value(&value)?;
+        let key = keys::candidate_key(self.prefix(), election, lease);
+        let put = PutOptions::new().with_lease(lease_i64(lease)?);
+        let txn = Txn::new()
+            .when(vec![Compare::create_revision(
+                key.as_str(),
+                CompareOp::Equal,
+                0,
+            )])
+            .and_then(vec![TxnOp::put(key.as_str(), value.to_vec(), Some(put))])
+            .or_else(vec![TxnOp::get(key.as_str(), None)]);
+        let mut client = self.client.clone();
+        let response = match timeout(self.config.request_timeout, client.txn(txn)).await {
+            Ok(Ok(response)) => response,
+            Ok(Err(e)) if is_lease_not_found(&e) => return Err(Error::LeaseExpired { lease }),
+            Ok(Err(e)) => return Err(map(e)),
+            Err(_) => {
+                return Err(Error::Timeout {
+                    operation: "campaign",
+                    after: self.config.request_timeout,
+                })
+            }
+        };
+        let token = if response.succeeded() {
+            response.header().map_or(0, |h| h.revision())
+        } else {
+            // Our key exists: resume that candidacy with the new value.
+            let existing = response.op_responses().into_iter().find_map(|op| match op {
+                etcd_client::TxnOpResponse::Get(get) => {
+                    get.kvs().first().map(|kv| kv.create_revision())
+                }
+                _ => None,
+            });
+            let Some(token) = existing else {
+                return Err(Error::Unavailable(
+                    "candidate key vanished while campaigning".into(),
+                ));
+            };
+            let update = Txn::new()
+                .when(vec![Compare::create_revision(
+                    key.as_str(),
+                    CompareOp::Equal,
+                    token,
+                )])
+                .and_then(vec![TxnOp::put(
+                    key.as_str(),
+                    value.to_vec(),
+                    Some(PutOptions::new().with_ignore_lease()),
+                )]);
+            self.bounded("txn", client.txn(update)).await?;
+            token
+        };
+        let mut guard = WithdrawOnDrop {
+            backend: Some(self.clone()),
+            key: key.clone(),
+            token,
+        };
+        let outcome = self.wait_for_turn(lease, election, &key, token).await;
+        if !matches!(
+            outcome,
+            Err(Error::Unavailable(_)) | Err(Error::Timeout { .. })
+        ) {
+            guard.backend = None; // won, or the key is already gone
+        }
+        outcome?;
+        Ok(LeaderKey {
+            election: election.clone(),
+            lease,
+            token: FencingToken::new(token as u64),
+        })
+    }
+
+    async fn resign(&self, key: &LeaderKey) -> Result<()> {
+        let candidate = keys::candidate_key(self.prefix(), &key.election, key.lease);
+        self.delete_candidacy(&candidate, token_i64(key.token)?)
+            .await
+    }
+
+    async fn proclaim(&self, key: &LeaderKey, value: Bytes) -> Result<()> {
+        RecordLimits::DEFAULT.check_leader_value(&value)?;
+        let (_, candidates) = self.candidates(&key.election).await?;
+        let head = candidates.first();
+        let candidate = keys::candidate_key(self.prefix(), &key.election, key.lease);
+        let token = token_i64(key.token)?;
+        let not_leader = || Error::NotLeader {
+            election: key.election.clone(),
+            current: head.map(|kv| FencingToken::new(kv.create_revision() as u64)),
+        };
+        // A head stays the head until its key is deleted, so guarding the write on our key's
+        // create revision is enough once we have seen it at the head.
+        if !head.is_some_and(|kv| kv.key() == candidate.as_bytes() && kv.create_revision() == token)
+        {
+            return Err(not_leader());
+        }
+        let txn = Txn::new()
+            .when(vec![Compare::create_revision(
+                candidate.as_str(),
+                CompareOp::Equal,
+                token,
+            )])
+            .and_then(vec![TxnOp::put(
+                candidate.as_str(),
+                value.to_vec(),
+                Some(PutOptions::new().with_ignore_lease()),
+            )]);
+        let mut client = self.client.clone();
+        if self.bounded("txn", client.txn(txn)).await?.succeeded() {
+            Ok(())
+        } else {
+            Err(not_leader())
+        }
+    }
+
+    async fn leader(&self, election: &ElectionName) -> Result<Option<Leader>> {
+        let (_, candidates) = self.candidates(election).await?;
+        match candidates.first() {
+            Some(head) => Ok(Some(self.leader_of(election, head).await?)),
+            None => Ok(None),
+        }
+    }
+
+    fn watch(&self, election: &ElectionName) -> LeaderStream {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(follow_election(self.clone(), election.clone(), tx));
+        UnboundedReceiverStream::new(rx).boxed()
+    }
+
+    async fn members(&self, role: &Role) -> Result<Vec<Member>> {
+        let mut client = self.client.clone();
+        let response = self
+            .bounded(
+                "get",
+                client.get(
+                    keys::role_prefix(self.prefix(), role),
+                    Some(GetOptions::new().with_prefix()),
+                ),
+            )
+            .await?;
+        let mut members = response
+            .kvs()
+            .iter()
+            .map(MemberRecord::decode)
+            .collect::<Result<Vec<_>>>()?;
+        members.sort_by_key(|m| m.server_id);
+        Ok(members)
+    }
+
+    async fn kv_write(&self, guard: &LeaderKey, write: KvWrite) -> Result<KvWriteOutcome> {
+        self.guarded_write(guard, write).await
+    }
+
+    async fn kv_read(&self, election: &ElectionName, key: &KvKey) -> Result<Option<Bytes>> {
+        self.config.kv_limits.check_key(key)?;
+        let mut client = self.client.clone();
+        // etcd's default read is linearizable (a quorum read), which clause 10 asks for.
+        let response = self
+            .bounded(
+                "get",
+                client.get(keys::kv_key(self.prefix(), election, key), None),
+            )
+            .await?;
+        Ok(response
+            .kvs()
+            .first()
+            .map(|kv| Bytes::copy_from_slice(kv.value())))
+    }
+
+    fn watch_members(&self, role: &Role) -> MemberStream {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(follow_members(self.clone(), role.clone(), tx));
+        UnboundedReceiverStream::new(rx).boxed()
+    }
+}

@@ -1,0 +1,305 @@
+//! Requests that need the leader: where they go now (this node or a peer), retried
+//! until the request timeout, forwarded one hop, and served locally when they arrive
+//! from a peer.
+
+use std::future::Future;
+use std::time::Duration;
+
+use ha_core::{Error, Result};
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::ServerState;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tokio::time::{sleep, sleep_until, Instant};
+use tracing::debug;
+
+use crate::command::{Command, CommandResult, NodeId};
+use crate::network::{PeerError, PeerRpc};
+use crate::storage::StateMachineStore;
+use crate::wire::WireError;
+
+use super::NodeInner;
+
+/// Why a peer could not serve a forwarded request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) enum PeerFailure {
+    /// It is not the leader (any more); ask again.
+    NotLeader,
+    /// It answered with a contract error.
+    Error(WireError),
+}
+
+/// Where requests that need the leader go right now.
+#[derive(Debug, Clone)]
+pub(crate) enum Target {
+    Me { term: u64 },
+    Peer { id: NodeId, addr: String },
+    Unknown,
+}
+
+/// One attempt at something that needs the leader.
+pub(super) enum Attempt<T> {
+    Done(Result<T>),
+    Retry(String),
+}
+
+impl NodeInner {
+    pub(crate) fn target(&self) -> Target {
+        let metrics = self.raft.metrics();
+        let metrics = metrics.borrow();
+        match metrics.current_leader {
+            Some(id) if id == self.config.id => {
+                if metrics.state == ServerState::Leader {
+                    Target::Me {
+                        term: metrics.current_term,
+                    }
+                } else {
+                    Target::Unknown
+                }
+            }
+            Some(id) => match metrics.membership_config.membership().get_node(&id) {
+                Some(node) => Target::Peer {
+                    id,
+                    addr: node.addr.clone(),
+                },
+                None => Target::Unknown,
+            },
+            None => Target::Unknown,
+        }
+    }
+
+    /// Runs `attempt` against the current leader until it is done or the request
+    /// timeout passes.
+    pub(super) async fn with_leader<T, F, Fut>(
+        &self,
+        operation: &'static str,
+        mut attempt: F,
+    ) -> Result<T>
+    where
+        F: FnMut(Target) -> Fut,
+        Fut: Future<Output = Attempt<T>>,
+    {
+        let deadline = Instant::now() + self.config.request_timeout;
+        let mut metrics = self.raft.metrics();
+        loop {
+            if let Some(failure) = crate::failure::core_failure(&self.raft) {
+                return Err(failure.into());
+            }
+            if self.shutdown.is_cancelled() {
+                return Err(Error::Unavailable(format!(
+                    "raft node {} is shut down",
+                    self.config.id
+                )));
+            }
+            let target = self.target();
+            tracing::trace!(node = self.config.id, operation, ?target, "attempt");
+            let reason = match attempt(target).await {
+                Attempt::Done(result) => return result,
+                Attempt::Retry(reason) => reason,
+            };
+            if Instant::now() >= deadline {
+                return Err(Error::Unavailable(format!(
+                    "{operation}: no Raft leader reachable within {:?} ({reason})",
+                    self.config.request_timeout
+                )));
+            }
+            debug!(
+                node = self.config.id,
+                operation, reason, "retrying against the leader"
+            );
+            // At least a short pause (a minority leader's metrics change constantly, so
+            // waking on every change would spin), at most until the leader changes.
+            sleep(Duration::from_millis(10)).await;
+            tokio::select! {
+                _ = metrics.changed() => {}
+                _ = sleep(Duration::from_millis(40)) => {}
+            }
+        }
+    }
+
+    /// Appends a command through the leader; returns its log index and result.
+    pub(super) async fn propose(&self, command: Command) -> Result<(u64, CommandResult)> {
+        // Lease and election commands are idempotent: retried after an unknown outcome
+        // they do no harm. A Register retried could meet its own first attempt, and a
+        // guarded write retried would report on itself (a compare-and-set that applied
+        // would come back as a mismatch), so those surface the unknown outcome instead.
+        let idempotent = !matches!(command, Command::Register { .. } | Command::KvWrite { .. });
+        self.with_leader("propose", |target| {
+            let command = command.clone();
+            async move {
+                match target {
+                    Target::Me { .. } => match self.propose_local(command).await {
+                        Ok(done) => Attempt::Done(Ok(done)),
+                        Err(PeerFailure::NotLeader) => Attempt::Retry("leadership moved".into()),
+                        Err(PeerFailure::Error(e)) => Attempt::Done(Err(e.into())),
+                    },
+                    Target::Peer { id, addr } => {
+                        self.forward(id, &addr, PeerRpc::Propose, &command, idempotent)
+                            .await
+                    }
+                    Target::Unknown => Attempt::Retry("no leader known".into()),
+                }
+            }
+        })
+        .await
+    }
+
+    /// Sends a request to the leader `id` and maps its answer: "not leader" and an RPC
+    /// that never arrived are worth retrying; one that may have arrived is retried only
+    /// if `idempotent`.
+    pub(super) async fn forward<Req: Serialize, T: DeserializeOwned>(
+        &self,
+        id: NodeId,
+        addr: &str,
+        rpc: PeerRpc,
+        request: &Req,
+        idempotent: bool,
+    ) -> Attempt<T> {
+        let reply: std::result::Result<std::result::Result<T, PeerFailure>, PeerError> = self
+            .pool
+            .call(id, addr, rpc, request, self.config.request_timeout)
+            .await;
+        match reply {
+            Ok(Ok(value)) => Attempt::Done(Ok(value)),
+            Ok(Err(PeerFailure::Error(e))) => Attempt::Done(Err(e.into())),
+            Ok(Err(PeerFailure::NotLeader)) => Attempt::Retry(format!("node {id} is not leader")),
+            Err(e @ PeerError::Unreachable { .. }) => Attempt::Retry(e.to_string()),
+            Err(e @ PeerError::Failed { .. }) if idempotent => Attempt::Retry(e.to_string()),
+            Err(e) => Attempt::Done(Err(Error::Unavailable(e.to_string()))),
+        }
+    }
+
+    /// Appends a command on this node, which believes it leads.
+    pub(crate) async fn propose_local(
+        &self,
+        command: Command,
+    ) -> std::result::Result<(u64, CommandResult), PeerFailure> {
+        // A leader cut off from its quorum accepts the entry but can never commit it:
+        // bound the wait, and report the outcome as unknown.
+        let timeout = self.config.request_timeout;
+        match tokio::time::timeout(timeout, self.raft.client_write(command)).await {
+            Ok(Ok(response)) => Ok((response.log_id.index, response.data)),
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => {
+                Err(PeerFailure::NotLeader)
+            }
+            Ok(Err(e)) => Err(PeerFailure::Error(WireError::Unavailable(e.to_string()))),
+            Err(_) => Err(PeerFailure::Error(WireError::Timeout {
+                operation: "propose".into(),
+                after_ms: timeout.as_millis() as u64,
+            })),
+        }
+    }
+
+    /// A keepalive on this node, which believes it leads in `term`.
+    pub(crate) async fn keep_alive_local(
+        &self,
+        lease: u64,
+    ) -> std::result::Result<u64, PeerFailure> {
+        let Target::Me { term } = self.target() else {
+            return Err(PeerFailure::NotLeader);
+        };
+        let expired = || PeerFailure::Error(WireError::LeaseExpired(lease));
+        let ttl = |sm: &StateMachineStore| sm.lock().state.leases.get(&lease).map(|l| l.ttl_ms);
+        // Records the renewal in this term, or says why it cannot be.
+        let renew = |ttl_ms: u64| {
+            if self
+                .lessor
+                .renew(term, lease, Duration::from_millis(ttl_ms))
+            {
+                Ok(())
+            } else if self.lessor.is_expiring(lease) {
+                Err(expired())
+            } else {
+                Err(PeerFailure::NotLeader)
+            }
+        };
+        let known = ttl(&self.sm);
+        if let Some(ttl_ms) = known {
+            renew(ttl_ms)?;
+        }
+        // A quorum round that starts after the renewal was recorded: a deposed leader
+        // fails here and the keepalive is not acknowledged.
+        self.confirmer
+            .confirm()
+            .await
+            .map_err(|_| PeerFailure::NotLeader)?;
+        let Some(ttl_ms) = ttl(&self.sm) else {
+            return Err(expired());
+        };
+        if known.is_none() {
+            renew(ttl_ms)?;
+        }
+        if self.lessor.is_expiring(lease) {
+            return Err(expired());
+        }
+        Ok(ttl_ms)
+    }
+
+    /// The leader's read index, on this node, which believes it leads.
+    pub(crate) async fn read_index_local(&self) -> std::result::Result<u64, PeerFailure> {
+        match tokio::time::timeout(self.config.request_timeout, self.raft.get_read_log_id()).await {
+            Ok(Ok((read, _applied))) => Ok(read.map_or(0, |l| l.index)),
+            _ => Err(PeerFailure::NotLeader),
+        }
+    }
+
+    /// Waits until this node has applied `index`, then reads under the state lock.
+    pub(super) async fn read_at<T>(
+        &self,
+        index: u64,
+        read: impl FnOnce(&mut crate::storage::Machine) -> T,
+    ) -> Result<T> {
+        let mut applied = self.sm.applied();
+        let deadline = Instant::now() + self.config.request_timeout;
+        loop {
+            {
+                let mut machine = self.sm.lock();
+                if machine.applied_index() >= index {
+                    return Ok(read(&mut machine));
+                }
+            }
+            tokio::select! {
+                changed = applied.changed() => if changed.is_err() {
+                    return Err(Error::Unavailable("raft node stopped".into()));
+                },
+                _ = sleep_until(deadline) => {
+                    return Err(Error::Timeout { operation: "read_index", after: self.config.request_timeout });
+                }
+            }
+        }
+    }
+
+    /// A linearizable read: the leader's read index, then this node's state.
+    pub(super) async fn linearizable<T>(
+        &self,
+        read: impl FnOnce(&mut crate::storage::Machine) -> T,
+    ) -> Result<T> {
+        let index = self.read_index().await?;
+        self.read_at(index, read).await
+    }
+
+    /// The leader's read index: every change completed before this call is at or below it.
+    pub(super) async fn read_index(&self) -> Result<u64> {
+        self.with_leader("read_index", |target| async move {
+            match target {
+                Target::Me { .. } => {
+                    match tokio::time::timeout(
+                        self.config.request_timeout,
+                        self.raft.ensure_linearizable(),
+                    )
+                    .await
+                    {
+                        Ok(Ok(read)) => Attempt::Done(Ok(read.map_or(0, |l| l.index))),
+                        Ok(Err(e)) => Attempt::Retry(e.to_string()),
+                        Err(_) => Attempt::Retry("leadership not confirmed by a quorum".into()),
+                    }
+                }
+                Target::Peer { id, addr } => {
+                    self.forward(id, &addr, PeerRpc::ReadIndex, &(), true).await
+                }
+                Target::Unknown => Attempt::Retry("no leader known".into()),
+            }
+        })
+        .await
+    }
+}
