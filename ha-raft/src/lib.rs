@@ -5,18 +5,18 @@
 #![allow(clippy::result_large_err)]
 
 mod client;
-pub mod command;
+mod command;
 mod config;
 mod error;
 mod failure;
 mod heartbeat;
-pub mod hub;
+mod hub;
 mod lessor;
 mod network;
 mod node;
 mod service;
-pub mod state;
-pub mod storage;
+mod state;
+mod storage;
 mod tls;
 mod watchdog;
 mod wire;
@@ -28,8 +28,18 @@ pub mod proto {
 }
 
 pub use client::{RaftClient, RaftClientOptions, DEFAULT_REQUEST_TIMEOUT};
+pub use command::{NodeId, Raft, TypeConfig};
 pub use config::{RaftNodeConfig, MIN_TTL};
 pub use error::RaftBackendError;
 pub use network::FaultInjector;
 pub use node::RaftNode;
 pub use tls::{node_name, ClientTls, RaftTls};
+
+/// Internals for this crate's own tests (decoders, openraft's storage suite, raw peer
+/// messages); not part of the API and may change in any release.
+#[doc(hidden)]
+pub mod testing {
+    pub use crate::command::{Blob, Command, KvOp, MemberRecord};
+    pub use crate::state::State;
+    pub use crate::storage::{open_db, Identity, LogStore, StateMachineStore};
+}

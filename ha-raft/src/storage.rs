@@ -362,7 +362,7 @@ impl Machine {
     }
 }
 
-/// The state machine store: [`Machine`] behind a lock, snapshots in sled.
+/// The state machine store: the applied state behind a lock, snapshots in sled.
 #[derive(Debug, Clone)]
 pub struct StateMachineStore {
     shared: Arc<SmShared>,

@@ -8,9 +8,10 @@ use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
 use openraft::{Entry, EntryPayload, LeaderId, LogId, Vote};
 use proptest::prelude::*;
 
-use ha_raft::command::{Blob, Command, KvOp, MemberRecord, TypeConfig};
-use ha_raft::state::State;
-use ha_raft::storage::Identity;
+use ha_raft::testing::Identity;
+use ha_raft::testing::State;
+use ha_raft::testing::{Blob, Command, KvOp, MemberRecord};
+use ha_raft::TypeConfig;
 
 fn valid_entries() -> Vec<Vec<u8>> {
     let log_id = LogId::new(LeaderId::new(3, 1), 42);

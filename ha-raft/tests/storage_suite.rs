@@ -1,7 +1,7 @@
 //! openraft's own storage test suite on the sled log store and state machine.
 
-use ha_raft::command::TypeConfig;
-use ha_raft::storage::{open_db, Identity, LogStore, StateMachineStore};
+use ha_raft::testing::{open_db, Identity, LogStore, StateMachineStore};
+use ha_raft::TypeConfig;
 use openraft::testing::{StoreBuilder, Suite};
 use openraft::{StorageError, StorageIOError};
 

@@ -154,7 +154,7 @@ async fn peer_call_naming(
     let mut client = PeerClient::new(peer_channel(addr, ca_pem, server_name, identity));
     let payload = match rpc {
         "vote" => serde_json::to_vec(&VoteRequest::<u64>::new(Vote::new(1, candidate), None)),
-        _ => serde_json::to_vec(&AppendEntriesRequest::<ha_raft::command::TypeConfig> {
+        _ => serde_json::to_vec(&AppendEntriesRequest::<ha_raft::TypeConfig> {
             vote: Vote::new(1, candidate),
             prev_log_id: None,
             entries: Vec::new(),
