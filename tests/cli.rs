@@ -473,6 +473,8 @@ async fn bad_usage_exits_with_2_and_says_what_was_wrong() {
         &["leader", "rootcoord", "--backend", "nosuch://x"],
         &["leader", "rootcoord", "--backend", "raft://"],
         &["run", "--ttl", "0"],
+        &["run", "--ttl", "10x"],
+        &["run", "--ttl", "2h"],
         &["run", "--role", ""],
         &["node", "--id", "1"],
         &[

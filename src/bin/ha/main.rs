@@ -87,7 +87,7 @@ pub struct Common {
     /// The backend: memory://, raft://host:port,... or etcd://host:port,...[/prefix].
     #[arg(long, env = "HA_BACKEND", default_value = "memory://")]
     pub backend: String,
-    /// Session TTL in seconds: how long a crashed holder keeps the role.
+    /// Session TTL: how long a crashed holder keeps the role (seconds, or 10s, 500ms).
     #[arg(long, default_value_t = 10.0, value_parser = parse_ttl)]
     pub ttl: f64,
     /// This process's server id, unique within the role (default: a random one; give a
@@ -173,10 +173,22 @@ impl Common {
     }
 }
 
+/// Seconds as a bare number (`10`, `2.5`) or a duration with units (`10s`, `500ms`,
+/// `1m 30s`), as Kubernetes and Consul users type them.
+fn parse_seconds(text: &str) -> Result<f64, String> {
+    let text = text.trim();
+    if let Ok(seconds) = text.parse::<f64>() {
+        return Ok(seconds);
+    }
+    humantime::parse_duration(text)
+        .map(|d| d.as_secs_f64())
+        .map_err(|e| {
+            format!("{text:?} is neither a number of seconds nor a duration like 10s or 500ms: {e}")
+        })
+}
+
 fn parse_ttl(text: &str) -> Result<f64, String> {
-    let ttl: f64 = text
-        .parse()
-        .map_err(|e| format!("{text:?} is not a number of seconds: {e}"))?;
+    let ttl = parse_seconds(text)?;
     if !(ttl.is_finite() && ttl > 0.0 && ttl <= 3600.0) {
         return Err(format!("{ttl} s is outside (0, 3600]"));
     }
@@ -184,9 +196,7 @@ fn parse_ttl(text: &str) -> Result<f64, String> {
 }
 
 fn parse_interval(text: &str) -> Result<f64, String> {
-    let seconds: f64 = text
-        .parse()
-        .map_err(|e| format!("{text:?} is not a number of seconds: {e}"))?;
+    let seconds = parse_seconds(text)?;
     if !(0.01..=86_400.0).contains(&seconds) {
         return Err(format!("{seconds} s is outside [0.01, 86400]"));
     }
@@ -212,7 +222,7 @@ pub struct CoordinatorArgs {
     /// while another instance is alive.
     #[arg(long)]
     pub exclusive: bool,
-    /// Seconds between "{role} is in STANDBY ..." log lines (0.01 to 86400).
+    /// Time between "{role} is in STANDBY ..." log lines (0.01 to 86400 s; 30s, 1m).
     #[arg(long, default_value_t = 10.0, value_parser = parse_interval)]
     pub standby_log_interval: f64,
     /// Serve /metrics, /healthz and /role (200 only while ACTIVE) on this address.
@@ -271,7 +281,7 @@ enum Command {
     /// ACTIVE with SIGKILL and measure the takeover, then SIGTERM the next ACTIVE and
     /// measure the handoff; cleans up everything.
     Demo {
-        /// Session TTL in seconds.
+        /// Session TTL (seconds, or 3s, 1500ms).
         #[arg(long, default_value_t = 3.0, value_parser = parse_ttl)]
         ttl: f64,
     },
@@ -348,7 +358,7 @@ pub struct NodeArgs {
     /// Also run an ActiveStandby coordinator on this member.
     #[arg(long)]
     pub active_standby: bool,
-    /// Session TTL in seconds (with --active-standby).
+    /// Session TTL with --active-standby (seconds, or 10s, 500ms).
     #[arg(long, default_value_t = 10.0, value_parser = parse_ttl)]
     pub ttl: f64,
     /// Print one JSON object per line per event instead of text.
@@ -515,6 +525,24 @@ pub fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'stat
                 tracing::warn!(%error, "cannot handle SIGTERM or SIGINT; waiting for Ctrl-C");
                 let _ = tokio::signal::ctrl_c().await;
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{parse_interval, parse_ttl};
+
+    #[test]
+    fn durations_take_seconds_or_units() {
+        assert_eq!(parse_ttl("10"), Ok(10.0));
+        assert_eq!(parse_ttl("2.5"), Ok(2.5));
+        assert_eq!(parse_ttl("10s"), Ok(10.0));
+        assert_eq!(parse_ttl("1500ms"), Ok(1.5));
+        assert_eq!(parse_ttl("1m 30s"), Ok(90.0));
+        assert_eq!(parse_interval("30s"), Ok(30.0));
+        for bad in ["", "0", "0s", "10x", "2h", "-1", "NaN"] {
+            assert!(parse_ttl(bad).is_err(), "{bad:?} was taken as a TTL");
         }
     }
 }
