@@ -90,3 +90,25 @@ async fn etcd_urls_are_checked_and_unreachable_clusters_are_unavailable() {
     }
     assert!(started.elapsed() < std::time::Duration::from_secs(30));
 }
+
+/// A CA file that is not PEM gets the same typed error on every backend, naming it.
+#[cfg(all(feature = "raft", feature = "etcd"))]
+#[tokio::test]
+async fn a_bad_tls_file_says_the_same_on_raft_and_etcd() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let junk = dir.path().join("ca.pem");
+    std::fs::write(&junk, b"not a certificate").unwrap_or_else(|e| panic!("{e}"));
+    let options = ha::ConnectOptions {
+        ca_file: Some(junk.clone()),
+        ..ha::ConnectOptions::default()
+    };
+    for url in ["raft://127.0.0.1:1", "etcd://127.0.0.1:1"] {
+        match ha::connect_with(url, &options).await {
+            Err(Error::InvalidArgument { what: "tls", reason }) => assert!(
+                reason.contains("is not PEM") && reason.contains(&junk.display().to_string()),
+                "{url}: {reason}"
+            ),
+            other => panic!("{url} with a non-PEM CA gave {other:?}"),
+        }
+    }
+}

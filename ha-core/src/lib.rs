@@ -10,6 +10,7 @@ mod kv;
 mod leadership;
 mod limits;
 mod session;
+mod tls;
 mod types;
 pub mod watch_buffer;
 
@@ -32,6 +33,7 @@ pub use limits::{RecordLimits, MAX_ADDRESS_BYTES, MAX_LEADER_VALUE_BYTES, MAX_ME
 pub use session::{
     LossReason, Session, SessionBuilder, SessionOptions, SessionState, DEFAULT_DRIFT, DEFAULT_TTL,
 };
+pub use tls::{read_pem, ClientTls};
 pub use types::{
     ElectionName, FencingToken, Leader, LeaderEvent, LeaderKey, Lease, LeaseId, Member,
     MemberEvent, Role, ServerId, MAX_NAME_LEN, MAX_TTL,

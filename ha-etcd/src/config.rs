@@ -29,14 +29,8 @@ pub struct EtcdConfig {
     pub kv_limits: KvLimits,
 }
 
-/// PEM material for a TLS connection to etcd.
-#[derive(Clone)]
-pub struct EtcdTls {
-    /// The CA certificate(s) that sign etcd's server certificate.
-    pub ca_pem: Vec<u8>,
-    /// This client's certificate and private key, for mutual TLS.
-    pub identity: Option<(Vec<u8>, Vec<u8>)>,
-}
+/// etcd's client TLS material: the same as every backend's.
+pub type EtcdTls = ha_core::ClientTls;
 
 impl std::fmt::Debug for EtcdConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -105,24 +99,14 @@ impl EtcdConfig {
     /// [`with_tls`](Self::with_tls) from PEM files.
     ///
     /// # Errors
-    /// `InvalidArgument` naming the file that cannot be read.
+    /// `InvalidArgument` (`what = "tls"`) naming the file that is missing or not PEM.
     pub fn with_tls_files(
-        self,
+        mut self,
         ca: impl AsRef<std::path::Path>,
         identity: Option<(&std::path::Path, &std::path::Path)>,
     ) -> ha_core::Result<Self> {
-        let read = |path: &std::path::Path| {
-            std::fs::read(path).map_err(|e| ha_core::Error::InvalidArgument {
-                what: "argument",
-                reason: format!("cannot read TLS file {}: {e}", path.display()),
-            })
-        };
-        let ca = read(ca.as_ref())?;
-        let identity = match identity {
-            Some((cert, key)) => Some((read(cert)?, read(key)?)),
-            None => None,
-        };
-        Ok(self.with_tls(ca, identity))
+        self.tls = Some(EtcdTls::from_files(ca.as_ref(), identity)?);
+        Ok(self)
     }
 
     /// Authenticates as `user`.

@@ -26,11 +26,11 @@ use tonic::{Code, Status};
 use crate::config::MIN_TTL;
 use crate::proto::coordination_client::CoordinationClient;
 use crate::proto::{self, member_event::Kind};
-use crate::tls::ClientTls;
 use crate::wire::{
     from_status, key_from_proto, key_to_proto, kv_outcome_from_proto, kv_read_from_proto,
     kv_write_to_proto, leader_from_proto, member_from_proto, member_to_proto,
 };
+use ha_core::ClientTls;
 
 /// The client API over one channel, with the bearer token (if any) on every call.
 type Api = CoordinationClient<InterceptedService<Channel, BearerToken>>;
@@ -227,7 +227,7 @@ impl RaftClient {
                 .keep_alive_while_idle(true);
             if let Some(tls) = &options.tls {
                 channel = channel
-                    .tls_config(tls.config())
+                    .tls_config(crate::tls::client_config(tls))
                     .map_err(|e| Error::InvalidArgument {
                         what: "tls",
                         reason: e.to_string(),

@@ -31,9 +31,10 @@ pub use client::{RaftClient, RaftClientOptions, DEFAULT_REQUEST_TIMEOUT};
 pub use command::{NodeId, Raft, TypeConfig};
 pub use config::{RaftNodeConfig, MIN_TTL};
 pub use error::RaftBackendError;
+pub use ha_core::ClientTls;
 pub use network::FaultInjector;
 pub use node::RaftNode;
-pub use tls::{node_name, ClientTls, RaftTls};
+pub use tls::{node_name, RaftTls};
 
 /// Internals for this crate's own tests (decoders, openraft's storage suite, raw peer
 /// messages); not part of the API and may change in any release.

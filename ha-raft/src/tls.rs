@@ -11,7 +11,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use ha_core::Error;
+use ha_core::{ClientTls, Error};
 use rustls_pki_types::{CertificateDer, ServerName};
 use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
 use tonic::{Request, Status};
@@ -44,17 +44,10 @@ impl std::fmt::Debug for RaftTls {
 
 /// Reads a PEM file, naming it in the error.
 pub(crate) fn read_pem(what: &str, path: &Path) -> Result<Vec<u8>, RaftBackendError> {
-    let bytes = std::fs::read(path).map_err(|e| {
-        RaftBackendError::Config(format!("cannot read the {what} {}: {e}", path.display()))
-    })?;
-    if !bytes.starts_with(b"-----BEGIN") && !String::from_utf8_lossy(&bytes).contains("-----BEGIN")
-    {
-        return Err(RaftBackendError::Config(format!(
-            "the {what} {} is not PEM",
-            path.display()
-        )));
-    }
-    Ok(bytes)
+    ha_core::read_pem(what, path).map_err(|e| match e {
+        Error::InvalidArgument { reason, .. } => RaftBackendError::Config(reason),
+        other => RaftBackendError::Config(other.to_string()),
+    })
 }
 
 impl RaftTls {
@@ -146,51 +139,12 @@ impl ClientAuth {
     }
 }
 
-/// A client's TLS material, PEM: the CA that signs the nodes' certificates, and
-/// optionally this client's certificate and key.
-#[derive(Clone)]
-pub struct ClientTls {
-    /// The cluster CA certificate(s).
-    pub ca_pem: Vec<u8>,
-    /// This client's certificate chain and private key.
-    pub identity: Option<(Vec<u8>, Vec<u8>)>,
-}
-
-impl std::fmt::Debug for ClientTls {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ClientTls")
-            .field("identity", &self.identity.is_some())
-            .finish()
-    }
-}
-
-impl ClientTls {
-    /// Reads the CA and, if given, the client certificate and key from PEM files.
-    ///
-    /// # Errors
-    /// `InvalidArgument` naming the file that is missing or not PEM.
-    pub fn from_files(ca: &Path, identity: Option<(&Path, &Path)>) -> ha_core::Result<Self> {
-        let read = |what, path| {
-            read_pem(what, path).map_err(|e| Error::InvalidArgument {
-                what: "tls",
-                reason: e.to_string(),
-            })
-        };
-        Ok(Self {
-            ca_pem: read("CA certificate", ca)?,
-            identity: match identity {
-                Some((cert, key)) => Some((read("certificate", cert)?, read("private key", key)?)),
-                None => None,
-            },
-        })
-    }
-
-    pub(crate) fn config(&self) -> ClientTlsConfig {
-        let config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&self.ca_pem));
-        match &self.identity {
-            Some((cert, key)) => config.identity(Identity::from_pem(cert, key)),
-            None => config,
-        }
+/// tonic's client TLS settings for the shared material.
+pub(crate) fn client_config(tls: &ClientTls) -> ClientTlsConfig {
+    let config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&tls.ca_pem));
+    match &tls.identity {
+        Some((cert, key)) => config.identity(Identity::from_pem(cert, key)),
+        None => config,
     }
 }
 
