@@ -104,7 +104,10 @@ async fn a_bad_tls_file_says_the_same_on_raft_and_etcd() {
     };
     for url in ["raft://127.0.0.1:1", "etcd://127.0.0.1:1"] {
         match ha::connect_with(url, &options).await {
-            Err(Error::InvalidArgument { what: "tls", reason }) => assert!(
+            Err(Error::InvalidArgument {
+                what: "tls",
+                reason,
+            }) => assert!(
                 reason.contains("is not PEM") && reason.contains(&junk.display().to_string()),
                 "{url}: {reason}"
             ),

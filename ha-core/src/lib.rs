@@ -13,6 +13,7 @@ mod session;
 mod tls;
 mod types;
 pub mod watch_buffer;
+mod withdraw;
 
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
@@ -38,6 +39,7 @@ pub use types::{
     ElectionName, FencingToken, Leader, LeaderEvent, LeaderKey, Lease, LeaseId, Member,
     MemberEvent, Role, ServerId, MAX_NAME_LEN, MAX_TTL,
 };
+pub use withdraw::WithdrawOnDrop;
 
 /// Re-exported so backends and users name the same `Bytes` type.
 pub use bytes::Bytes;

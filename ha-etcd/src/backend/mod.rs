@@ -19,7 +19,7 @@ use futures::StreamExt;
 use ha_core::{
     Backend, Capabilities, ElectionName, Error, FencingToken, KvKey, KvWrite, KvWriteOutcome,
     Leader, LeaderKey, LeaderStream, Lease, LeaseId, Member, MemberStream, RecordLimits, Result,
-    Role, ServerId,
+    Role, ServerId, WithdrawOnDrop,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -299,28 +299,6 @@ impl EtcdBackend {
     }
 }
 
-/// Deletes a candidacy when the campaign future is dropped before it wins.
-struct WithdrawOnDrop {
-    backend: Option<EtcdBackend>,
-    key: String,
-    token: i64,
-}
-
-impl Drop for WithdrawOnDrop {
-    fn drop(&mut self) {
-        if let Some(backend) = self.backend.take() {
-            let (key, token) = (std::mem::take(&mut self.key), self.token);
-            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                runtime.spawn(async move {
-                    if let Err(e) = backend.delete_candidacy(&key, token).await {
-                        warn!(key, error = %e, "withdrawing a dropped campaign failed; it ends with its lease");
-                    }
-                });
-            }
-        }
-    }
-}
-
 #[async_trait]
 impl Backend for EtcdBackend {
     fn name(&self) -> &'static str {
@@ -455,17 +433,20 @@ impl Backend for EtcdBackend {
             self.bounded("txn", client.txn(update)).await?;
             token
         };
-        let mut guard = WithdrawOnDrop {
-            backend: Some(self.clone()),
-            key: key.clone(),
-            token,
+        let mut guard = {
+            let (backend, key) = (self.clone(), key.clone());
+            WithdrawOnDrop::new(async move {
+                if let Err(e) = backend.delete_candidacy(&key, token).await {
+                    warn!(key, error = %e, "withdrawing a dropped campaign failed; it ends with its lease");
+                }
+            })
         };
         let outcome = self.wait_for_turn(lease, election, &key, token).await;
         if !matches!(
             outcome,
             Err(Error::Unavailable(_)) | Err(Error::Timeout { .. })
         ) {
-            guard.backend = None; // won, or the key is already gone
+            guard.disarm(); // won, or the key is already gone
         }
         outcome?;
         Ok(LeaderKey {

@@ -11,7 +11,7 @@ use ha_core::watch_buffer::WatchReceiver;
 use ha_core::{
     Backend, Capabilities, ElectionName, Error, FencingToken, KvKey, KvWrite, KvWriteOutcome,
     Leader, LeaderKey, LeaderStream, Lease, LeaseId, Member, MemberStream, RecordLimits, Result,
-    Role,
+    Role, WithdrawOnDrop,
 };
 use tracing::warn;
 
@@ -22,35 +22,8 @@ use crate::hub::LeaderUpdate;
 use crate::network::PeerRpc;
 
 use super::routing::{Attempt, PeerFailure, Target};
-use super::{NodeInner, RaftNode};
+use super::RaftNode;
 use crate::wire::{head_to_leader, member_update_to_event, update_to_event};
-
-/// Withdraws a candidacy if the campaign is dropped before it wins.
-struct WithdrawOnDrop {
-    node: Option<Arc<NodeInner>>,
-    command: Command,
-}
-
-impl WithdrawOnDrop {
-    fn disarm(&mut self) {
-        self.node = None;
-    }
-}
-
-impl Drop for WithdrawOnDrop {
-    fn drop(&mut self) {
-        if let Some(node) = self.node.take() {
-            let command = self.command.clone();
-            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                runtime.spawn(async move {
-                    if let Err(e) = node.propose(command).await {
-                        warn!(node = node.config.id, error = %e, "withdrawing a dropped campaign failed");
-                    }
-                });
-            }
-        }
-    }
-}
 
 /// A local leader watch. A watcher that fell behind is ended by the hub; this one then
 /// subscribes again after the last revision it saw, so its reader sees every change
@@ -201,13 +174,18 @@ impl Backend for RaftNode {
             lease,
             token: FencingToken::new(token),
         };
-        let mut guard = WithdrawOnDrop {
-            node: Some(Arc::clone(&self.inner)),
-            command: Command::Resign {
+        let mut guard = {
+            let node = Arc::clone(&self.inner);
+            let command = Command::Resign {
                 election: election.as_str().to_owned(),
                 lease: lease.get(),
                 token,
-            },
+            };
+            WithdrawOnDrop::new(async move {
+                if let Err(e) = node.propose(command).await {
+                    warn!(node = node.config.id, error = %e, "withdrawing a dropped campaign failed");
+                }
+            })
         };
         let mut applied = self.inner.sm.applied();
         loop {
