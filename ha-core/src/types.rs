@@ -291,6 +291,24 @@ pub enum MemberEvent {
     Left(Member),
 }
 
+impl MemberEvent {
+    /// What a watcher that knew `old` must be told once the members are `fresh` (a
+    /// watch that resumed on a new snapshot): `Left` for each member gone or changed,
+    /// then `Joined` for each member new or changed. Keyed by whatever identifies a
+    /// record to the backend.
+    pub fn changes<K: Ord>(old: &BTreeMap<K, Member>, fresh: &BTreeMap<K, Member>) -> Vec<Self> {
+        let left = old
+            .iter()
+            .filter(|(key, member)| fresh.get(*key) != Some(*member))
+            .map(|(_, member)| Self::Left(member.clone()));
+        let joined = fresh
+            .iter()
+            .filter(|(key, member)| old.get(*key) != Some(*member))
+            .map(|(_, member)| Self::Joined(member.clone()));
+        left.chain(joined).collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -331,6 +349,24 @@ mod tests {
                 Err(Error::InvalidArgument { what: "role", .. })
             ));
         }
+    }
+
+    #[test]
+    fn member_changes_say_left_then_joined_for_gone_changed_and_new() {
+        let role = Role::new("rootcoord").unwrap_or_else(|e| panic!("{e}"));
+        let member = |id: u64, address: &str| Member::new(ServerId::new(id), role.clone(), address);
+        let old: BTreeMap<u64, Member> = [(1, member(1, "a:1")), (2, member(2, "a:2"))].into();
+        let fresh: BTreeMap<u64, Member> = [(2, member(2, "b:2")), (3, member(3, "a:3"))].into();
+        assert_eq!(
+            MemberEvent::changes(&old, &fresh),
+            vec![
+                MemberEvent::Left(member(1, "a:1")),
+                MemberEvent::Left(member(2, "a:2")),
+                MemberEvent::Joined(member(2, "b:2")),
+                MemberEvent::Joined(member(3, "a:3")),
+            ]
+        );
+        assert!(MemberEvent::changes(&fresh, &fresh).is_empty());
     }
 
     #[test]

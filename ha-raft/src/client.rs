@@ -650,16 +650,7 @@ async fn follow_members(client: RaftClient, role: Role, tx: WatchSender<Result<M
                 (Kind::Snapshot, Some(known)) => {
                     let fresh: BTreeMap<ServerId, Member> =
                         members.into_iter().map(|m| (m.server_id, m)).collect();
-                    for (id, member) in known.iter() {
-                        if fresh.get(id) != Some(member) {
-                            out.push(MemberEvent::Left(member.clone()));
-                        }
-                    }
-                    for (id, member) in &fresh {
-                        if known.get(id) != Some(member) {
-                            out.push(MemberEvent::Joined(member.clone()));
-                        }
-                    }
+                    out.extend(MemberEvent::changes(known, &fresh));
                     *known = fresh;
                 }
                 (Kind::Joined, Some(known)) => {

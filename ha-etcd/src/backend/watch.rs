@@ -230,18 +230,7 @@ pub(super) async fn follow_members(
                 members.sort_by_key(|m| m.server_id);
                 events.push(MemberEvent::Snapshot(members));
             }
-            Some(old) => {
-                for (key, member) in old {
-                    if fresh.get(key) != Some(member) {
-                        events.push(MemberEvent::Left(member.clone()));
-                    }
-                }
-                for (key, member) in &fresh {
-                    if old.get(key) != Some(member) {
-                        events.push(MemberEvent::Joined(member.clone()));
-                    }
-                }
-            }
+            Some(old) => events.extend(MemberEvent::changes(old, &fresh)),
         }
         for event in events {
             if tx.send(Ok(event)).is_err() {
