@@ -93,7 +93,7 @@ pub async fn open_db(
         .mode(sled::Mode::LowSpace);
     // A node stopped in this process a moment ago may still be releasing the database:
     // the last handle can sit in a flush on tokio's blocking pool after `shutdown`
-    // returns (seen once as a failed in-process restart). Another process holding it
+    // returns. Another process holding it
     // (the lock is released when a process dies) gets the same bounded wait.
     let deadline = tokio::time::Instant::now() + LOCK_WAIT;
     let db = loop {

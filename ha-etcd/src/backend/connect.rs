@@ -138,9 +138,9 @@ fn closed_after_handshake(reason: &str) -> bool {
         "invalidcontenttype",
         "invalid message",
     ];
-    // tonic sometimes reports the hang-up with no source at all, a bare "transport error"
-    // (seen once in a full test run). An unreachable or non-TLS server has come with a
-    // cause every time we looked ("tcp connect error", "corrupt message").
+    // tonic can report the hang-up with no source at all, a bare "transport error"; an
+    // unreachable or non-TLS server comes with a cause ("tcp connect error", "corrupt
+    // message").
     let bare = reason.trim() == "transport error";
     bare || closed.iter().any(|s| reason.contains(s)) && !other.iter().any(|s| reason.contains(s))
 }

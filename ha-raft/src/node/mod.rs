@@ -384,8 +384,8 @@ impl RaftNode {
     /// stored it, for at most the shortest election timeout (after that the followers
     /// elect a new leader anyway). The entry carries the commit index of the leader's
     /// last writes, which otherwise reaches a follower only with the next heartbeat: a
-    /// leader stopped right after a resign could leave the next candidate waiting for a
-    /// new Raft leader to learn that it leads (`ha bench`: an 838 ms handoff).
+    /// leader stopped right after a resign would leave the next candidate waiting for a
+    /// new Raft leader to learn that it leads, a Raft election instead of milliseconds.
     async fn hand_over(&self) {
         if !self.inner.raft.metrics().borrow().state.is_leader() {
             return;
@@ -517,8 +517,8 @@ impl NodeInner {
 
 /// Drops a node's last database handle, which makes sled flush and unlock the data
 /// dir. On a thread of its own, waited for at most 5 s: every acknowledged write was
-/// flushed already, and a teardown flush that never returns (seen once with sled 0.34
-/// on a tokio worker, racing a snapshot write) must not hang the runtime's shutdown.
+/// flushed already, and sled 0.34's teardown flush can fail to return when it races a
+/// snapshot write; that must not hang the runtime's shutdown.
 async fn release(db: sled::Db, node: NodeId) {
     let (released, done) = tokio::sync::oneshot::channel();
     let spawned = std::thread::Builder::new()

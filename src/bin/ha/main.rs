@@ -506,9 +506,9 @@ fn parse_ms_range(text: &str) -> Result<(u64, u64), String> {
 }
 
 /// Resolves on SIGINT or SIGTERM. The handlers are installed when this is called, not
-/// when the future is first polled: a future that a `select!` had not polled yet left
-/// SIGTERM at its default action, and a SIGTERM right after `elected` killed `ha elect`
-/// without a resign (a clean run caught it).
+/// when the future is first polled: a future that a `select!` has not polled yet would
+/// leave SIGTERM at its default action, and a SIGTERM right then would kill the process
+/// without a resign.
 pub fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
     use tokio::signal::unix::{signal, SignalKind};
     let terminate = signal(SignalKind::terminate());
