@@ -43,6 +43,20 @@ echo "== bench (quick) (${SECONDS}s in)"
 # A few trials of every benchmark scenario, so `ha bench` never rots; numbers from a
 # debug build on a busy machine mean little (docs/benchmarks.md has a release run).
 timeout --kill-after=30s 15m cargo run --quiet --all-features -- bench --quick --out target/bench-quick.json
+echo "== packaging (${SECONDS}s in)"
+./scripts/check-msrv.sh
+# Every published crate packages, with its protos and build script. Building each package
+# from its tarball too (drop --no-verify) took 4.5 minutes here, more than CI's budget
+# leaves; HA_PUBLISH_VERIFY=1 runs it, as a release should.
+if [ -n "${HA_PUBLISH_VERIFY:-}" ]; then
+  cargo publish --dry-run --workspace --allow-dirty
+else
+  cargo publish --dry-run --workspace --allow-dirty --no-verify
+fi
+# ha-raft compiles its gRPC protos in build.rs (etcd-client ships its own).
+listed=$(cargo package --list --allow-dirty -p ha-raft)
+grep -qx 'build.rs' <<<"$listed" || { echo "ha-raft packages no build.rs"; exit 1; }
+grep -qx 'proto/ha_raft.proto' <<<"$listed" || { echo "ha-raft packages no proto"; exit 1; }
 echo "== doc (${SECONDS}s in)"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --all-features --no-deps
 echo "== all checks passed (${SECONDS}s in)"
