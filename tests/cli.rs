@@ -16,7 +16,7 @@ mod etcd_fixture;
 
 use std::collections::BTreeMap;
 use std::process::{ExitStatus, Stdio};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -27,19 +27,7 @@ use tokio::time::timeout;
 const HA: &str = env!("CARGO_BIN_EXE_ha");
 const TTL: Duration = Duration::from_secs(2);
 
-fn unix_us() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(0)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or_else(|e| panic!("no free port: {e}"))
-}
+use ha_testkit::{free_port, unix_us};
 
 /// Free loopback ports for nodes 1..=3 and the `--peers` value naming them.
 fn three_node_ports() -> (BTreeMap<u64, u16>, String) {

@@ -34,12 +34,7 @@ const TTL: Duration = Duration::from_secs(2);
 const REPLICAS: u64 = 3;
 const FAULTS: usize = 10;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or_else(|e| panic!("no free port: {e}"))
-}
+use ha_testkit::free_port;
 
 /// The example binary. `cargo test` without a target filter builds the examples next to
 /// the test executables (and `scripts/test.sh` builds them first); a filtered run

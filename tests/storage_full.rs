@@ -259,13 +259,7 @@ async fn a_member_whose_disk_fills_stops_and_after_a_restart_nothing_acknowledge
         return;
     };
     let ports = (1..=NODES)
-        .map(|id| {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .map(|a| a.port())
-                .unwrap_or_else(|e| panic!("no free port: {e}"));
-            (id, port)
-        })
+        .zip(ha_testkit::free_ports(NODES as usize))
         .collect();
     let dirs = (2..=NODES)
         .map(|id| (id, tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"))))

@@ -4,8 +4,10 @@
 
 pub mod disk;
 pub mod netns;
+pub mod ports;
 pub mod proxy;
 
 pub use disk::{small_disk_for_test, SmallDisk};
 pub use netns::{lab_for_test, Lab, LabError};
+pub use ports::{free_port, free_ports, unix_us};
 pub use proxy::{Direction, Fault, Proxy};

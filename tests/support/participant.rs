@@ -5,7 +5,7 @@
 #![allow(dead_code)]
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use ha_core::testing::history::{CampaignOutcome, History, Record};
 use ha_core::FencingToken;
@@ -14,13 +14,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::time::sleep;
 
-/// Microseconds since the Unix epoch: the clock every process of a run shares.
-pub fn unix_us() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(0)
-}
+pub use ha_testkit::unix_us;
 
 /// Sends a signal by PID (`STOP`, `CONT`, `KILL`, `TERM`).
 pub fn signal(pid: u32, signal: &str) {

@@ -19,20 +19,7 @@ pub fn init_tracing() {
     }
 }
 
-/// Free loopback ports: bind to port 0, note the port, release it.
-pub fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<_> = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("bind: {e}")))
-        .collect();
-    listeners
-        .iter()
-        .map(|l| {
-            l.local_addr()
-                .map(|a| a.port())
-                .unwrap_or_else(|e| panic!("{e}"))
-        })
-        .collect()
-}
+pub use ha_testkit::free_ports;
 
 /// Timings for tests: quick elections, generous request timeouts.
 pub fn test_config(
