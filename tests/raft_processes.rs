@@ -1,8 +1,8 @@
-//! Real processes: three `ha-raft-node` processes on loopback; the one hosting the Raft
+//! Real processes: three `ha node` processes on loopback; the one hosting the Raft
 //! leader (and the active's session) is killed with SIGKILL, the group fails over, and the
 //! killed node restarts from its data dir and catches up. Every process is stopped by PID.
 
-mod common;
+#![cfg(all(feature = "cli", feature = "raft"))]
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ha_core::{Backend, ElectionName, LossReason, Member, Role, ServerId, Session};
-use ha_raft::RaftClient;
+use ha::raft::RaftClient;
 use tokio::time::Instant;
 
 /// What one process printed, with when.
@@ -31,7 +31,7 @@ struct Processes {
 
 impl Processes {
     fn start(n: u64) -> Self {
-        let ports = common::free_ports(n as usize);
+        let ports = ha_testkit::free_ports(n as usize);
         let peers: BTreeMap<u64, String> = (1..=n)
             .zip(ports)
             .map(|(id, port)| (id, format!("127.0.0.1:{port}")))
@@ -57,8 +57,9 @@ impl Processes {
             .map(|(id, addr)| format!("{id}={addr}"))
             .collect::<Vec<_>>()
             .join(",");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ha-raft-node"))
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ha"))
             .args([
+                "node",
                 "--id",
                 &id.to_string(),
                 "--listen",
@@ -68,7 +69,8 @@ impl Processes {
             ])
             .arg("--data")
             .arg(self.dirs[&id].path())
-            .args(["--cluster", "process-test"])
+            .args(["--cluster", "process-test", "--json"])
+            .env("RUST_LOG", "off")
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -77,9 +79,17 @@ impl Processes {
         if let Some(stdout) = child.stdout.take() {
             let sink = Arc::clone(&lines);
             std::thread::spawn(move || {
+                // `ha node --json` says `{"event":"raft_leader","node":N}` when the
+                // leader it knows changes.
                 for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                    if let Ok(mut lines) = sink.lock() {
-                        lines.push((Instant::now(), line));
+                    let Ok(event) = serde_json::from_str::<serde_json::Value>(&line) else {
+                        continue;
+                    };
+                    let leader = (event["event"] == "raft_leader")
+                        .then(|| event["node"].as_u64())
+                        .flatten();
+                    if let (Some(leader), Ok(mut lines)) = (leader, sink.lock()) {
+                        lines.push((Instant::now(), format!("leader {leader}")));
                     }
                 }
             });
