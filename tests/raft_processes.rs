@@ -10,8 +10,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ha_core::{Backend, ElectionName, LossReason, Member, Role, ServerId, Session};
 use ha::raft::RaftClient;
+use ha_core::{Backend, ElectionName, LossReason, Member, Role, ServerId, Session};
 use tokio::time::Instant;
 
 /// What one process printed, with when.
