@@ -101,6 +101,17 @@ impl<T> WatchReceiver<T> {
     }
 }
 
+impl<T: Send + 'static> WatchReceiver<crate::Result<T>> {
+    /// [`into_stream`](Self::into_stream) for a channel that carries results (a
+    /// follower task's events and errors): one flat stream of them.
+    pub fn into_flat_stream(self) -> futures::stream::BoxStream<'static, crate::Result<T>> {
+        use futures::StreamExt;
+        self.into_stream()
+            .map(|item| item.and_then(|event| event))
+            .boxed()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

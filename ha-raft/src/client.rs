@@ -10,8 +10,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures::StreamExt;
-use ha_core::watch_buffer::{self, WatchReceiver, WatchSender, WATCH_BUFFER};
+use ha_core::watch_buffer::{self, WatchSender, WATCH_BUFFER};
 use ha_core::{
     Backend, Capabilities, ElectionName, Error, KvKey, KvLimits, KvWrite, KvWriteOutcome, Leader,
     LeaderEvent, LeaderKey, LeaderStream, Lease, LeaseId, Member, MemberEvent, MemberStream,
@@ -474,7 +473,9 @@ impl Backend for RaftClient {
     fn watch(&self, election: &ElectionName) -> LeaderStream {
         let (tx, rx) = watch_buffer::channel(WATCH_BUFFER);
         tokio::spawn(follow_leader(self.clone(), election.clone(), tx));
-        flatten_lag(rx)
+        // A reader that stopped reading gets `WatchLagged` after what was buffered (its
+        // follower task ended) and watches again.
+        rx.into_flat_stream()
     }
 
     async fn members(&self, role: &Role) -> Result<Vec<Member>> {
@@ -494,18 +495,8 @@ impl Backend for RaftClient {
     fn watch_members(&self, role: &Role) -> MemberStream {
         let (tx, rx) = watch_buffer::channel(WATCH_BUFFER);
         tokio::spawn(follow_members(self.clone(), role.clone(), tx));
-        flatten_lag(rx)
+        rx.into_flat_stream()
     }
-}
-
-/// A follower task's events for its reader; a reader that stopped reading gets
-/// `WatchLagged` after what was buffered (its follower task ended) and watches again.
-fn flatten_lag<T: Send + 'static>(
-    rx: WatchReceiver<Result<T>>,
-) -> futures::stream::BoxStream<'static, Result<T>> {
-    rx.into_stream()
-        .map(|item| item.and_then(|event| event))
-        .boxed()
 }
 
 /// How often an idle connection to a node is pinged, and how long a ping may go

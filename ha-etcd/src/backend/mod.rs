@@ -15,16 +15,14 @@ use etcd_client::{
     Client, Compare, CompareOp, EventType, GetOptions, KeyValue, PutOptions, SortOrder, SortTarget,
     Txn, TxnOp, WatchOptions,
 };
-use futures::StreamExt;
+use ha_core::watch_buffer::{self, WATCH_BUFFER};
 use ha_core::{
     Backend, Capabilities, ElectionName, Error, FencingToken, KvKey, KvWrite, KvWriteOutcome,
     Leader, LeaderKey, LeaderStream, Lease, LeaseId, Member, MemberStream, RecordLimits, Result,
     Role, ServerId, WithdrawOnDrop,
 };
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
 use tokio::time::{sleep, timeout};
-use tokio_stream::wrappers::UnboundedReceiverStream;
 use tracing::{debug, warn};
 
 use crate::config::{EtcdConfig, MIN_TTL};
@@ -506,9 +504,9 @@ impl Backend for EtcdBackend {
     }
 
     fn watch(&self, election: &ElectionName) -> LeaderStream {
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = watch_buffer::channel(WATCH_BUFFER);
         tokio::spawn(follow_election(self.clone(), election.clone(), tx));
-        UnboundedReceiverStream::new(rx).boxed()
+        rx.into_flat_stream()
     }
 
     async fn members(&self, role: &Role) -> Result<Vec<Member>> {
@@ -552,8 +550,8 @@ impl Backend for EtcdBackend {
     }
 
     fn watch_members(&self, role: &Role) -> MemberStream {
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = watch_buffer::channel(WATCH_BUFFER);
         tokio::spawn(follow_members(self.clone(), role.clone(), tx));
-        UnboundedReceiverStream::new(rx).boxed()
+        rx.into_flat_stream()
     }
 }

@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use etcd_client::{Client, EventType, GetOptions, KeyValue, WatchOptions};
+use ha_core::watch_buffer::WatchSender;
 use ha_core::{ElectionName, LeaderEvent, Member, MemberEvent, Result, Role};
-use tokio::sync::mpsc;
 use tokio::time::sleep;
 use tracing::debug;
 
@@ -50,7 +50,7 @@ impl EventFeed {
     }
 
     /// The next batch of events; gives up only when the consumer of `tx` is gone.
-    async fn next<T>(&mut self, tx: &mpsc::UnboundedSender<T>) -> Feed {
+    async fn next<T>(&mut self, tx: &WatchSender<T>) -> Feed {
         loop {
             let mut watch = match self.watch.take() {
                 Some(watch) => watch,
@@ -105,7 +105,7 @@ impl EventFeed {
 pub(super) async fn follow_election(
     backend: EtcdBackend,
     election: ElectionName,
-    tx: mpsc::UnboundedSender<Result<LeaderEvent>>,
+    tx: WatchSender<Result<LeaderEvent>>,
 ) {
     let prefix = keys::election_prefix(backend.prefix(), &election);
     let mut reported: Option<Option<(i64, Vec<u8>)>> = None;
@@ -119,7 +119,7 @@ pub(super) async fn follow_election(
                 continue;
             }
             Err(e) => {
-                let _ = tx.send(Err(e));
+                let _ = tx.offer(Err(e));
                 return;
             }
         };
@@ -165,7 +165,7 @@ async fn report(
     election: &ElectionName,
     candidates: &BTreeMap<i64, KeyValue>,
     reported: &mut Option<Option<(i64, Vec<u8>)>>,
-    tx: &mpsc::UnboundedSender<Result<LeaderEvent>>,
+    tx: &WatchSender<Result<LeaderEvent>>,
 ) -> bool {
     let current = head(candidates).map(|kv| (kv.create_revision(), kv.value().to_vec()));
     if reported.as_ref() == Some(&current) {
@@ -179,7 +179,7 @@ async fn report(
             .await
             .map(LeaderEvent::Elected),
     };
-    tx.send(event).is_ok()
+    tx.offer(event)
 }
 
 /// Follows a role's member records: a snapshot, then joins and leaves; on compaction the
@@ -187,7 +187,7 @@ async fn report(
 pub(super) async fn follow_members(
     backend: EtcdBackend,
     role: Role,
-    tx: mpsc::UnboundedSender<Result<MemberEvent>>,
+    tx: WatchSender<Result<MemberEvent>>,
 ) {
     let prefix = keys::role_prefix(backend.prefix(), &role);
     let mut known: Option<BTreeMap<Vec<u8>, Member>> = None;
@@ -206,7 +206,7 @@ pub(super) async fn follow_members(
                     sleep(Duration::from_millis(200)).await;
                     continue;
                 }
-                let _ = tx.send(Err(e));
+                let _ = tx.offer(Err(e));
                 return;
             }
         };
@@ -218,7 +218,7 @@ pub(super) async fn follow_members(
                     fresh.insert(kv.key().to_vec(), member);
                 }
                 Err(e) => {
-                    let _ = tx.send(Err(e));
+                    let _ = tx.offer(Err(e));
                     return;
                 }
             }
@@ -233,7 +233,7 @@ pub(super) async fn follow_members(
             Some(old) => events.extend(MemberEvent::changes(old, &fresh)),
         }
         for event in events {
-            if tx.send(Ok(event)).is_err() {
+            if !tx.offer(Ok(event)) {
                 return;
             }
         }
@@ -263,7 +263,7 @@ pub(super) async fn follow_members(
                         None => continue,
                     },
                 };
-                if tx.send(out).is_err() {
+                if !tx.offer(out) {
                     return;
                 }
             }
