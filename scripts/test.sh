@@ -40,9 +40,9 @@ cargo build --workspace --all-features --examples
 # timeout signals its whole process group, so the test binaries go too.
 timeout --kill-after=30s 40m cargo test --workspace --all-features
 echo "== bench (quick) (${SECONDS}s in)"
-# A few trials of every benchmark scenario, so `ha bench` never rots; numbers from a
+# A few trials of every benchmark scenario, so ha-bench never rots; numbers from a
 # debug build on a busy machine mean little (docs/benchmarks.md has a release run).
-timeout --kill-after=30s 15m cargo run --quiet --all-features -- bench --quick --out target/bench-quick.json
+timeout --kill-after=30s 15m cargo run --quiet -p ha-bench --all-features -- --quick --out target/bench-quick.json
 echo "== packaging (${SECONDS}s in)"
 ./scripts/check-msrv.sh
 # Every published crate packages, with its protos and build script. Building each package

@@ -284,7 +284,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // Written, not flushed: the commit index only lets a restart re-apply sooner, and
         // a stale one is safe (the entries are durable; the leader re-announces the
         // index). It changes on every commit, so flushing it doubled the fsyncs of
-        // every write on every node (`ha bench` throughput).
+        // every write on every node (throughput).
         let bytes = serde_json::to_vec(&committed).map_err(write_err)?;
         self.meta.insert(COMMITTED, bytes).map_err(write_err)?;
         Ok(())

@@ -2,15 +2,11 @@
 //! any backend (`memory://`, `raft://...`, `etcd://...`), and `ha demo`, the failover
 //! demo on an embedded Raft group of three processes.
 
-#[cfg(feature = "raft")]
-mod bench;
 mod coordinator;
 #[cfg(feature = "raft")]
 mod demo;
 mod elect;
 mod http;
-#[cfg(feature = "raft")]
-mod nodes;
 mod output;
 
 use std::net::SocketAddr;
@@ -285,37 +281,6 @@ enum Command {
         #[arg(long, default_value_t = 3.0, value_parser = parse_ttl)]
         ttl: f64,
     },
-    /// Measure failover (SIGKILL) and handoff (SIGTERM) gaps on this machine and print
-    /// tables (n, p50, p90, p99, max); docs/benchmarks.md has a full run.
-    Bench(BenchArgs),
-}
-
-/// `ha bench` flags.
-#[derive(Debug, Clone, Args)]
-#[cfg_attr(not(feature = "raft"), allow(dead_code))]
-pub struct BenchArgs {
-    /// Few trials and one TTL (2 s), as CI runs it.
-    #[arg(long)]
-    quick: bool,
-    /// Write the results and the machine as JSON here.
-    #[arg(long)]
-    out: Option<PathBuf>,
-    /// Campaign+resign cycles of the long run whose disk and memory are measured
-    /// (default 1,000,000; with --quick 2,000).
-    #[arg(long)]
-    cycles: Option<u64>,
-    /// Crash (SIGKILL) trials per process group and TTL (default 10; with --quick 2).
-    #[arg(long)]
-    crashes: Option<usize>,
-    /// Handoff (SIGTERM) trials per process group, at the first TTL (default 60; with
-    /// --quick 3).
-    #[arg(long)]
-    handoffs: Option<usize>,
-    /// Only these scenarios, comma-separated: memory, processes (failover and handoff
-    /// of process groups, with the etcdctl references), throughput, sessions,
-    /// elections, endurance.
-    #[arg(long, value_delimiter = ',')]
-    only: Vec<String>,
 }
 
 /// `ha node` flags.
@@ -378,15 +343,10 @@ pub struct NodeArgs {
     pub coordinator: CoordinatorArgs,
 }
 
-/// Logs to stderr; `RUST_LOG` wins, else `info` (`warn` for `ha bench`, whose in-process
-/// replicas would drown its tables).
-fn init_logging(quiet: bool) {
+/// Logs to stderr; `RUST_LOG` wins, else `info`.
+fn init_logging() {
     use std::io::IsTerminal;
-    let default = if quiet {
-        "warn"
-    } else {
-        "info,openraft=warn,sled=warn"
-    };
+    let default = "info,openraft=warn,sled=warn";
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt()
@@ -399,7 +359,7 @@ fn init_logging(quiet: bool) {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(matches!(cli.command, Command::Bench { .. }));
+    init_logging();
     let exit = match cli.command {
         Command::Elect {
             election,
@@ -427,7 +387,6 @@ async fn main() -> ExitCode {
         } => coordinator::run(&coordinator, &common).await,
         Command::Node(node) => node_command(node).await,
         Command::Demo { ttl } => demo_command(ttl).await,
-        Command::Bench(args) => bench_command(bench_options(args)).await,
     };
     exit.into()
 }
@@ -451,37 +410,6 @@ async fn demo_command(ttl: f64) -> Exit {
 #[cfg(not(feature = "raft"))]
 async fn demo_command(_ttl: f64) -> Exit {
     eprintln!("ha demo: this build has no Raft backend; enable the Cargo feature \"raft\"");
-    Exit::Usage
-}
-
-#[cfg(feature = "raft")]
-type BenchOptions = bench::BenchOptions;
-#[cfg(not(feature = "raft"))]
-type BenchOptions = ();
-
-#[cfg(feature = "raft")]
-fn bench_options(args: BenchArgs) -> BenchOptions {
-    bench::BenchOptions {
-        quick: args.quick,
-        out: args.out,
-        cycles: args.cycles,
-        crashes: args.crashes,
-        handoffs: args.handoffs,
-        only: args.only,
-    }
-}
-
-#[cfg(not(feature = "raft"))]
-fn bench_options(_: BenchArgs) -> BenchOptions {}
-
-#[cfg(feature = "raft")]
-async fn bench_command(options: BenchOptions) -> Exit {
-    bench::run(options).await
-}
-
-#[cfg(not(feature = "raft"))]
-async fn bench_command(_options: BenchOptions) -> Exit {
-    eprintln!("ha bench: this build has no Raft backend; enable the Cargo feature \"raft\"");
     Exit::Usage
 }
 

@@ -11,9 +11,11 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tokio::time::{timeout, Instant};
 
-use crate::nodes::{Group, NODES, ROLE};
 use crate::output::unix_us;
 use crate::Exit;
+use group::{Group, NODES, ROLE};
+
+mod group;
 
 /// Runs the demo; any failure is reported and exits with code 1. SIGINT/SIGTERM stop it
 /// early; the processes and the temp dir are cleaned up either way (the group's drop).

@@ -2,15 +2,21 @@
 //! coordinator processes: `ha node --active-standby` on their own Raft group, or
 //! `ha run` on etcd. The gap runs from the signal to the next `elected` event.
 
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use nix::sys::signal::Signal;
+use ha_testkit::{unix_us, Signal};
 
-use super::{procfs, renewal_phase, Series};
-use crate::nodes::{Group, NODES};
-use crate::output::unix_us;
+use crate::group::{Group, NODES};
+use crate::procfs;
+use crate::report::{Report, Series};
+
+/// A wait before the crash of trial `trial`: a fraction of the renewal interval (TTL/3),
+/// the fractions spread evenly over the trials (golden-ratio steps), so that crashes
+/// land at every point of the holder's renewal cycle, as real ones do.
+pub fn renewal_phase(ttl: Duration, trial: usize) -> Duration {
+    (ttl / 3).mul_f64((trial as f64 * 0.618_033_988_75).fract())
+}
 
 /// What one group of trials measured besides the gaps.
 pub struct Footprint {
@@ -18,6 +24,23 @@ pub struct Footprint {
     pub start_to_standby_ms: Vec<f64>,
     /// RSS of each process once the group is idle (one ACTIVE, two STANDBY), bytes.
     pub idle_rss: Vec<u64>,
+}
+
+impl Footprint {
+    /// Into `report`: the start → STANDBY times, and for the first group of a backend
+    /// the idle RSS of its processes.
+    pub fn report(self, report: &mut Report, backend: &'static str, process: &str, first: bool) {
+        if first {
+            let max_rss = self.idle_rss.iter().copied().max().unwrap_or(0);
+            report.footprint(
+                &format!("idle {process} RSS (max of 3)"),
+                backend,
+                format!("{:.1} MiB", procfs::mib(max_rss)),
+                serde_json::json!(self.idle_rss),
+            );
+        }
+        report.start_to_standby(backend, self.start_to_standby_ms);
+    }
 }
 
 /// `crashes` SIGKILLs then `handoffs` SIGTERMs of the ACTIVE of `group`.
@@ -32,24 +55,22 @@ pub async fn trials(
         "{backend}, TTL {} s: {crashes} crashes, {handoffs} handoffs",
         ttl.as_secs()
     );
-    group.narrated = std::env::var_os("HA_BENCH_VERBOSE").is_some();
     // A STANDBY whose session self-fences while the Raft leader moves goes back in line
     // instead of exiting, as a production replica would be restarted.
     group.extra_args = vec!["--recampaign".to_owned()];
-    group.show_standby_logs.store(false, Ordering::Relaxed);
     for id in NODES {
         group.start(id)?;
     }
     group
-        .wait_for("a first ACTIVE", Duration::from_secs(30), |e| {
-            e.kind() == "proclaimed"
+        .wait_for("a first ACTIVE", Duration::from_secs(30), |l| {
+            l.is("proclaimed")
         })
         .await?;
     // Idle: the other two in STANDBY, nothing but keepalives and watches.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let idle_rss = NODES
         .iter()
-        .map(|id| procfs::rss_bytes(group.pid(*id)?.unsigned_abs()))
+        .map(|id| procfs::rss_bytes(group.pid(*id)?))
         .collect::<Result<Vec<_>>>()?;
     let mut with_leader = Vec::new();
     let mut without_leader = Vec::new();
@@ -65,15 +86,8 @@ pub async fn trials(
             // election by about the same time in every trial, always at one phase.
             tokio::time::sleep(renewal_phase(ttl, trial)).await;
         }
-        let hosted_leader = group.raft_leader == Some(active);
-        let sent = group.signal(
-            active,
-            if crash {
-                Signal::SIGKILL
-            } else {
-                Signal::SIGTERM
-            },
-        )?;
+        let hosted_leader = group.seen.raft_leader == Some(active);
+        let sent = group.signal(active, if crash { Signal::KILL } else { Signal::TERM })?;
         let within = ttl + Duration::from_secs(20);
         let next = group.next_elected(active, token, within).await?;
         let gap_ms = next.at_unix_us().saturating_sub(sent) as f64 / 1000.0;
@@ -90,8 +104,8 @@ pub async fn trials(
         // The elected node may lose the role before it is ready (its session can
         // self-fence while the Raft leader moves); wait for whichever ACTIVE is ready.
         group
-            .wait_for("a ready ACTIVE", Duration::from_secs(30), |e| {
-                e.kind() == "proclaimed" && e.token() >= elected
+            .wait_for("a ready ACTIVE", Duration::from_secs(30), |l| {
+                l.is("proclaimed") && l.token() >= elected
             })
             .await?;
         group.reap(stopped).await;
@@ -101,7 +115,7 @@ pub async fn trials(
             .wait_for(
                 "the restarted node in STANDBY",
                 ttl + Duration::from_secs(30),
-                |e| e.kind() == "standby" && e.node == stopped,
+                |l| l.is("standby") && l.from == stopped,
             )
             .await?;
         start_to_standby_ms.push(standby.at_unix_us().saturating_sub(spawned) as f64 / 1000.0);
@@ -117,10 +131,10 @@ pub async fn trials(
         );
     }
     group.stop_all().await;
-    if !group.losses.is_empty() {
+    if !group.seen.losses.is_empty() {
         println!(
             "  roles lost during the run besides the stopped ACTIVE: {}",
-            group.losses.join(", ")
+            group.seen.losses.join(", ")
         );
     }
     let series_of = |scenario, variant: &str, gaps_ms| Series {

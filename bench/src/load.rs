@@ -11,7 +11,8 @@ use futures::{stream, StreamExt, TryStreamExt};
 use ha::{Backend, Bytes, ElectionName, LeaseId, Member, Role, ServerId};
 use serde_json::{json, Value};
 
-use super::{procfs, summary};
+use crate::procfs;
+use crate::report::summary;
 
 /// Registrations and revocations in flight at once.
 const SETUP_CONCURRENCY: usize = 64;

@@ -1,5 +1,5 @@
-//! The reference in the same run, on the same etcd server: etcd's own Go concurrency
-//! client through `etcdctl`. `etcdctl lock --ttl N` for crashes (its session TTL can be
+//! etcd in the same run: the private server the etcd scenarios share, and on it the
+//! reference, etcd's own Go concurrency client through `etcdctl`. `etcdctl lock --ttl N` for crashes (its session TTL can be
 //! set; `etcdctl elect` always uses 60 s) and `etcdctl elect` for graceful handoffs
 //! (SIGINT makes it resign). Each holds until signalled and prints a line when it gets
 //! the lock or leadership; the gap runs from the signal to the next holder's first line,
@@ -9,15 +9,17 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
-use nix::sys::signal::Signal;
+use ha_testkit::{signal_pid, unix_us, Signal};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::oneshot;
 use tokio::time::timeout;
 
-use super::{renewal_phase, Series};
-use crate::nodes::signal_stamped;
-use crate::output::unix_us;
+use ha_etcd::testing::{find_binary, Etcd, StartError};
+
+use crate::processes::renewal_phase;
+use crate::procfs;
+use crate::report::{Report, Series};
 
 /// Which etcdctl command stands in for a coordinator.
 #[derive(Debug, Clone, Copy)]
@@ -79,9 +81,10 @@ impl Contender {
         let pid = self
             .child
             .id()
-            .and_then(|p| i32::try_from(p).ok())
             .ok_or_else(|| anyhow!("etcdctl exited early"))?;
-        signal_stamped(pid, signal, "etcdctl")
+        let at = unix_us();
+        signal_pid(pid, signal).with_context(|| format!("{signal:?} to etcdctl"))?;
+        Ok(at)
     }
 
     async fn reap(mut self) {
@@ -98,14 +101,14 @@ impl Contender {
 pub async fn measure(endpoint: &str, reference: Reference, trials: usize) -> Result<Series> {
     let (signal, patience, variant, scenario, ttl) = match reference {
         Reference::LockCrash { ttl } => (
-            Signal::SIGKILL,
+            Signal::KILL,
             ttl + Duration::from_secs(20),
             "etcdctl lock --ttl, holder SIGKILLed",
             "failover",
             Some(ttl),
         ),
         Reference::ElectHandoff => (
-            Signal::SIGINT,
+            Signal::INT,
             Duration::from_secs(20),
             "etcdctl elect, holder SIGINTed",
             "handoff",
@@ -142,7 +145,7 @@ pub async fn measure(endpoint: &str, reference: Reference, trials: usize) -> Res
         holder.reap().await;
         holder = next;
     }
-    let _ = holder.signal(Signal::SIGINT);
+    let _ = holder.signal(Signal::INT);
     holder.reap().await;
     Ok(Series {
         scenario,
@@ -151,4 +154,38 @@ pub async fn measure(endpoint: &str, reference: Reference, trials: usize) -> Res
         ttl,
         gaps_ms: gaps,
     })
+}
+
+/// The private etcd the etcd scenarios share, with its footprint noted; `None` (said
+/// loudly) when it cannot run here, an error under `CI`.
+pub async fn start_etcd(report: &mut Report) -> Result<Option<Etcd>> {
+    let started = tokio::task::spawn_blocking(|| Etcd::try_start(None)).await?;
+    let etcd = match started {
+        Ok(etcd) => etcd,
+        Err(StartError::NotInstalled) if std::env::var_os("CI").is_none() => {
+            println!(
+                "SKIPPED: the etcd scenarios (etcd is not installed; scripts/test.sh installs it)"
+            );
+            return Ok(None);
+        }
+        Err(error) => return Err(error.into()),
+    };
+    if find_binary("etcdctl").is_none() {
+        bail!("etcdctl is not installed (Debian package etcd-client); the references need it");
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    report.footprint_bytes(
+        "idle etcd server RSS",
+        "etcd",
+        procfs::rss_bytes(etcd.pid())?,
+    );
+    let size = std::fs::metadata(etcd.binary())
+        .map(|m| m.len())
+        .unwrap_or(0);
+    report.footprint_bytes(
+        &format!("etcd binary ({})", etcd.binary().display()),
+        "etcd",
+        size,
+    );
+    Ok(Some(etcd))
 }

@@ -1,0 +1,385 @@
+//! `ha-bench`: how long a coordinator role is without an ACTIVE, and what keeping it
+//! costs, measured on this machine with the `ha` binary users run. A benchmark, never a
+//! timed test: it prints tables and writes JSON with the machine it ran on. Not part of
+//! the product: `cargo run --release -p ha-bench --features etcd`.
+//!
+//! Scenarios (docs/benchmarks.md explains each and holds a full run):
+//! 1. **failover** (crash): three coordinator processes, `ha node --active-standby` on
+//!    their own Raft group, or `ha run` on etcd; the ACTIVE is SIGKILLed; the gap runs
+//!    from the kill to the next `elected` event. Raft splits by whether the killed process
+//!    hosted the Raft leader. Reference: `etcdctl lock --ttl N` on the same etcd.
+//! 2. **handoff** (graceful): the same groups, SIGTERM (the ACTIVE resigns); in-process on
+//!    memory; reference: `etcdctl elect`, SIGINT.
+//! 3. **throughput**: campaign+resign cycles per second, 1 and 16 elections at once.
+//! 4. **scale**: live sessions (keepalive CPU and RSS of each server), and many elections
+//!    of three candidates each.
+//! 5. **footprint**: idle RSS, start → STANDBY, disk and RSS after a long run of cycles,
+//!    the `ha` binary.
+//!
+//! etcd scenarios need the `etcd` feature and an `etcd` binary; they are skipped (and said
+//! so) without them, and fail when `CI` is set.
+
+mod group;
+mod load;
+mod memory;
+mod processes;
+mod procfs;
+#[cfg(feature = "etcd")]
+mod reference;
+mod report;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Parser;
+use serde_json::{json, Value};
+
+use group::{Group, Launch, NODES};
+use report::{cell, Report};
+
+/// The session TTL of the load scenarios.
+const SESSION_TTL: Duration = Duration::from_secs(10);
+
+/// The scenarios `--only` can pick.
+const SCENARIOS: &[&str] = &[
+    "memory",
+    "processes",
+    "throughput",
+    "sessions",
+    "elections",
+    "endurance",
+];
+
+/// Measure failover (SIGKILL) and handoff (SIGTERM) gaps, throughput, scale and
+/// footprint of `ha` on this machine and print tables (n, p50, p90, p99, max).
+#[derive(Debug, Parser)]
+#[command(name = "ha-bench", version)]
+struct Options {
+    /// Few trials and one TTL (2 s), as CI runs it.
+    #[arg(long)]
+    quick: bool,
+    /// Write the results and the machine as JSON here.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Campaign+resign cycles of the long run whose disk and memory are measured
+    /// (default 1,000,000; with --quick 2,000).
+    #[arg(long)]
+    cycles: Option<u64>,
+    /// Crash (SIGKILL) trials per process group and TTL (default 10; with --quick 2).
+    #[arg(long)]
+    crashes: Option<usize>,
+    /// Handoff (SIGTERM) trials per process group, at the first TTL (default 60; with
+    /// --quick 3).
+    #[arg(long)]
+    handoffs: Option<usize>,
+    /// Only these scenarios, comma-separated: memory, processes (failover and handoff
+    /// of process groups, with the etcdctl references), throughput, sessions,
+    /// elections, endurance.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// The `ha` binary to measure. Default: built now, with this build's profile and
+    /// features, when run by `cargo run`; else the `ha` beside this executable.
+    #[arg(long, env = "HA_BIN")]
+    ha: Option<PathBuf>,
+}
+
+impl Options {
+    fn wants(&self, scenario: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|s| s == scenario)
+    }
+
+    fn check(&self) -> Result<()> {
+        match self.only.iter().find(|s| !SCENARIOS.contains(&s.as_str())) {
+            Some(unknown) => bail!(
+                "unknown scenario {unknown:?}; known: {}",
+                SCENARIOS.join(", ")
+            ),
+            None => Ok(()),
+        }
+    }
+}
+
+/// How many trials and how much load, from `--quick` and the overrides.
+struct Plan {
+    ttls: &'static [u64],
+    crashes: usize,
+    handoffs: usize,
+    cycles: u64,
+    throughput_for: Duration,
+    sessions: usize,
+    sessions_window: Duration,
+    elections: usize,
+}
+
+impl Plan {
+    fn of(options: &Options) -> Self {
+        let quick = options.quick;
+        Self {
+            ttls: if quick { &[2] } else { &[2, 5, 10] },
+            crashes: options.crashes.unwrap_or(if quick { 2 } else { 10 }),
+            handoffs: options.handoffs.unwrap_or(if quick { 3 } else { 60 }),
+            cycles: options
+                .cycles
+                .unwrap_or(if quick { 2_000 } else { 1_000_000 }),
+            throughput_for: Duration::from_secs(if quick { 2 } else { 10 }),
+            sessions: if quick { 500 } else { 10_000 },
+            sessions_window: Duration::from_secs(if quick { 4 } else { 30 }),
+            elections: if quick { 50 } else { 1_000 },
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let options = Options::parse();
+    // The load scenarios' clients run in this process: only warnings, or they would
+    // drown the tables.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let outcome = tokio::runtime::Runtime::new()
+        .context("cannot start the runtime")
+        .and_then(|runtime| {
+            runtime.block_on(async {
+                tokio::select! {
+                    outcome = run(&options) => outcome,
+                    _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted")),
+                }
+            })
+        });
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("ha-bench failed: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(options: &Options) -> Result<()> {
+    options.check()?;
+    let ha = ha_binary(options.ha.as_deref())?;
+    let machine = machine();
+    println!("ha-bench on {machine}, measuring {}", ha.display());
+    let plan = Plan::of(options);
+    let mut report = Report::new(machine, options.quick);
+    if options.wants("memory") {
+        report.series(memory::handoffs(plan.handoffs * 5).await?);
+    }
+    #[cfg(feature = "etcd")]
+    let etcd = reference::start_etcd(&mut report).await?;
+    if options.wants("processes") {
+        raft_processes(&mut report, &plan, &ha).await?;
+        #[cfg(feature = "etcd")]
+        if let Some(etcd) = &etcd {
+            etcd_processes(&mut report, &plan, &ha, etcd.endpoint()).await?;
+        }
+    }
+    let load = ["throughput", "sessions", "elections", "endurance"];
+    if load.iter().any(|s| options.wants(s)) {
+        raft_load(&mut report, options, &plan, &ha).await?;
+        #[cfg(feature = "etcd")]
+        if let Some(etcd) = &etcd {
+            let url = format!("etcd://{}/bench-load", etcd.endpoint());
+            let backend = load::connect(&url).await?;
+            let servers = Servers {
+                name: "etcd",
+                label: "etcd (1 server)",
+                pids: vec![etcd.pid()],
+            };
+            load_scenarios(&mut report, options, &plan, &backend, &servers).await?;
+        }
+    }
+    binary_footprint(&mut report, &ha);
+    report.print();
+    if let Some(path) = &options.out {
+        report.write(path)?;
+        println!("\nwrote {}", path.display());
+    }
+    Ok(())
+}
+
+/// The `ha` binary to run: `explicit`; else, under `cargo run`, built now with this
+/// build's profile and features (so a stale binary is never measured); else the one
+/// beside this executable.
+fn ha_binary(explicit: Option<&Path>) -> Result<PathBuf> {
+    if let Some(path) = explicit {
+        return Ok(path.to_owned());
+    }
+    let beside = std::env::current_exe()
+        .context("cannot find this executable")?
+        .with_file_name("ha");
+    if let Some(cargo) = std::env::var_os("CARGO") {
+        let mut build = std::process::Command::new(cargo);
+        build.args(["build", "--quiet", "-p", "ha-coord", "--bin", "ha"]);
+        if !cfg!(debug_assertions) {
+            build.arg("--release");
+        }
+        if cfg!(feature = "etcd") {
+            build.args(["--features", "etcd"]);
+        }
+        let status = build.status().context("cannot run cargo build")?;
+        if !status.success() {
+            bail!("cargo build of the ha binary failed ({status})");
+        }
+    }
+    if !beside.is_file() {
+        bail!(
+            "no ha binary at {}: build it (cargo build --release --bin ha --features etcd) or pass --ha PATH",
+            beside.display()
+        );
+    }
+    Ok(beside)
+}
+
+/// The machine: cores and kernel.
+fn machine() -> Value {
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|k| k.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".to_owned());
+    let build = if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    };
+    json!({ "cores": cores, "kernel": kernel, "build": build })
+}
+
+/// Failover and handoff of three `ha node --active-standby` processes, per TTL; the
+/// first group also gives the idle RSS. Handoffs do not depend on the TTL: measured on
+/// the first group only.
+async fn raft_processes(report: &mut Report, plan: &Plan, ha: &Path) -> Result<()> {
+    for (index, ttl) in plan.ttls.iter().enumerate() {
+        let ttl = Duration::from_secs(*ttl);
+        let handoffs = if index == 0 { plan.handoffs } else { 0 };
+        let group = Group::new(ha, ttl, Launch::RaftCoordinators)?;
+        let (series, footprint) =
+            processes::trials(group, "raft", ttl, plan.crashes, handoffs).await?;
+        footprint.report(report, "raft", "`ha node --active-standby`", index == 0);
+        series.into_iter().for_each(|s| report.series(s));
+    }
+    Ok(())
+}
+
+/// The same with three `ha run` processes on the private etcd, and the etcdctl
+/// references on it.
+#[cfg(feature = "etcd")]
+async fn etcd_processes(report: &mut Report, plan: &Plan, ha: &Path, endpoint: &str) -> Result<()> {
+    use reference::Reference;
+    for (index, ttl) in plan.ttls.iter().enumerate() {
+        let ttl = Duration::from_secs(*ttl);
+        let handoffs = if index == 0 { plan.handoffs } else { 0 };
+        let url = format!("etcd://{endpoint}/bench-ttl{}", ttl.as_secs());
+        let group = Group::new(ha, ttl, Launch::Backend(url))?;
+        let (series, footprint) =
+            processes::trials(group, "etcd", ttl, plan.crashes, handoffs).await?;
+        footprint.report(report, "etcd", "`ha run`", index == 0);
+        series.into_iter().for_each(|s| report.series(s));
+        let crash = Reference::LockCrash { ttl };
+        report.series(reference::measure(endpoint, crash, plan.crashes).await?);
+        if handoffs > 0 {
+            let handoff = Reference::ElectHandoff;
+            report.series(reference::measure(endpoint, handoff, handoffs).await?);
+        }
+    }
+    Ok(())
+}
+
+/// The load scenarios on three bare `ha node` processes, and the long run of cycles
+/// whose disk and memory they show.
+async fn raft_load(report: &mut Report, options: &Options, plan: &Plan, ha: &Path) -> Result<()> {
+    let mut group = Group::new(ha, SESSION_TTL, Launch::RaftMembers)?;
+    let mut pids = Vec::new();
+    for id in NODES {
+        pids.push(group.start(id)?);
+    }
+    let backend = load::connect(&group.raft_url()).await?;
+    let servers = Servers {
+        name: "raft",
+        label: "raft (3 ha node)",
+        pids: pids.clone(),
+    };
+    load_scenarios(report, options, plan, &backend, &servers).await?;
+    if options.wants("endurance") {
+        let members: Vec<(u32, PathBuf)> = NODES
+            .iter()
+            .zip(&pids)
+            .map(|(id, pid)| (*pid, group.data_dir(*id)))
+            .collect();
+        let row = load::endurance(&backend, "raft", plan.cycles, &members).await?;
+        let cycles = plan.cycles;
+        report.footprint(
+            &format!("after {cycles} campaign+resign cycles: sled disk per member"),
+            "raft",
+            format!("{} MiB", cell(&row["disk_mib_per_member"], 1)),
+            row["disk_mib_per_member"].clone(),
+        );
+        report.footprint(
+            &format!("after {cycles} campaign+resign cycles: RSS per member"),
+            "raft",
+            format!(
+                "{} MiB ({} cycles/s)",
+                cell(&row["rss_mib_per_member"], 1),
+                cell(&row["cycles_per_s"], 0)
+            ),
+            row,
+        );
+    }
+    drop(backend);
+    group.stop_all().await;
+    Ok(())
+}
+
+/// The servers of a backend under load.
+struct Servers {
+    /// The backend's name in the JSON.
+    name: &'static str,
+    /// Its name in the tables.
+    label: &'static str,
+    /// The server processes, whose CPU and memory are measured.
+    pids: Vec<u32>,
+}
+
+/// Throughput, sessions and elections on one backend, as `options` asks.
+async fn load_scenarios(
+    report: &mut Report,
+    options: &Options,
+    plan: &Plan,
+    backend: &Arc<dyn ha::Backend>,
+    servers: &Servers,
+) -> Result<()> {
+    if options.wants("throughput") {
+        let rows = load::throughput(backend, servers.label, &[1, 16], plan.throughput_for);
+        report.throughput(rows.await?);
+    }
+    if options.wants("sessions") {
+        let row = load::sessions(
+            backend,
+            servers.name,
+            &servers.pids,
+            plan.sessions,
+            SESSION_TTL,
+            plan.sessions_window,
+        );
+        report.sessions(row.await?);
+    }
+    if options.wants("elections") {
+        report.elections(load::elections(backend, servers.name, plan.elections).await?);
+    }
+    Ok(())
+}
+
+/// The size of the `ha` binary measured.
+fn binary_footprint(report: &mut Report, ha: &Path) {
+    let what = format!("`ha` binary ({})", ha.display());
+    match std::fs::metadata(ha) {
+        Ok(meta) => report.footprint_bytes(&what, "-", meta.len()),
+        Err(error) => report.footprint(&what, "-", error.to_string(), Value::Null),
+    }
+}
