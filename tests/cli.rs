@@ -10,24 +10,16 @@
 
 #![cfg(all(feature = "cli", feature = "raft"))]
 
-#[cfg(feature = "etcd")]
-#[path = "../ha-etcd/tests/common/mod.rs"]
-mod etcd_fixture;
-
 use std::collections::BTreeMap;
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
-use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
-use tokio::sync::mpsc;
+use ha_testkit::{free_port, Line, Processes, Signal};
+use tokio::process::Command;
 use tokio::time::timeout;
 
 const HA: &str = env!("CARGO_BIN_EXE_ha");
 const TTL: Duration = Duration::from_secs(2);
-
-use ha_testkit::{free_port, unix_us};
 
 /// Free loopback ports for nodes 1..=3 and the `--peers` value naming them.
 fn three_node_ports() -> (BTreeMap<u64, u16>, String) {
@@ -53,149 +45,47 @@ async fn run_ha(args: &[&str], within: Duration) -> std::process::Output {
         .unwrap_or_else(|e| panic!("run ha {args:?}: {e}"))
 }
 
-/// An event line from one of the processes.
-#[derive(Debug)]
-struct Line {
-    from: u64,
-    json: Value,
+/// The test's process set; every stderr line is echoed, so a failing run shows why.
+fn processes() -> Processes {
+    let mut procs = Processes::new();
+    procs.echo_stderr(true);
+    procs
 }
 
-impl Line {
-    fn is(&self, event: &str) -> bool {
-        self.json["event"] == event
-    }
-    fn token(&self) -> u64 {
-        self.json["token"]
-            .as_u64()
-            .unwrap_or_else(|| panic!("no token in {}", self.json))
-    }
-    fn at(&self) -> u64 {
-        self.json["at_unix_us"]
-            .as_u64()
-            .unwrap_or_else(|| panic!("no time in {}", self.json))
-    }
+/// Starts `ha args` as process `id`.
+fn start(procs: &mut Processes, id: u64, args: &[String]) {
+    let mut command = Command::new(HA);
+    command
+        .args(args)
+        .env("RUST_LOG", "warn,openraft=off,sled=off");
+    procs
+        .spawn(id, command)
+        .unwrap_or_else(|e| panic!("spawn ha {args:?}: {e}"));
 }
 
-/// A set of `ha` processes whose JSON event lines arrive on one channel.
-struct Procs {
-    children: BTreeMap<u64, Child>,
-    sender: mpsc::UnboundedSender<Line>,
-    lines: mpsc::UnboundedReceiver<Line>,
-    seen: Vec<Line>,
+/// Sends `signal` to process `id`; the unix time (µs) just before.
+fn signal(procs: &Processes, id: u64, signal: Signal) -> u64 {
+    procs
+        .signal(id, signal)
+        .unwrap_or_else(|e| panic!("{signal:?} to {id}: {e}"))
 }
 
-impl Procs {
-    fn new() -> Self {
-        let (sender, lines) = mpsc::unbounded_channel();
-        Self {
-            children: BTreeMap::new(),
-            sender,
-            lines,
-            seen: Vec::new(),
-        }
-    }
+async fn exit_status(procs: &mut Processes, id: u64, within: Duration) -> ExitStatus {
+    procs
+        .wait_exit(id, within)
+        .await
+        .unwrap_or_else(|e| panic!("process {id}: {e}"))
+}
 
-    fn start(&mut self, id: u64, args: &[String]) {
-        let mut child = Command::new(HA)
-            .args(args)
-            .env("RUST_LOG", "warn,openraft=off,sled=off")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn ha {args:?}: {e}"));
-        let stdout = child.stdout.take().unwrap_or_else(|| panic!("no stdout"));
-        let sender = self.sender.clone();
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(stdout).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                let json = serde_json::from_str(&line).unwrap_or_else(|e| {
-                    panic!("process {id} printed a non-JSON line {line:?}: {e}")
-                });
-                let _ = sender.send(Line { from: id, json });
-            }
-        });
-        self.children.insert(id, child);
+/// Every line printed was a JSON event; then SIGTERM everything left (SIGKILL after 10 s).
+async fn stop_all(procs: &mut Processes) {
+    if let Some(line) = procs.lines().iter().find(|l| l.json.is_null()) {
+        panic!(
+            "process {} printed a non-JSON line {:?}",
+            line.from, line.text
+        );
     }
-
-    async fn wait_for(
-        &mut self,
-        what: &str,
-        within: Duration,
-        pred: impl Fn(&Line) -> bool,
-    ) -> &Line {
-        let deadline = tokio::time::Instant::now() + within;
-        loop {
-            let line = match timeout(
-                deadline.saturating_duration_since(tokio::time::Instant::now()),
-                self.lines.recv(),
-            )
-            .await
-            {
-                Ok(Some(line)) => line,
-                Ok(None) => panic!("event channel closed waiting for {what}"),
-                Err(_) => panic!(
-                    "no {what} within {within:?}; events so far: {:#?}",
-                    self.seen
-                ),
-            };
-            let hit = pred(&line);
-            self.seen.push(line);
-            if hit {
-                return self.seen.last().unwrap_or_else(|| unreachable!());
-            }
-        }
-    }
-
-    fn signal(&self, id: u64, signal: &str) -> u64 {
-        let pid = self.children[&id]
-            .id()
-            .unwrap_or_else(|| panic!("process {id} is not running"));
-        let at = unix_us();
-        let status = std::process::Command::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(pid.to_string())
-            .status()
-            .unwrap_or_else(|e| panic!("kill: {e}"));
-        assert!(status.success(), "kill -{signal} {pid} failed");
-        at
-    }
-
-    async fn exit_status(&mut self, id: u64, within: Duration) -> ExitStatus {
-        let mut child = self
-            .children
-            .remove(&id)
-            .unwrap_or_else(|| panic!("no process {id}"));
-        match timeout(within, child.wait()).await {
-            Ok(Ok(status)) => status,
-            Ok(Err(e)) => panic!("wait for {id}: {e}"),
-            Err(_) => panic!("process {id} did not exit within {within:?}"),
-        }
-    }
-
-    /// SIGTERM everything left, then SIGKILL what does not stop in 10 s.
-    async fn stop_all(&mut self) {
-        let ids: Vec<u64> = self.children.keys().copied().collect();
-        for id in &ids {
-            let _ = self.children[id].id().map(|pid| {
-                std::process::Command::new("kill")
-                    .arg("-TERM")
-                    .arg(pid.to_string())
-                    .status()
-            });
-        }
-        for id in ids {
-            if let Some(mut child) = self.children.remove(&id) {
-                if timeout(Duration::from_secs(10), child.wait())
-                    .await
-                    .is_err()
-                {
-                    let _ = child.kill().await;
-                }
-            }
-        }
-    }
+    procs.stop_all(Duration::from_secs(10)).await;
 }
 
 /// `GET path` on a local HTTP server: the status code and the body.
@@ -240,12 +130,12 @@ async fn http_get(port: u16, path: &str) -> (u16, String) {
 }
 
 /// The first ready ACTIVE (seen now or earlier) and its token.
-async fn first_active(procs: &mut Procs) -> (u64, u64) {
-    if let Some(line) = procs.seen.iter().find(|l| l.is("proclaimed")) {
+async fn first_active(procs: &mut Processes) -> (u64, u64) {
+    if let Some(line) = procs.lines().iter().find(|l| l.is("proclaimed")) {
         return (line.from, line.token());
     }
     let line = procs
-        .wait_for("a first ACTIVE", Duration::from_secs(30), |l| {
+        .expect("a first ACTIVE", Duration::from_secs(30), |l| {
             l.is("proclaimed")
         })
         .await;
@@ -254,20 +144,20 @@ async fn first_active(procs: &mut Procs) -> (u64, u64) {
 
 /// The crash-then-graceful scenario on three coordinator processes. `restart` brings the
 /// killed process back before the graceful step (the Raft group needs it for quorum).
-async fn crash_then_handoff(procs: &mut Procs, restart: impl Fn(&mut Procs, u64)) {
+async fn crash_then_handoff(procs: &mut Processes, restart: impl Fn(&mut Processes, u64)) {
     let (active, t1) = first_active(procs).await;
 
     // Crash: kill -9 the active.
-    let killed_at = procs.signal(active, "KILL");
-    let status = procs.exit_status(active, Duration::from_secs(10)).await;
+    let killed_at = signal(procs, active, Signal::KILL);
+    let status = exit_status(procs, active, Duration::from_secs(10)).await;
     assert!(!status.success());
     let next = procs
-        .wait_for("a takeover", TTL + Duration::from_secs(20), |l| {
+        .expect("a takeover", TTL + Duration::from_secs(20), |l| {
             l.is("elected") && l.from != active
         })
         .await;
     let (successor, t2) = (next.from, next.token());
-    let gap = Duration::from_micros(next.at().saturating_sub(killed_at));
+    let gap = Duration::from_micros(next.at_unix_us().saturating_sub(killed_at));
     eprintln!("crash takeover gap {gap:?} at TTL {TTL:?}");
     assert!(
         gap <= TTL + Duration::from_secs(2),
@@ -275,7 +165,7 @@ async fn crash_then_handoff(procs: &mut Procs, restart: impl Fn(&mut Procs, u64)
     );
     assert!(t2 > t1, "tokens increase: {t1} then {t2}");
     procs
-        .wait_for("the successor ready", Duration::from_secs(10), |l| {
+        .expect("the successor ready", Duration::from_secs(10), |l| {
             l.is("proclaimed") && l.from == successor
         })
         .await;
@@ -283,26 +173,26 @@ async fn crash_then_handoff(procs: &mut Procs, restart: impl Fn(&mut Procs, u64)
     restart(procs, active);
 
     // Graceful: SIGTERM the active; it stops, resigns, revokes, exits 0.
-    let termed_at = procs.signal(successor, "TERM");
+    let termed_at = signal(procs, successor, Signal::TERM);
     let after = procs
-        .wait_for("a handoff", Duration::from_secs(10), |l| {
+        .expect("a handoff", Duration::from_secs(10), |l| {
             l.is("elected") && l.from != successor
         })
         .await;
     let t3 = after.token();
-    let gap = Duration::from_micros(after.at().saturating_sub(termed_at));
+    let gap = Duration::from_micros(after.at_unix_us().saturating_sub(termed_at));
     eprintln!("graceful handoff gap {gap:?}");
     assert!(gap < Duration::from_secs(1), "handoff took {gap:?}");
     assert!(t3 > t2, "tokens increase: {t2} then {t3}");
-    let status = procs.exit_status(successor, Duration::from_secs(15)).await;
+    let status = exit_status(procs, successor, Duration::from_secs(15)).await;
     assert!(
         status.success(),
         "SIGTERM must end in a clean exit, got {status}"
     );
     let resigned = |l: &Line| l.from == successor && l.is("resigned") && l.token() == t2;
-    if !procs.seen.iter().any(resigned) {
+    if !procs.lines().iter().any(resigned) {
         procs
-            .wait_for("the successor's resign", Duration::from_secs(10), resigned)
+            .expect("the successor's resign", Duration::from_secs(10), resigned)
             .await;
     }
 }
@@ -331,9 +221,9 @@ async fn raft_nodes_fail_over_on_kill_and_hand_over_on_sigterm() {
             "--json".into(),
         ]
     };
-    let mut procs = Procs::new();
+    let mut procs = processes();
     for id in 1..=3 {
-        procs.start(id, &args(id));
+        start(&mut procs, id, &args(id));
     }
 
     // The probes: /role is 200 on the ready ACTIVE only, /metrics counts the election.
@@ -366,14 +256,14 @@ async fn raft_nodes_fail_over_on_kill_and_hand_over_on_sigterm() {
             "{metric} missing from /metrics:\n{text}"
         );
     }
-    crash_then_handoff(&mut procs, |procs, id| procs.start(id, &args(id))).await;
-    procs.stop_all().await;
+    crash_then_handoff(&mut procs, |procs, id| start(procs, id, &args(id))).await;
+    stop_all(&mut procs).await;
 }
 
 #[cfg(feature = "etcd")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_coordinators_fail_over_on_kill_and_hand_over_on_sigterm() {
-    let Some(etcd) = etcd_fixture::Etcd::start() else {
+    let Some(etcd) = ha_testkit::etcd::Etcd::start() else {
         return;
     };
     let backend = format!("etcd://{}/ha-cli-{}", etcd.endpoint, std::process::id());
@@ -393,9 +283,9 @@ async fn etcd_coordinators_fail_over_on_kill_and_hand_over_on_sigterm() {
         .map(String::from)
         .to_vec()
     };
-    let mut procs = Procs::new();
+    let mut procs = processes();
     for id in 1..=3 {
-        procs.start(id, &args(id));
+        start(&mut procs, id, &args(id));
     }
     crash_then_handoff(&mut procs, |_, _| {}).await;
 
@@ -417,22 +307,22 @@ async fn etcd_coordinators_fail_over_on_kill_and_hand_over_on_sigterm() {
         .map(String::from)
         .to_vec()
     };
-    procs.start(10, &exclusive(10));
+    start(&mut procs, 10, &exclusive(10));
     procs
-        .wait_for(
+        .expect(
             "the exclusive instance ACTIVE",
             Duration::from_secs(20),
             |l| l.from == 10 && l.is("proclaimed"),
         )
         .await;
-    procs.start(11, &exclusive(11));
-    let status = procs.exit_status(11, Duration::from_secs(20)).await;
+    start(&mut procs, 11, &exclusive(11));
+    let status = exit_status(&mut procs, 11, Duration::from_secs(20)).await;
     assert_eq!(
         status.code(),
         Some(3),
         "a second exclusive instance exits with 3"
     );
-    procs.stop_all().await;
+    stop_all(&mut procs).await;
 }
 
 #[tokio::test]
@@ -503,8 +393,9 @@ async fn bad_usage_exits_with_2_and_says_what_was_wrong() {
 
 #[tokio::test]
 async fn memory_backend_elect_prints_json_and_resigns_on_sigterm() {
-    let mut procs = Procs::new();
-    procs.start(
+    let mut procs = processes();
+    start(
+        &mut procs,
         1,
         &[
             "elect",
@@ -519,16 +410,16 @@ async fn memory_backend_elect_prints_json_and_resigns_on_sigterm() {
         .map(String::from),
     );
     let elected = procs
-        .wait_for("elected", Duration::from_secs(20), |l| l.is("elected"))
+        .expect("elected", Duration::from_secs(20), |l| l.is("elected"))
         .await;
     assert_eq!(elected.json["server_id"], 7);
     assert_eq!(elected.json["value"], "10.0.0.1:53100");
     assert_eq!(elected.json["election"], "rootcoord");
-    procs.signal(1, "TERM");
+    signal(&procs, 1, Signal::TERM);
     procs
-        .wait_for("resigned", Duration::from_secs(20), |l| l.is("resigned"))
+        .expect("resigned", Duration::from_secs(20), |l| l.is("resigned"))
         .await;
-    let status = procs.exit_status(1, Duration::from_secs(20)).await;
+    let status = exit_status(&mut procs, 1, Duration::from_secs(20)).await;
     assert!(status.success(), "{status}");
 }
 
@@ -579,7 +470,7 @@ async fn raft_nodes_over_tls_admit_certified_clients_and_the_token_only() {
     let token_file = token_file.display().to_string();
     let wrong_token = wrong_token.display().to_string();
     let (ports, peers) = three_node_ports();
-    let mut procs = Procs::new();
+    let mut procs = processes();
     for id in 1..=3u64 {
         let (cert, key) = &nodes[(id - 1) as usize];
         let args: Vec<String> = [
@@ -608,7 +499,7 @@ async fn raft_nodes_over_tls_admit_certified_clients_and_the_token_only() {
         .iter()
         .map(|s| s.to_string())
         .collect();
-        procs.start(id, &args);
+        start(&mut procs, id, &args);
     }
     let active = first_active(&mut procs).await;
     let backend = format!("raft://127.0.0.1:{},127.0.0.1:{}", ports[&1], ports[&2]);
@@ -660,7 +551,7 @@ async fn raft_nodes_over_tls_admit_certified_clients_and_the_token_only() {
         assert_eq!(out.status.code(), Some(5), "{what}: {err}");
         assert!(err.contains(says), "{what}: {err}");
     }
-    procs.stop_all().await;
+    stop_all(&mut procs).await;
 
     // Secure by default: a non-loopback address without TLS is refused (exit 2).
     let out = run_ha(

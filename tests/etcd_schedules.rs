@@ -12,8 +12,6 @@
 
 #![cfg(all(feature = "cli", feature = "etcd"))]
 
-#[path = "../ha-etcd/tests/common/mod.rs"]
-mod etcd_fixture;
 #[path = "support/participant.rs"]
 mod participant;
 
@@ -68,7 +66,7 @@ fn participants(
 
 async fn schedule(seed: u64) -> Option<Arc<History>> {
     let mut rng = StdRng::seed_from_u64(seed);
-    let mut etcd = tokio::task::spawn_blocking(etcd_fixture::Etcd::start)
+    let mut etcd = tokio::task::spawn_blocking(ha_testkit::etcd::Etcd::start)
         .await
         .unwrap_or_else(|e| panic!("{e}"))?;
     // Each participant reaches etcd through a byte-level proxy of its own.
@@ -193,7 +191,7 @@ const CLUSTER_LIVENESS: Duration = Duration::from_secs(15);
 /// kill, pause or restart etcd members, the etcd leader among them.
 async fn cluster_schedule(seed: u64) -> Option<Arc<History>> {
     let mut rng = StdRng::seed_from_u64(seed);
-    let mut cluster = tokio::task::spawn_blocking(|| etcd_fixture::EtcdCluster::start(3))
+    let mut cluster = tokio::task::spawn_blocking(|| ha_testkit::etcd::EtcdCluster::start(3))
         .await
         .unwrap_or_else(|e| panic!("{e}"))?;
     let endpoints = cluster.endpoints().join(",");

@@ -11,30 +11,22 @@
 
 #![cfg(all(feature = "cli", feature = "raft"))]
 
-#[cfg(feature = "etcd")]
-#[path = "../ha-etcd/tests/common/mod.rs"]
-mod etcd_fixture;
-
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::process::Stdio;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ha_core::testing::history::{History, Record};
 use ha_core::{ElectionName, FencingToken};
+use ha_testkit::{free_port, Line, Processes, Signal};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 use tokio::time::{sleep, Instant};
 
 const HA: &str = env!("CARGO_BIN_EXE_ha");
 const TTL: Duration = Duration::from_secs(2);
 const REPLICAS: u64 = 3;
 const FAULTS: usize = 10;
-
-use ha_testkit::free_port;
 
 /// The example binary. `cargo test` without a target filter builds the examples next to
 /// the test executables (and `scripts/test.sh` builds them first); a filtered run
@@ -54,15 +46,6 @@ fn example() -> PathBuf {
     path
 }
 
-fn signal(child: &Child, signal: &str) {
-    if let Some(pid) = child.id() {
-        let _ = std::process::Command::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(pid.to_string())
-            .status();
-    }
-}
-
 /// One increment, as a replica printed it: accepted, or refused by the guard.
 #[derive(Debug, Clone, Copy)]
 struct Increment {
@@ -73,69 +56,55 @@ struct Increment {
     accepted: bool,
 }
 
-/// The replicas and everything they printed.
+impl Increment {
+    /// A replica's line; every line must be one.
+    fn of(line: &Line) -> Self {
+        let field = |name: &str| {
+            line.number(name).unwrap_or_else(|| {
+                panic!("replica {} printed {:?}: no {name}", line.from, line.text)
+            })
+        };
+        Self {
+            id: field("id"),
+            token: field("token"),
+            value: field("value"),
+            at: field("at_unix_us"),
+            accepted: line.is("increment"),
+        }
+    }
+}
+
+/// The replica processes and everything they printed.
 struct Replicas {
     backend: String,
-    children: BTreeMap<u64, Child>,
-    increments: Arc<Mutex<Vec<Increment>>>,
+    procs: Processes,
 }
 
 impl Replicas {
     fn new(backend: String) -> Self {
-        Self {
-            backend,
-            children: BTreeMap::new(),
-            increments: Arc::default(),
-        }
+        let mut procs = Processes::new();
+        procs.echo_stderr(true);
+        Self { backend, procs }
     }
 
     fn start(&mut self, id: u64) {
-        let mut child = Command::new(example())
+        let mut command = Command::new(example());
+        command
             .args(["--backend", &self.backend, "--id", &id.to_string()])
             .args(["--ttl", &TTL.as_secs().to_string(), "--every-ms", "50"])
             .env("RUST_LOG", "error")
-            .env("RUST_BACKTRACE", "0")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
+            .env("RUST_BACKTRACE", "0");
+        self.procs
+            .spawn(id, command)
             .unwrap_or_else(|e| panic!("spawn fenced_counter {id}: {e}"));
-        let stdout = child.stdout.take().unwrap_or_else(|| panic!("no stdout"));
-        let increments = Arc::clone(&self.increments);
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(stdout).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                let json: serde_json::Value = serde_json::from_str(&line)
-                    .unwrap_or_else(|e| panic!("replica {id} printed {line:?}: {e}"));
-                let field = |name: &str| {
-                    json[name]
-                        .as_u64()
-                        .unwrap_or_else(|| panic!("no {name} in {line}"))
-                };
-                let increment = Increment {
-                    id: field("id"),
-                    token: field("token"),
-                    value: field("value"),
-                    at: field("at_unix_us"),
-                    accepted: json["event"] == "increment",
-                };
-                increments
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .push(increment);
-            }
-        });
-        self.children.insert(id, child);
+    }
+
+    fn increments(&self) -> Vec<Increment> {
+        self.procs.lines().iter().map(Increment::of).collect()
     }
 
     fn count(&self) -> usize {
-        self.increments
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .iter()
-            .filter(|i| i.accepted)
-            .count()
+        self.increments().iter().filter(|i| i.accepted).count()
     }
 
     /// Waits (bounded) until `more` increments were printed after `since`.
@@ -154,30 +123,27 @@ impl Replicas {
     /// Runs a seeded schedule of kills, pauses and graceful stops of replicas, and pauses
     /// of a backend server (`backend(n, signal)` sends `signal` to server `n`); every
     /// process is running again when it returns.
-    async fn faults(&mut self, seed: u64, backend: &dyn Fn(usize, &str)) {
+    async fn faults(&mut self, seed: u64, backend: &dyn Fn(usize, Signal)) {
         let mut rng = StdRng::seed_from_u64(seed);
         for _ in 0..FAULTS {
             sleep(Duration::from_millis(rng.random_range(300..1500))).await;
             let id = rng.random_range(1..=REPLICAS);
-            let Some(child) = self.children.get(&id) else {
+            if self.procs.pid(id).is_none() {
                 continue;
-            };
+            }
             match rng.random_range(0..4) {
                 3 => {
                     let server = rng.random_range(0..3);
                     let pause =
                         Duration::from_millis(rng.random_range(200..(2 * TTL.as_millis() as u64)));
                     eprintln!("fault: SIGSTOP backend server {server} for {pause:?}");
-                    backend(server, "STOP");
+                    backend(server, Signal::STOP);
                     sleep(pause).await;
-                    backend(server, "CONT");
+                    backend(server, Signal::CONT);
                 }
                 0 => {
                     eprintln!("fault: SIGKILL replica {id}");
-                    signal(child, "KILL");
-                    if let Some(mut child) = self.children.remove(&id) {
-                        let _ = child.wait().await;
-                    }
+                    self.procs.kill(id).await;
                     sleep(Duration::from_millis(rng.random_range(0..1000))).await;
                     self.start(id);
                 }
@@ -185,19 +151,13 @@ impl Replicas {
                     let pause =
                         Duration::from_millis(rng.random_range(200..(2 * TTL.as_millis() as u64)));
                     eprintln!("fault: SIGSTOP replica {id} for {pause:?}");
-                    signal(child, "STOP");
+                    let _ = self.procs.signal(id, Signal::STOP);
                     sleep(pause).await;
-                    if let Some(child) = self.children.get(&id) {
-                        signal(child, "CONT");
-                    }
+                    let _ = self.procs.signal(id, Signal::CONT);
                 }
                 _ => {
                     eprintln!("fault: SIGTERM replica {id}");
-                    signal(child, "TERM");
-                    if let Some(mut child) = self.children.remove(&id) {
-                        let _ = tokio::time::timeout(Duration::from_secs(10), child.wait()).await;
-                        let _ = child.kill().await;
-                    }
+                    self.procs.stop(id, Duration::from_secs(10)).await;
                     self.start(id);
                 }
             }
@@ -205,27 +165,12 @@ impl Replicas {
     }
 
     async fn stop_all(&mut self) {
-        for child in self.children.values() {
-            signal(child, "CONT");
-            signal(child, "TERM");
-        }
-        for (_, mut child) in std::mem::take(&mut self.children) {
-            if tokio::time::timeout(Duration::from_secs(10), child.wait())
-                .await
-                .is_err()
-            {
-                let _ = child.kill().await;
-            }
-        }
+        self.procs.stop_all(Duration::from_secs(10)).await;
     }
 
     /// Clause 3 of the history checker over every printed increment.
     fn check(&self, seed: u64) -> (u64, usize) {
-        let increments = self
-            .increments
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone();
+        let increments = self.increments();
         let epoch = increments.iter().map(|i| i.at).min().unwrap_or(0);
         let history = History::new();
         for i in &increments {
@@ -268,7 +213,7 @@ impl Replicas {
 
 /// Replicas on `backend_url` under the seeded faults; `backend` pauses and resumes a
 /// backend server.
-async fn run(backend_url: String, seed: u64, backend: &dyn Fn(usize, &str)) {
+async fn run(backend_url: String, seed: u64, backend: &dyn Fn(usize, Signal)) {
     let mut replicas = Replicas::new(backend_url.clone());
     for id in 1..=REPLICAS {
         replicas.start(id);
@@ -312,21 +257,19 @@ async fn fenced_counter_on_raft_never_goes_back_or_counts_twice() {
         .map(|(id, port)| format!("{id}=127.0.0.1:{port}"))
         .collect::<Vec<_>>()
         .join(",");
-    let mut nodes = Vec::new();
+    let mut nodes = Processes::new();
+    nodes.echo_stderr(true);
     for (id, port) in &ports {
-        let node = Command::new(HA)
+        let mut command = Command::new(HA);
+        command
             .args(["node", "--id", &id.to_string()])
             .args(["--listen", &format!("127.0.0.1:{port}"), "--peers", &peers])
             .arg("--data")
             .arg(dir.path().join(id.to_string()))
-            .env("RUST_LOG", "error")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
+            .env("RUST_LOG", "error");
+        nodes
+            .spawn(*id, command)
             .unwrap_or_else(|e| panic!("spawn ha node: {e}"));
-        nodes.push(node);
     }
     let url = format!(
         "raft://{}",
@@ -336,28 +279,26 @@ async fn fenced_counter_on_raft_never_goes_back_or_counts_twice() {
             .collect::<Vec<_>>()
             .join(",")
     );
-    let pause_node = |n: usize, sig: &str| signal(&nodes[n], sig);
+    let pause_node = |n: usize, signal: Signal| {
+        let _ = nodes.signal(n as u64 + 1, signal);
+    };
     run(url, 7, &pause_node).await;
-    for node in &nodes {
-        signal(node, "TERM");
-    }
-    for mut node in nodes {
-        if tokio::time::timeout(Duration::from_secs(10), node.wait())
-            .await
-            .is_err()
-        {
-            let _ = node.kill().await;
-        }
-    }
+    nodes.stop_all(Duration::from_secs(10)).await;
 }
 
 #[cfg(feature = "etcd")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fenced_counter_on_etcd_never_goes_back_or_counts_twice() {
-    let Some(etcd) = etcd_fixture::Etcd::start() else {
+    let Some(etcd) = ha_testkit::etcd::Etcd::start() else {
         return;
     };
-    let pause_etcd = |_: usize, sig: &str| etcd.signal(sig);
+    let pause_etcd = |_: usize, signal: Signal| {
+        etcd.signal(if signal == Signal::STOP {
+            "STOP"
+        } else {
+            "CONT"
+        })
+    };
     run(format!("etcd://{}", etcd.endpoint), 11, &pause_etcd).await;
     drop(etcd);
 }

@@ -15,17 +15,14 @@
 mod participant;
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use ha_core::testing::history::{History, Record};
-use ha_testkit::Lab;
+use ha_testkit::{Lab, Processes};
 use participant::{unix_us, Supervised};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::Child;
 use tokio::time::sleep;
 
 const HA: &str = env!("CARGO_BIN_EXE_ha");
@@ -38,10 +35,9 @@ const CONCURRENT: usize = 2;
 const HOSTS: usize = 3;
 const PORT: u16 = 7000;
 
-/// One `ha node` per host; the Raft leader as its members last reported it.
+/// One `ha node` per host, stopped by PID when the schedule ends.
 struct Nodes {
-    children: Vec<Child>,
-    raft_leader: Arc<Mutex<Option<usize>>>,
+    procs: Processes,
     _dirs: Vec<tempfile::TempDir>,
 }
 
@@ -50,71 +46,36 @@ impl Nodes {
         let peers: Vec<String> = (1..=HOSTS)
             .map(|h| format!("{h}={}:{PORT}", lab.addr(h)))
             .collect();
-        let raft_leader = Arc::new(Mutex::new(None));
-        let mut children = Vec::new();
+        let mut procs = Processes::new();
         let mut dirs = Vec::new();
         for host in 1..=HOSTS {
             let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-            let mut child = lab
-                .tokio_command(host, HA)
+            let mut command = lab.tokio_command(host, HA);
+            command
                 .args(["node", "--id", &host.to_string()])
                 .args(["--listen", &format!("{}:{PORT}", lab.addr(host))])
                 .args(["--peers", &peers.join(",")])
                 .arg("--data")
                 .arg(dir.path().join("data"))
                 .args(["--cluster", cluster, "--insecure", "--json"])
-                .env("RUST_LOG", "off")
-                .stdin(std::process::Stdio::null())
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::null())
-                .kill_on_drop(true)
-                .spawn()
+                .env("RUST_LOG", "off");
+            procs
+                .spawn(host as u64, command)
                 .unwrap_or_else(|e| panic!("spawn ha node: {e}"));
-            if let Some(stdout) = child.stdout.take() {
-                let raft_leader = Arc::clone(&raft_leader);
-                tokio::spawn(async move {
-                    let mut lines = BufReader::new(stdout).lines();
-                    while let Ok(Some(line)) = lines.next_line().await {
-                        let Ok(json) = serde_json::from_str::<Value>(&line) else {
-                            continue;
-                        };
-                        if json["event"] == "raft_leader" {
-                            if let Some(node) = json["node"].as_u64() {
-                                *raft_leader.lock().unwrap_or_else(|e| e.into_inner()) =
-                                    Some(node as usize);
-                            }
-                        }
-                    }
-                });
-            }
-            children.push(child);
             dirs.push(dir);
         }
-        Self {
-            children,
-            raft_leader,
-            _dirs: dirs,
-        }
+        Self { procs, _dirs: dirs }
     }
 
+    /// The Raft leader as the members last reported it (any member's newest report).
     fn raft_leader(&self) -> Option<usize> {
-        *self.raft_leader.lock().unwrap_or_else(|e| e.into_inner())
+        let lines = self.procs.lines();
+        let report = lines.iter().rev().find(|l| l.is("raft_leader"))?;
+        report.number("node").map(|n| n as usize)
     }
 
     async fn stop(mut self) {
-        for child in &mut self.children {
-            if let Some(pid) = child.id() {
-                participant::signal(pid, "TERM");
-            }
-        }
-        for child in &mut self.children {
-            if tokio::time::timeout(Duration::from_secs(10), child.wait())
-                .await
-                .is_err()
-            {
-                let _ = child.kill().await;
-            }
-        }
+        self.procs.stop_all(Duration::from_secs(10)).await;
     }
 }
 

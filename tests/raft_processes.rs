@@ -5,31 +5,23 @@
 #![cfg(all(feature = "cli", feature = "raft"))]
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use ha::raft::RaftClient;
 use ha_core::{Backend, ElectionName, LossReason, Member, Role, ServerId, Session};
-use tokio::time::Instant;
+use ha_testkit::Processes;
+use tokio::process::Command;
 
-/// What one process printed, with when.
-type Lines = Arc<Mutex<Vec<(Instant, String)>>>;
-
-struct Node {
-    child: Child,
-    lines: Lines,
-}
-
-/// The processes of one test; dropping it kills and reaps every one by PID.
-struct Processes {
+/// Three `ha node` processes of one test, stopped by PID when it ends (the drop of
+/// their `Processes`).
+struct Nodes {
     peers: BTreeMap<u64, String>,
     dirs: BTreeMap<u64, tempfile::TempDir>,
-    nodes: BTreeMap<u64, Node>,
+    procs: Processes,
 }
 
-impl Processes {
+impl Nodes {
     fn start(n: u64) -> Self {
         let ports = ha_testkit::free_ports(n as usize);
         let peers: BTreeMap<u64, String> = (1..=n)
@@ -39,15 +31,15 @@ impl Processes {
         let dirs = (1..=n)
             .map(|id| (id, tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"))))
             .collect();
-        let mut processes = Self {
+        let mut nodes = Self {
             peers,
             dirs,
-            nodes: BTreeMap::new(),
+            procs: Processes::new(),
         };
         for id in 1..=n {
-            processes.spawn(id);
+            nodes.spawn(id);
         }
-        processes
+        nodes
     }
 
     fn spawn(&mut self, id: u64) {
@@ -57,80 +49,47 @@ impl Processes {
             .map(|(id, addr)| format!("{id}={addr}"))
             .collect::<Vec<_>>()
             .join(",");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ha"))
-            .args([
-                "node",
-                "--id",
-                &id.to_string(),
-                "--listen",
-                &self.peers[&id],
-                "--peers",
-                &peers,
-            ])
+        let mut command = Command::new(env!("CARGO_BIN_EXE_ha"));
+        command
+            .args(["node", "--id", &id.to_string()])
+            .args(["--listen", &self.peers[&id], "--peers", &peers])
             .arg("--data")
             .arg(self.dirs[&id].path())
             .args(["--cluster", "process-test", "--json"])
-            .env("RUST_LOG", "off")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
+            .env("RUST_LOG", "off");
+        self.procs
+            .spawn(id, command)
             .unwrap_or_else(|e| panic!("spawn node {id}: {e}"));
-        let lines: Lines = Arc::default();
-        if let Some(stdout) = child.stdout.take() {
-            let sink = Arc::clone(&lines);
-            std::thread::spawn(move || {
-                // `ha node --json` says `{"event":"raft_leader","node":N}` when the
-                // leader it knows changes.
-                for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                    let Ok(event) = serde_json::from_str::<serde_json::Value>(&line) else {
-                        continue;
-                    };
-                    let leader = (event["event"] == "raft_leader")
-                        .then(|| event["node"].as_u64())
-                        .flatten();
-                    if let (Some(leader), Ok(mut lines)) = (leader, sink.lock()) {
-                        lines.push((Instant::now(), format!("leader {leader}")));
-                    }
-                }
-            });
-        }
-        self.nodes.insert(id, Node { child, lines });
     }
 
     /// SIGKILL, then reap.
-    fn kill(&mut self, id: u64) {
-        if let Some(mut node) = self.nodes.remove(&id) {
-            let _ = node.child.kill();
-            let _ = node.child.wait();
-        }
+    async fn kill(&mut self, id: u64) {
+        self.procs.kill(id).await;
     }
 
-    /// The leader a node last reported, and when, at or after `since`.
+    /// The leader a running node last reported (`ha node --json` says
+    /// `{"event":"raft_leader","node":N}` when the leader it knows changes), and when,
+    /// at or after `since`.
     fn leader_seen(&self, id: u64, since: Instant) -> Option<(Instant, u64)> {
-        let lines = self.nodes.get(&id)?.lines.lock().ok()?;
-        lines
-            .iter()
-            .rev()
-            .filter(|(at, _)| *at >= since)
-            .find_map(|(at, line)| {
-                line.strip_prefix("leader ")
-                    .and_then(|l| l.parse().ok())
-                    .map(|l| (*at, l))
-            })
+        self.procs.pid(id)?;
+        let line = self
+            .procs
+            .last(id, |l| l.is("raft_leader") && l.seen >= since)?;
+        Some((line.seen, line.number("node")?))
     }
 
     /// Waits until every running node reports the same leader (at or after `since`).
     async fn agreed_leader(&self, since: Instant) -> (Instant, u64) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let seen: Vec<Option<(Instant, u64)>> = self
-                .nodes
-                .keys()
+            let running = self.procs.ids();
+            let seen: Vec<Option<(Instant, u64)>> = running
+                .iter()
                 .map(|id| self.leader_seen(*id, since))
                 .collect();
             if let Some(Some((_, leader))) = seen.first() {
                 if seen.iter().all(|s| s.map(|(_, l)| l) == Some(*leader))
-                    && self.nodes.contains_key(leader)
+                    && running.contains(leader)
                 {
                     let first = seen
                         .iter()
@@ -150,15 +109,6 @@ impl Processes {
     }
 }
 
-impl Drop for Processes {
-    fn drop(&mut self) {
-        let ids: Vec<u64> = self.nodes.keys().copied().collect();
-        for id in ids {
-            self.kill(id);
-        }
-    }
-}
-
 fn member(id: u64) -> Member {
     Member::new(
         ServerId::new(id),
@@ -170,7 +120,7 @@ fn member(id: u64) -> Member {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_of_the_process_hosting_raft_leader_and_active() {
     let started = Instant::now();
-    let mut processes = Processes::start(3);
+    let mut processes = Nodes::start(3);
     let (_, leader) = processes.agreed_leader(started).await;
     let election = ElectionName::new("rootcoord").unwrap_or_else(|e| panic!("{e}"));
 
@@ -215,7 +165,7 @@ async fn sigkill_of_the_process_hosting_raft_leader_and_active() {
     assert!(!next.is_finished());
 
     let killed_at = Instant::now();
-    processes.kill(leader);
+    processes.kill(leader).await;
 
     let (new_leader_at, new_leader) = processes.agreed_leader(killed_at).await;
     assert_ne!(new_leader, leader);
@@ -277,7 +227,7 @@ async fn crash_loop_loses_nothing_acknowledged() {
         .unwrap_or(10);
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     let started = Instant::now();
-    let mut processes = Processes::start(3);
+    let mut processes = Nodes::start(3);
     processes.agreed_leader(started).await;
     let client: Arc<dyn Backend> = Arc::new(
         RaftClient::connect(processes.peers.values().cloned())
@@ -297,7 +247,7 @@ async fn crash_loop_loses_nothing_acknowledged() {
         let mut k = 0;
         while Instant::now() < traffic_until || !killed {
             if !killed && Instant::now() >= traffic_until - Duration::from_millis(300) {
-                processes.kill(victim);
+                processes.kill(victim).await;
                 killed = true;
             }
             k += 1;

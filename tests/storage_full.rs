@@ -11,15 +11,12 @@
 #![cfg(all(feature = "cli", feature = "raft"))]
 
 use std::collections::BTreeMap;
-use std::process::Stdio;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use ha_core::{Backend, ElectionName, Member, Role, ServerId, Session};
-use ha_testkit::{small_disk_for_test, SmallDisk};
-use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+use ha_testkit::{small_disk_for_test, Processes, SmallDisk};
+use tokio::process::Command;
 use tokio::time::{sleep, timeout, Instant};
 
 const HA: &str = env!("CARGO_BIN_EXE_ha");
@@ -30,18 +27,12 @@ const LEFT: u64 = 3 * 1024 * 1024;
 const VALUE: usize = 64 * 1024;
 const NODES: u64 = 3;
 
-/// One `ha node` process: its raft_leader reports and its stderr.
-struct Node {
-    child: Child,
-    leaders: Arc<Mutex<Vec<u64>>>,
-    stderr: Arc<Mutex<String>>,
-}
-
+/// The three `ha node` processes, stopped by PID when the test ends.
 struct Group {
     ports: BTreeMap<u64, u16>,
     dirs: BTreeMap<u64, tempfile::TempDir>,
     disk: SmallDisk,
-    nodes: BTreeMap<u64, Node>,
+    procs: Processes,
 }
 
 impl Group {
@@ -87,66 +78,17 @@ impl Group {
             // 64 KiB writes on a busy debug build: room for each RPC.
             .args(["--rpc-timeout-ms", "500"])
             .args(["--cluster", "storage-full", "--insecure", "--json"])
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        let mut child = command
-            .spawn()
+            .env("RUST_LOG", "warn");
+        self.procs
+            .spawn(id, command)
             .unwrap_or_else(|e| panic!("spawn ha node {id}: {e}"));
-        let leaders: Arc<Mutex<Vec<u64>>> = Arc::default();
-        let stderr: Arc<Mutex<String>> = Arc::default();
-        if let Some(out) = child.stdout.take() {
-            let leaders = Arc::clone(&leaders);
-            tokio::spawn(async move {
-                let mut lines = BufReader::new(out).lines();
-                while let Ok(Some(line)) = lines.next_line().await {
-                    let Ok(json) = serde_json::from_str::<Value>(&line) else {
-                        continue;
-                    };
-                    if json["event"] == "raft_leader" {
-                        if let (Some(node), Ok(mut leaders)) =
-                            (json["node"].as_u64(), leaders.lock())
-                        {
-                            leaders.push(node);
-                        }
-                    }
-                }
-            });
-        }
-        if let Some(err) = child.stderr.take() {
-            let sink = Arc::clone(&stderr);
-            tokio::spawn(async move {
-                let mut lines = BufReader::new(err).lines();
-                while let Ok(Some(line)) = lines.next_line().await {
-                    if let Ok(mut sink) = sink.lock() {
-                        // The last 32 KiB: enough to say why it stopped, bounded.
-                        sink.push_str(&line);
-                        sink.push('\n');
-                        if sink.len() > 64 * 1024 {
-                            let cut = sink.len() - 32 * 1024;
-                            let cut = (cut..sink.len())
-                                .find(|i| sink.is_char_boundary(*i))
-                                .unwrap_or(0);
-                            sink.drain(..cut);
-                        }
-                    }
-                }
-            });
-        }
-        self.nodes.insert(
-            id,
-            Node {
-                child,
-                leaders,
-                stderr,
-            },
-        );
     }
 
+    /// The leader node `id` last reported in its current run.
     fn last_leader(&self, id: u64) -> Option<u64> {
-        self.nodes[&id].leaders.lock().ok()?.last().copied()
+        self.procs
+            .last(id, |l| l.is("raft_leader"))
+            .and_then(|l| l.number("node"))
     }
 
     /// Waits until every running node last reported `wanted`'s leadership (any leader
@@ -154,8 +96,12 @@ impl Group {
     async fn wait_for_leader(&self, wanted: &[u64], within: Duration) -> u64 {
         let deadline = Instant::now() + within;
         loop {
-            let seen: Vec<Option<u64>> =
-                self.nodes.keys().map(|id| self.last_leader(*id)).collect();
+            let seen: Vec<Option<u64>> = self
+                .procs
+                .ids()
+                .iter()
+                .map(|id| self.last_leader(*id))
+                .collect();
             if let Some(Some(leader)) = seen.first() {
                 if wanted.contains(leader) && seen.iter().all(|s| *s == Some(*leader)) {
                     return *leader;
@@ -163,9 +109,10 @@ impl Group {
             }
             if Instant::now() > deadline {
                 let stderr: Vec<String> = self
-                    .nodes
-                    .values()
-                    .map(|n| n.stderr.lock().map(|s| s.clone()).unwrap_or_default())
+                    .procs
+                    .ids()
+                    .iter()
+                    .map(|id| self.procs.stderr_tail(*id))
                     .collect();
                 panic!(
                     "no agreed leader among {wanted:?} within {within:?}: nodes report {seen:?}; stderr: {stderr:?}"
@@ -177,9 +124,7 @@ impl Group {
 
     /// SIGKILL, then reap.
     async fn kill(&mut self, id: u64) {
-        if let Some(mut node) = self.nodes.remove(&id) {
-            let _ = node.child.kill().await;
-        }
+        self.procs.kill(id).await;
     }
 }
 
@@ -268,7 +213,7 @@ async fn a_member_whose_disk_fills_stops_and_after_a_restart_nothing_acknowledge
         ports,
         dirs,
         disk,
-        nodes: BTreeMap::new(),
+        procs: Processes::new(),
     };
     for id in 1..=NODES {
         group.spawn(id);
@@ -314,18 +259,12 @@ async fn a_member_whose_disk_fills_stops_and_after_a_restart_nothing_acknowledge
         }
         let acked = writer.write().await;
         if exit.is_none() {
-            if let Some(node) = group.nodes.get_mut(&1) {
-                exit = node.child.try_wait().unwrap_or_else(|e| panic!("{e}"));
-            }
+            exit = group.procs.try_exit(1).unwrap_or_else(|e| panic!("{e}"));
         } else if acked {
             after_exit += 1;
         }
     }
-    let stderr = group.nodes[&1]
-        .stderr
-        .lock()
-        .map(|s| s.clone())
-        .unwrap_or_default();
+    let stderr = group.procs.stderr_tail(1);
     let Some(status) = exit else {
         panic!(
             "node 1 went on running on a full disk ({} bytes free, {} writes acknowledged, leaders reported {:?}); stderr: {stderr}",
@@ -336,11 +275,7 @@ async fn a_member_whose_disk_fills_stops_and_after_a_restart_nothing_acknowledge
     };
     // Its stderr is read to the end once the process is gone.
     sleep(Duration::from_millis(200)).await;
-    let stderr = group.nodes[&1]
-        .stderr
-        .lock()
-        .map(|s| s.clone())
-        .unwrap_or_default();
+    let stderr = group.procs.stderr_tail(1);
     assert_eq!(
         status.code(),
         Some(4),

@@ -15,7 +15,7 @@ use tokio::process::{Child, Command};
 use tokio::sync::oneshot;
 use tokio::time::timeout;
 
-use ha_etcd::testing::{find_binary, Etcd, StartError};
+use ha_testkit::etcd::{find_binary, Etcd, StartError};
 
 use crate::processes::renewal_phase;
 use crate::procfs;

@@ -5,8 +5,6 @@ mod backend;
 mod config;
 mod error;
 pub mod keys;
-#[cfg(feature = "testing")]
-pub mod testing;
 
 pub use backend::EtcdBackend;
 pub use config::{EtcdConfig, EtcdTls, MIN_TTL};

@@ -3,6 +3,8 @@
 
 mod common;
 
+use common::EtcdExt;
+
 use ha_core::{Backend, ElectionName, Error, FencingToken, KvKey, KvWrite, LeaderKey, LeaseId};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,6 +4,8 @@
 
 mod common;
 
+use common::EtcdExt;
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;

@@ -2,6 +2,8 @@
 
 mod common;
 
+use common::EtcdExt;
+
 use std::sync::Arc;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

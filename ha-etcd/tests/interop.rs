@@ -3,6 +3,8 @@
 
 mod common;
 
+use common::EtcdExt;
+
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;

@@ -4,6 +4,8 @@
 
 mod common;
 
+use common::EtcdExt;
+
 use std::time::Duration;
 
 use futures::StreamExt;

@@ -5,6 +5,8 @@
 
 mod common;
 
+use common::EtcdExt;
+
 use std::sync::Arc;
 use std::time::Duration;
 

@@ -1,9 +1,11 @@
 //! Test support shared by the workspace's tests and its benchmark: the real processes
 //! under test (started, read, signalled and stopped by PID), and faults that live outside
 //! them, on real sockets (held, delayed and dropped bytes), real networks (network
-//! namespaces on a bridge) and real disks (a tmpfs that fills up).
+//! namespaces on a bridge) and real disks (a tmpfs that fills up); and a private etcd
+//! server or cluster on loopback.
 
 pub mod disk;
+pub mod etcd;
 pub mod netns;
 pub mod ports;
 pub mod procs;

@@ -29,6 +29,8 @@ const STDERR_TAIL: usize = 32 * 1024;
 pub struct Line {
     /// The id the process was started under.
     pub from: u64,
+    /// Which start of process `from` printed it: 1 for the first, 2 after a restart...
+    pub run: u32,
     /// When this process read it.
     pub seen: Instant,
     /// The line parsed as JSON; `Null` if it is not JSON.
@@ -103,12 +105,15 @@ struct Log {
 
 struct Running {
     child: Child,
-    stderr: Arc<Mutex<String>>,
 }
 
 /// The processes of one test (or benchmark scenario) and everything they printed.
 pub struct Processes {
     running: BTreeMap<u64, Running>,
+    /// How often each id was started.
+    runs: BTreeMap<u64, u32>,
+    /// The stderr tail of each id's last run, kept after it exits.
+    stderr: BTreeMap<u64, Arc<Mutex<String>>>,
     log: Arc<Mutex<Log>>,
     arrived: Arc<Notify>,
     /// The absolute index of the next line [`Processes::next`] returns.
@@ -131,6 +136,8 @@ impl Processes {
     pub fn new() -> Self {
         Self {
             running: BTreeMap::new(),
+            runs: BTreeMap::new(),
+            stderr: BTreeMap::new(),
             log: Arc::default(),
             arrived: Arc::new(Notify::new()),
             cursor: 0,
@@ -160,9 +167,11 @@ impl Processes {
         let pid = child
             .id()
             .ok_or_else(|| io::Error::other(format!("process {id} exited at once")))?;
+        let run = self.runs.entry(id).or_default();
+        *run += 1;
         if let Some(stdout) = child.stdout.take() {
             tokio::spawn(read_stdout(
-                id,
+                (id, *run),
                 stdout,
                 Arc::clone(&self.log),
                 Arc::clone(&self.arrived),
@@ -172,7 +181,8 @@ impl Processes {
         if let Some(err) = child.stderr.take() {
             tokio::spawn(read_stderr(id, err, Arc::clone(&stderr), self.echo_stderr));
         }
-        self.running.insert(id, Running { child, stderr });
+        self.stderr.insert(id, stderr);
+        self.running.insert(id, Running { child });
         Ok(pid)
     }
 
@@ -186,11 +196,12 @@ impl Processes {
         self.running.get(&id).and_then(|r| r.child.id())
     }
 
-    /// The last 32 KiB of what process `id` wrote to stderr.
+    /// The last 32 KiB of what process `id` wrote to stderr in its last run (also after
+    /// it exited; what it wrote last may take a moment to arrive).
     pub fn stderr_tail(&self, id: u64) -> String {
-        self.running
+        self.stderr
             .get(&id)
-            .map(|r| lock(&r.stderr).clone())
+            .map(|tail| lock(tail).clone())
             .unwrap_or_default()
     }
 
@@ -281,7 +292,7 @@ impl Processes {
             within,
             recent,
             stderr: self
-                .running
+                .stderr
                 .keys()
                 .map(|id| (*id, self.stderr_tail(*id)))
                 .collect(),
@@ -293,14 +304,29 @@ impl Processes {
         lock(&self.log).lines.iter().cloned().collect()
     }
 
-    /// The newest line of process `id` that matches `pred`.
+    /// The newest line of process `id`'s last run that matches `pred`.
     pub fn last(&self, id: u64, pred: impl Fn(&Line) -> bool) -> Option<Line> {
+        let run = self.runs.get(&id).copied()?;
         lock(&self.log)
             .lines
             .iter()
             .rev()
-            .find(|l| l.from == id && pred(l))
+            .find(|l| l.from == id && l.run == run && pred(l))
             .cloned()
+    }
+
+    /// Whether process `id` has exited, without waiting: its status if so (it is then
+    /// reaped and its lines and stderr tail stay).
+    pub fn try_exit(&mut self, id: u64) -> io::Result<Option<ExitStatus>> {
+        let running = self
+            .running
+            .get_mut(&id)
+            .ok_or_else(|| io::Error::other(format!("no process {id}")))?;
+        let status = running.child.try_wait()?;
+        if status.is_some() {
+            self.running.remove(&id);
+        }
+        Ok(status)
     }
 
     /// Waits up to `within` for process `id` to exit and reaps it; SIGKILLs and reaps it
@@ -371,7 +397,7 @@ pub fn signal_pid(pid: u32, signal: Signal) -> io::Result<()> {
 }
 
 async fn read_stdout(
-    id: u64,
+    (id, run): (u64, u32),
     stdout: impl AsyncRead + Unpin,
     log: Arc<Mutex<Log>>,
     arrived: Arc<Notify>,
@@ -380,6 +406,7 @@ async fn read_stdout(
     while let Ok(Some(text)) = lines.next_line().await {
         let line = Line {
             from: id,
+            run,
             seen: Instant::now(),
             json: serde_json::from_str(&text).unwrap_or(Value::Null),
             text,
@@ -461,6 +488,40 @@ mod tests {
         );
         let status = procs.wait_exit(1, Duration::from_secs(10)).await;
         assert!(status.is_ok_and(|s| s.success()));
+    }
+
+    #[tokio::test]
+    async fn a_restart_is_a_new_run_and_the_last_run_keeps_its_stderr() {
+        let mut procs = Processes::new();
+        let script = r#"echo '{"event":"up"}'; echo gone >&2"#;
+        assert!(procs.spawn(1, sh(script)).is_ok());
+        procs
+            .expect("up", Duration::from_secs(10), |l| l.is("up"))
+            .await;
+        let exited = procs.wait_exit(1, Duration::from_secs(10)).await;
+        assert!(exited.is_ok_and(|s| s.success()));
+        assert_eq!(procs.last(1, |l| l.is("up")).map(|l| l.run), Some(1));
+        assert!(procs.spawn(1, sh("exec sleep 30")).is_ok());
+        assert!(
+            procs.last(1, |l| l.is("up")).is_none(),
+            "a line of the first run"
+        );
+        assert_eq!(procs.lines().len(), 1, "the log keeps every run's lines");
+        assert!(matches!(procs.try_exit(1), Ok(None)));
+        procs.kill(1).await;
+        assert!(procs.try_exit(1).is_err(), "a reaped process is gone");
+        assert!(procs.spawn(1, sh("echo last >&2; exit 3")).is_ok());
+        let mut status = None;
+        for _ in 0..200 {
+            status = procs.try_exit(1).unwrap_or(None);
+            if status.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(status.and_then(|s| s.code()), Some(3));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(procs.stderr_tail(1), "last\n");
     }
 
     #[tokio::test]

@@ -221,12 +221,15 @@ pub async fn node(args: crate::NodeArgs) -> Exit {
     exit
 }
 
+/// Prints `raft_leader` whenever the leader this node knows changes (none once its core
+/// has failed), as `RaftNode::current_leader` tells.
 #[cfg(feature = "raft")]
 async fn print_raft_leaders(node: ha::raft::RaftNode, printer: Printer) {
     let mut metrics = node.raft().metrics();
     let mut known = None;
     loop {
-        let leader = metrics.borrow_and_update().current_leader;
+        metrics.borrow_and_update();
+        let leader = node.current_leader();
         if leader != known {
             known = leader;
             if let Some(leader) = leader {
@@ -239,8 +242,6 @@ async fn print_raft_leaders(node: ha::raft::RaftNode, printer: Printer) {
     }
 }
 
-/// TLS, the client token and `--insecure` of `ha node`, as a change to its configuration.
-#[cfg(feature = "raft")]
 /// The Raft timings from `--rtt-ms`, then the single-value flags over it.
 #[cfg(feature = "raft")]
 fn node_timing(
@@ -262,6 +263,8 @@ fn node_timing(
     config
 }
 
+/// TLS, the client token and `--insecure` of `ha node`, as a change to its configuration.
+#[cfg(feature = "raft")]
 fn node_security(
     args: &crate::NodeArgs,
 ) -> Result<impl FnOnce(ha::raft::RaftNodeConfig) -> ha::raft::RaftNodeConfig, String> {

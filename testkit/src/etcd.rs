@@ -6,10 +6,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-
-use crate::{EtcdBackend, EtcdConfig};
 
 mod cluster;
 
@@ -233,23 +230,6 @@ impl Etcd {
             .status()
             .unwrap_or_else(|e| panic!("kill: {e}"));
         assert!(status.success(), "kill -{signal} failed");
-    }
-
-    /// A backend on this server under a prefix no other caller uses.
-    pub async fn backend(&self) -> ha_core::Result<EtcdBackend> {
-        EtcdBackend::connect(self.config()).await
-    }
-
-    /// Settings for this server under a prefix no other caller uses (point
-    /// `endpoints` elsewhere, at a proxy, to put faults between client and server).
-    pub fn config(&self) -> EtcdConfig {
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        let prefix = format!(
-            "ha-test-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        );
-        EtcdConfig::new([self.endpoint.clone()]).with_prefix(prefix)
     }
 }
 
