@@ -129,6 +129,13 @@ impl Leadership {
         self.shared.is_valid()
     }
 
+    /// The session's self-fence deadline as of now (tokio's clock): the leadership ends
+    /// by then unless a keepalive is acknowledged first. Work the holder must have
+    /// stopped before another can lead (a child process) is stopped by this instant.
+    pub fn deadline(&self) -> tokio::time::Instant {
+        crate::clock::to_tokio(self.shared.session.deadline())
+    }
+
     /// Why the leadership ended, if it has.
     pub fn loss_reason(&self) -> Option<LossReason> {
         *self.shared.lost.borrow()

@@ -120,6 +120,17 @@ impl Default for SessionOptions {
 }
 
 impl SessionOptions {
+    /// The least time left to the self-fence deadline while every renewal succeeds: just
+    /// before a renewal is due (TTL/3 after the last one was sent), TTL·(1−ρ) − margin −
+    /// TTL/3, less the renewal's round trip. A holder that starts stopping work when
+    /// the time left falls to its grace period needs a grace below this, or it would
+    /// stop before every renewal.
+    pub fn steady_time_left(&self) -> Duration {
+        (self.ttl.mul_f64(1.0 - self.drift))
+            .saturating_sub(self.margin_for(self.ttl))
+            .saturating_sub(self.ttl / 3)
+    }
+
     fn margin_for(&self, ttl: Duration) -> Duration {
         self.margin
             .unwrap_or_else(|| (ttl / 20).min(Duration::from_secs(1)))

@@ -561,3 +561,62 @@ async fn an_activation_ending_on_a_lost_leadership_is_a_loss_not_a_failure() {
     state_where(&mut a_state, "a active again", |s| s.is_ready_active()).await;
     a.stop().await.unwrap_or_else(|e| panic!("{e}"));
 }
+
+#[tokio::test(start_paused = true)]
+async fn with_a_stop_grace_the_activation_finishes_its_cleanup_before_the_handover() {
+    let backend = MemoryBackend::new();
+    let cleaned = Arc::new(AtomicBool::new(false));
+    let a = {
+        let cleaned = Arc::clone(&cleaned);
+        builder(&backend, 1)
+            .stop_grace(Duration::from_secs(2))
+            .spawn(move |active: Active| {
+                let cleaned = Arc::clone(&cleaned);
+                async move {
+                    active.ready().await?;
+                    // The deadline is a TTL ahead at most, and ahead of now.
+                    let left = active.deadline() - Instant::now();
+                    assert!(left > Duration::ZERO && left <= TTL, "{left:?}");
+                    active.stopping().cancelled().await;
+                    // Cleanup that takes a while (a child stopping), inside the grace.
+                    tokio::time::sleep(Duration::from_millis(1500)).await;
+                    cleaned.store(true, Ordering::SeqCst);
+                    Ok::<_, Error>(())
+                }
+            })
+    };
+    let mut a_state = a.watch_state();
+    state_where(&mut a_state, "a ready", RoleState::is_ready_active).await;
+    let b = builder(&backend, 2).spawn(serve);
+    let mut b_state = b.watch_state();
+    state_where(&mut b_state, "b standby", |s| *s == RoleState::Standby).await;
+    let stopped = Instant::now();
+    a.shutdown();
+    state_where(&mut b_state, "b active", |s| {
+        matches!(s, RoleState::Active { .. })
+    })
+    .await;
+    assert!(
+        cleaned.load(Ordering::SeqCst),
+        "b took over before a's cleanup"
+    );
+    assert!(stopped.elapsed() >= Duration::from_millis(1500));
+    let _ = a.wait().await;
+
+    // Beyond the grace the activation is dropped, as without one.
+    let slow = builder(&backend, 3)
+        .stop_grace(Duration::from_millis(200))
+        .spawn(|active: Active| async move {
+            active.ready().await?;
+            active.stopping().cancelled().await;
+            std::future::pending::<()>().await;
+            Ok::<_, Error>(())
+        });
+    b.shutdown();
+    let mut slow_state = slow.watch_state();
+    state_where(&mut slow_state, "slow ready", RoleState::is_ready_active).await;
+    let stopped = Instant::now();
+    let outcome = timeout(Duration::from_secs(10), slow.stop()).await;
+    assert!(matches!(outcome, Ok(Ok(Outcome::Shutdown))), "{outcome:?}");
+    assert!(stopped.elapsed() < Duration::from_secs(1));
+}

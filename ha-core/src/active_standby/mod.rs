@@ -222,6 +222,11 @@ impl Active {
         self.leadership.is_valid()
     }
 
+    /// The session's self-fence deadline as of now; see [`Leadership::deadline`].
+    pub fn deadline(&self) -> tokio::time::Instant {
+        self.leadership.deadline()
+    }
+
     /// Cancelled when the activation must stop (leadership lost or shutdown). Hand
     /// child tokens to tasks the activation spawns, so they stop with it.
     pub fn stopping(&self) -> &CancellationToken {
@@ -291,6 +296,7 @@ struct Config {
     address: String,
     session: SessionOptions,
     standby_log_interval: Duration,
+    stop_grace: Duration,
     policy: LossPolicy,
     enabled: bool,
 }
@@ -383,6 +389,17 @@ impl ActiveStandbyBuilder {
     /// How often a STANDBY logs `"{role} is in STANDBY ..."` (default 10 s).
     pub fn standby_log_interval(mut self, every: Duration) -> Self {
         self.config.standby_log_interval = every;
+        self
+    }
+
+    /// How long an activation may take to return after [`Active::stopping`] is
+    /// cancelled by a shutdown or a loss before it is dropped (default zero: dropped at
+    /// once). The loss is reported, and the role resigned, only once it has returned:
+    /// an activation that stops something outside the process (a child it supervises)
+    /// gets the time to do it. A loss at the self-fence deadline leaves no time: such an
+    /// activation watches [`Active::deadline`] and stops before it.
+    pub fn stop_grace(mut self, grace: Duration) -> Self {
+        self.config.stop_grace = grace;
         self
     }
 
@@ -495,6 +512,7 @@ impl ActiveStandby {
                 address: String::new(),
                 session: SessionOptions::default(),
                 standby_log_interval: DEFAULT_STANDBY_LOG_INTERVAL,
+                stop_grace: Duration::ZERO,
                 policy: LossPolicy::default(),
                 enabled: true,
             },

@@ -218,8 +218,11 @@ where
     // Stop the activation, and wait until it has, before anything else is reported.
     stopping.cancel();
     if !matches!(ended, ActiveEnd::Returned(_)) {
-        running.abort();
-        let _ = (&mut running).await;
+        let grace = shared.config.stop_grace;
+        if grace.is_zero() || tokio::time::timeout(grace, &mut running).await.is_err() {
+            running.abort();
+            let _ = (&mut running).await;
+        }
     }
     // Not active from here on, before any I/O (resign, revoke, probes).
     shared.set_state(RoleState::Stopping);

@@ -11,10 +11,14 @@ use ha::{
 
 use crate::elect::{connect, fail};
 use crate::output::{Event, Printer};
-use crate::{http, shutdown_signal, Common, CoordinatorArgs, Exit};
+use crate::{http, shutdown_signal, supervise, Common, CoordinatorArgs, Exit};
 
 /// `ha run`: the coordinator on `--backend`.
 pub async fn run(args: &CoordinatorArgs, common: &Common) -> Exit {
+    if let Err(reason) = supervise::check(&args.child, common.ttl()) {
+        eprintln!("ha run: {reason}");
+        return Exit::Usage;
+    }
     let backend = match connect(common).await {
         Ok(backend) => backend,
         Err(exit) => return exit,
@@ -38,7 +42,8 @@ async fn hold(active: Active) -> Result<(), ha::Error> {
     Ok(())
 }
 
-/// Runs the coordinator loop until SIGINT/SIGTERM or a loss, printing its events.
+/// Runs the coordinator loop until SIGINT/SIGTERM or a loss, printing its events; with
+/// a command after `--`, the command runs while this replica is ACTIVE.
 pub async fn drive(
     backend: Arc<dyn Backend>,
     args: &CoordinatorArgs,
@@ -57,6 +62,28 @@ pub async fn drive(
         },
         None => ElectionName::from_role(&role),
     };
+    let plan = supervise::Plan::new(
+        &args.child,
+        ttl,
+        server_id.get(),
+        role.as_str(),
+        election.as_str(),
+        printer,
+        args.recampaign,
+    );
+    let plan = match plan {
+        Ok(plan) => plan,
+        Err(reason) => {
+            eprintln!("ha: {reason}");
+            return Exit::Usage;
+        }
+    };
+    if plan.is_some() {
+        if let Err(error) = supervise::child::become_subreaper() {
+            eprintln!("ha: cannot reap what the command leaves behind: {error}");
+            return Exit::Failed;
+        }
+    }
     let builder = ActiveStandby::builder(backend, role, server_id)
         .address(args.address.as_str())
         .election(election.clone())
@@ -68,6 +95,7 @@ pub async fn drive(
             LossPolicy::Exit
         })
         .enabled(!args.exclusive)
+        .stop_grace(plan.as_ref().map_or(Duration::ZERO, |p| p.stop_grace()))
         .shutdown_on(shutdown_signal());
     let mut events = builder.subscribe();
     let state = builder.watch_state();
@@ -77,10 +105,31 @@ pub async fn drive(
             return Exit::Usage;
         }
     }
-    let coordinator = builder.spawn(hold);
+    let coordinator = match &plan {
+        Some(plan) => {
+            let plan = Arc::clone(plan);
+            builder.spawn(move |active| supervise::supervise(active, Arc::clone(&plan)))
+        }
+        None => builder.spawn(hold),
+    };
     let me = Some(server_id);
+    let give_up_at = args
+        .child
+        .timeout
+        .filter(|t| *t > 0.0)
+        .map(|t| tokio::time::Instant::now() + Duration::from_secs_f64(t));
+    let mut elected = false;
+    let mut timed_out = false;
     loop {
-        let event = match events.recv().await {
+        let received = tokio::select! {
+            received = events.recv() => received,
+            () = sleep_until_some(give_up_at), if !elected && !timed_out => {
+                timed_out = true;
+                coordinator.shutdown();
+                continue;
+            }
+        };
+        let event = match received {
             Ok(event) => event,
             Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
                 eprintln!("ha: {n} events were not printed (output too slow)");
@@ -88,6 +137,21 @@ pub async fn drive(
             }
             Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
         };
+        match &event {
+            CoordinatorEvent::Elected { .. } => elected = true,
+            // --timeout 0: one try, so give up once another replica is seen leading.
+            CoordinatorEvent::Standby {
+                leader: Some(leader),
+            } if args.child.timeout == Some(0.0)
+                && !elected
+                && !timed_out
+                && leader.server_id != me =>
+            {
+                timed_out = true;
+                coordinator.shutdown();
+            }
+            _ => {}
+        }
         let line = match event {
             CoordinatorEvent::Registered { lease, .. } => {
                 Event::new("registered").lease(lease).server_id(me)
@@ -130,10 +194,27 @@ pub async fn drive(
             break;
         }
     }
-    match coordinator.wait().await {
+    let outcome = coordinator.wait().await;
+    if timed_out && !elected {
+        eprintln!("ha: not elected within --timeout; gave up");
+        return Exit::Timeout;
+    }
+    match outcome {
+        Ok(Outcome::Finished) => match plan.and_then(|p| p.take_exit()) {
+            Some(ended) => Exit::Child(ended.exit_code()),
+            None => Exit::Clean,
+        },
         Ok(Outcome::Lost(_)) => Exit::Lost,
         Ok(_) => Exit::Clean,
         Err(e) => fail("the coordinator stopped", &e),
+    }
+}
+
+/// Sleeps until `at`, or forever without one.
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -144,6 +225,16 @@ pub async fn node(args: crate::NodeArgs) -> Exit {
     use std::collections::BTreeMap;
 
     let printer = Printer::new(args.json);
+    // A bad command fails before the node starts, as before `ha run` registers.
+    let command = &args.coordinator.child;
+    if !command.command.is_empty() && !args.active_standby {
+        eprintln!("ha node: a command after -- needs --active-standby");
+        return Exit::Usage;
+    }
+    if let Err(reason) = supervise::check(command, Duration::from_secs_f64(args.ttl)) {
+        eprintln!("ha node: {reason}");
+        return Exit::Usage;
+    }
     let mut peers = BTreeMap::new();
     for pair in &args.peers {
         let Some((id, addr)) = pair.split_once('=') else {

@@ -8,6 +8,7 @@ mod demo;
 mod elect;
 mod http;
 mod output;
+mod supervise;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -20,18 +21,22 @@ use clap::{Args, Parser, Subcommand};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Exit {
     /// Finished cleanly (including a resign on SIGINT/SIGTERM).
-    Clean = 0,
+    Clean,
     /// `ha demo` failed (it says why).
-    Failed = 1,
+    Failed,
     /// Bad usage: an unknown flag, an invalid name, URL or TTL.
-    Usage = 2,
+    Usage,
     /// The leadership or the session was lost (or another instance holds the role).
-    Lost = 3,
+    Lost,
     /// The backend could not be reached.
-    Unavailable = 4,
+    Unavailable,
     /// TLS or credentials were refused (wrong CA, missing client certificate, wrong
     /// password or token).
-    Refused = 5,
+    Refused,
+    /// `--timeout` passed before this replica was elected.
+    Timeout,
+    /// The supervised command exited on its own with this code (128 + N for signal N).
+    Child(u8),
 }
 
 impl Exit {
@@ -53,7 +58,16 @@ impl Exit {
 
 impl From<Exit> for ExitCode {
     fn from(exit: Exit) -> Self {
-        ExitCode::from(exit as u8)
+        ExitCode::from(match exit {
+            Exit::Clean => 0,
+            Exit::Failed => 1,
+            Exit::Usage => 2,
+            Exit::Lost => 3,
+            Exit::Unavailable => 4,
+            Exit::Refused => 5,
+            Exit::Timeout => 6,
+            Exit::Child(code) => code,
+        })
     }
 }
 
@@ -67,7 +81,11 @@ Exit codes:
   4  backend unavailable; for ha node also: it could not start, or its Raft core
      stopped on a storage error (a full disk)
   5  refused: the server's certificate is not trusted, or it refused our certificate,
-     user, password or token";
+     user, password or token
+  6  --timeout passed before this replica was elected
+With `-- CMD`, a command that exits on its own ends `ha run` with the command's code
+(128 + N for signal N). A code can then be ours or the command's: the last event line
+tells them apart (`child_exited` with `code` or `signal` means the command's).";
 
 /// Highly available coordinators: one ACTIVE, hot STANDBYs, fencing tokens.
 #[derive(Debug, Parser)]
@@ -224,6 +242,9 @@ pub struct CoordinatorArgs {
     /// Serve /metrics, /healthz and /role (200 only while ACTIVE) on this address.
     #[arg(long)]
     pub metrics_addr: Option<SocketAddr>,
+    /// The supervised command and how it is started, probed and stopped.
+    #[command(flatten)]
+    pub child: supervise::ChildArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -280,6 +301,12 @@ enum Command {
         /// Session TTL (seconds, or 3s, 1500ms).
         #[arg(long, default_value_t = 3.0, value_parser = parse_ttl)]
         ttl: f64,
+    },
+    /// Internal: SIGKILLs process group GROUP when its supervisor dies.
+    #[command(hide = true)]
+    Guard {
+        /// The supervised command's process group.
+        group: i32,
     },
 }
 
@@ -356,11 +383,25 @@ fn init_logging() {
         .init();
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The guard of a supervised command's group runs no runtime: one thread, which
+    // waits for the signal its start left blocked.
+    if let Command::Guard { group } = cli.command {
+        return supervise::child::guard(group);
+    }
     init_logging();
-    let exit = match cli.command {
+    match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime.block_on(command(cli.command)).into(),
+        Err(error) => {
+            eprintln!("ha: cannot start the runtime: {error}");
+            Exit::Failed.into()
+        }
+    }
+}
+
+async fn command(command: Command) -> Exit {
+    match command {
         Command::Elect {
             election,
             value,
@@ -387,8 +428,8 @@ async fn main() -> ExitCode {
         } => coordinator::run(&coordinator, &common).await,
         Command::Node(node) => node_command(node).await,
         Command::Demo { ttl } => demo_command(ttl).await,
-    };
-    exit.into()
+        Command::Guard { .. } => Exit::Usage,
+    }
 }
 
 #[cfg(feature = "raft")]

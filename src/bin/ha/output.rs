@@ -6,7 +6,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 
 /// One event line. `event` is one of registered, standby, elected, proclaimed, lost,
-/// resigned, leader, vacant, member, stopped, node_ready, raft_leader.
+/// resigned, leader, vacant, member, stopped, node_ready, raft_leader, and for a
+/// supervised command child_started, child_stopping, child_exited, child_failed.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Event {
     /// What happened.
@@ -32,6 +33,15 @@ pub struct Event {
     /// The Raft node id (node events).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub node: Option<u64>,
+    /// The supervised command's PID (`child_started`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    /// The signal sent to the command's group, or the one that killed it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signal: Option<String>,
+    /// The command's exit code (`child_exited`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub code: Option<i32>,
     /// Wall-clock time of the event, in microseconds since the Unix epoch.
     pub at_unix_us: u64,
 }
@@ -98,6 +108,12 @@ impl Event {
         self
     }
 
+    /// Sets the signal.
+    pub fn signal(mut self, signal: &str) -> Self {
+        self.signal = Some(signal.to_owned());
+        self
+    }
+
     /// Fills in the leader's fields from a leader record.
     pub fn leader(self, leader: &ha::Leader) -> Self {
         self.election(&leader.key.election)
@@ -117,6 +133,9 @@ impl Event {
         field("token", self.token.map(|t| t.to_string()));
         field("server_id", self.server_id.map(|s| s.to_string()));
         field("node", self.node.map(|s| s.to_string()));
+        field("pid", self.pid.map(|s| s.to_string()));
+        field("signal", self.signal.clone());
+        field("code", self.code.map(|s| s.to_string()));
         field("lease", self.lease.clone());
         field("reason", self.reason.clone());
         field("value", self.value.as_ref().map(|v| format!("{v:?}")));
@@ -134,6 +153,11 @@ impl Printer {
     /// A printer in JSON or text mode.
     pub fn new(json: bool) -> Self {
         Self { json }
+    }
+
+    /// Whether it prints JSON lines.
+    pub fn is_json(&self) -> bool {
+        self.json
     }
 
     /// Prints one event.
