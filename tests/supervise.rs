@@ -149,7 +149,7 @@ async fn kill_then_term(backend: impl Fn(u64) -> String, log: &Path) {
         );
     }
     let first = started(&mut procs, "a first command", |_| true).await;
-    sleep(Duration::from_millis(500)).await;
+    wait_for_line(log, first.token()).await;
     procs
         .signal(first.from, Signal::KILL)
         .unwrap_or_else(|e| panic!("{e}"));
@@ -158,7 +158,7 @@ async fn kill_then_term(backend: impl Fn(u64) -> String, log: &Path) {
     let _ = procs.wait_exit(first.from, 10 * SECONDS).await;
     let second = started(&mut procs, "the next command", |l| l.from != first.from).await;
     assert!(second.token() > first.token());
-    sleep(Duration::from_millis(500)).await;
+    wait_for_line(log, second.token()).await;
 
     let termed = Instant::now();
     procs
@@ -187,10 +187,23 @@ async fn kill_then_term(backend: impl Fn(u64) -> String, log: &Path) {
         !group_alive(pid(&second)),
         "the command left a process behind"
     );
+    wait_for_line(log, third.token()).await;
     procs.stop_all(10 * SECONDS).await;
     wait_group_gone(pid(&third), 2 * SECONDS).await;
     let tokens = assert_one_at_a_time(log);
     assert!(tokens.len() >= 3, "tokens seen: {tokens:?}");
+}
+
+/// Waits (bounded) until the command of `token` has written a line.
+async fn wait_for_line(log: &Path, token: u64) {
+    let deadline = Instant::now() + 10 * SECONDS;
+    while !log_lines(log).iter().any(|(_, t, _)| *t == token) {
+        assert!(
+            Instant::now() < deadline,
+            "the command of token {token} wrote nothing"
+        );
+        sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Three bare `ha node` members; their `raft://` endpoints.
@@ -283,7 +296,7 @@ async fn nodes_with_a_command_hand_it_over_when_the_active_is_killed() {
         node(&mut procs, id);
     }
     let first = started(&mut procs, "a first command", |_| true).await;
-    sleep(Duration::from_millis(500)).await;
+    wait_for_line(&log, first.token()).await;
     procs
         .signal(first.from, Signal::KILL)
         .unwrap_or_else(|e| panic!("{e}"));
@@ -291,7 +304,7 @@ async fn nodes_with_a_command_hand_it_over_when_the_active_is_killed() {
     procs.kill(first.from).await;
     let second = started(&mut procs, "the next command", |l| l.from != first.from).await;
     assert!(second.token() > first.token());
-    sleep(Duration::from_millis(300)).await;
+    wait_for_line(&log, second.token()).await;
     procs.stop_all(10 * SECONDS).await;
     wait_group_gone(pid(&second), 2 * SECONDS).await;
     assert_eq!(assert_one_at_a_time(&log).len(), 2);
@@ -517,4 +530,65 @@ async fn a_missing_command_or_a_grace_the_ttl_cannot_hold_is_refused_before_regi
             output.stdout
         );
     }
+}
+
+#[tokio::test]
+async fn sighup_and_sigusr1_reach_the_commands_group() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let got = dir.path().join("got");
+    let script = format!(
+        "trap 'echo HUP >> {0}' HUP; trap 'echo USR1 >> {0}' USR1; while :; do sleep 0.05; done",
+        got.display()
+    );
+    let mut procs = Processes::new();
+    start(
+        &mut procs,
+        1,
+        &run_args("memory://", 7, &[]),
+        &["sh".into(), "-c".into(), script],
+    );
+    started(&mut procs, "the command", |_| true).await;
+    // Time for the shell to set its traps.
+    sleep(Duration::from_millis(300)).await;
+    for signal in [Signal::HUP, Signal::USR1] {
+        procs.signal(1, signal).unwrap_or_else(|e| panic!("{e}"));
+        sleep(Duration::from_millis(200)).await;
+    }
+    let deadline = Instant::now() + 10 * SECONDS;
+    while std::fs::read_to_string(&got).unwrap_or_default() != "HUP\nUSR1\n" {
+        assert!(
+            Instant::now() < deadline,
+            "the command got {:?}",
+            std::fs::read_to_string(&got).unwrap_or_default()
+        );
+        sleep(Duration::from_millis(20)).await;
+    }
+    assert!(procs.pid(1).is_some(), "ha run must not die of SIGHUP");
+    procs.stop(1, 10 * SECONDS).await;
+}
+
+#[tokio::test]
+async fn a_command_never_ready_is_stopped_and_the_role_given_up() {
+    let port = ha_testkit::free_port().to_string();
+    let ready_tcp = format!("127.0.0.1:{port}");
+    let extra = [
+        "--ready-tcp",
+        ready_tcp.as_str(),
+        "--ready-timeout",
+        "500ms",
+    ];
+    let (code, lines) = run_memory(&extra, &["sleep", "1000"], 20 * SECONDS).await;
+    let stopped = lines.iter().find(|l| l.is("child_stopping"));
+    assert_eq!(
+        stopped.map(|l| l.json["reason"].clone()),
+        Some("not_ready".into())
+    );
+    assert!(
+        !lines.iter().any(|l| l.is("proclaimed")),
+        "a command that never became ready was proclaimed active"
+    );
+    // Resigned by the supervisor: the loop reports it as the leadership's loss.
+    let given_up = |l: &Line| l.is("lost") && l.json["reason"] == "resigned";
+    assert!(lines.iter().any(given_up), "the role was not given up");
+    assert_eq!(code, Some(3));
 }

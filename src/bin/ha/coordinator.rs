@@ -122,6 +122,8 @@ pub async fn drive(
     let mut timed_out = false;
     loop {
         let received = tokio::select! {
+            // Events first: an election already queued wins over a timer that fired.
+            biased;
             received = events.recv() => received,
             () = sleep_until_some(give_up_at), if !elected && !timed_out => {
                 timed_out = true;
@@ -195,7 +197,7 @@ pub async fn drive(
         }
     }
     let outcome = coordinator.wait().await;
-    if timed_out && !elected {
+    if timed_out {
         eprintln!("ha: not elected within --timeout; gave up");
         return Exit::Timeout;
     }

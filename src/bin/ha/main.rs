@@ -307,6 +307,8 @@ enum Command {
     Guard {
         /// The supervised command's process group.
         group: i32,
+        /// The supervisor: a SIGTERM while it lives is not its death.
+        parent: i32,
     },
 }
 
@@ -387,8 +389,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // The guard of a supervised command's group runs no runtime: one thread, which
     // waits for the signal its start left blocked.
-    if let Command::Guard { group } = cli.command {
-        return supervise::child::guard(group);
+    if let Command::Guard { group, parent } = cli.command {
+        return supervise::child::guard(group, parent);
     }
     init_logging();
     match tokio::runtime::Runtime::new() {

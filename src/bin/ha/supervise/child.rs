@@ -94,9 +94,11 @@ impl Child {
             guard: None,
             reaped: false,
         };
-        let mut guard = Command::new(std::env::current_exe()?);
+        // This very binary, even if the file was replaced since (an upgrade).
+        let mut guard = Command::new("/proc/self/exe");
         guard
-            .args(["guard", &pid.to_string()])
+            .arg0("ha")
+            .args(["guard", &pid.to_string(), &std::process::id().to_string()])
             .stdin(Stdio::null())
             .process_group(0)
             .kill_on_drop(true);
@@ -156,7 +158,15 @@ impl Child {
             report(Step::Signal(Signal::SIGKILL));
             self.signal(Signal::SIGKILL);
         }
-        let ended = self.exited().await;
+        // After SIGKILL the leader is gone within moments; one stuck in the kernel
+        // (uninterruptible I/O) is reported as killed rather than waited for forever.
+        let ended = match tokio::time::timeout(Duration::from_secs(5), self.exited()).await {
+            Ok(ended) => ended,
+            Err(_) => {
+                tracing::error!(pid = self.pid, "the command did not exit 5 s after SIGKILL");
+                Ended::Signal(Signal::SIGKILL as i32)
+            }
+        };
         // After SIGKILL the group is gone within moments; bounded all the same.
         self.reaped = tokio::time::timeout(Duration::from_secs(5), self.reap_group())
             .await
@@ -197,7 +207,8 @@ impl Drop for Child {
 
 /// `signal` for the process `command` starts when this process dies (PR_SET_PDEATHSIG),
 /// and with `blocked` that signal blocked in it, so it stays pending until the process
-/// waits for it.
+/// waits for it. The kernel ties it to the spawning thread: spawn from a runtime worker
+/// (they live as long as the runtime), never from a blocking-pool thread that may exit.
 fn on_parent_death(command: &mut Command, signal: Signal, blocked: bool) {
     let parent = nix::unistd::getpid();
     // SAFETY: the closure runs in the forked child before exec and calls only prctl(2),
@@ -223,13 +234,23 @@ fn on_parent_death(command: &mut Command, signal: Signal, blocked: bool) {
     }
 }
 
-/// `ha guard PGID`: waits for the SIGTERM its parent's death sends (blocked since its
-/// start), then SIGKILLs group `PGID`. Its parent kills it once the group is reaped.
-pub fn guard(group: i32) -> std::process::ExitCode {
+/// `ha guard PGID PARENT`: waits for the SIGTERM its parent's death sends (blocked since
+/// its start), then SIGKILLs group `PGID`. A SIGTERM while `PARENT` still lives (`pkill
+/// ha`, a service manager signalling everything) is not that, and is ignored: the
+/// parent stops the group itself, with its grace, and then kills the guard.
+pub fn guard(group: i32, parent: i32) -> std::process::ExitCode {
     let mut set = nix::sys::signal::SigSet::empty();
     set.add(Signal::SIGTERM);
-    if set.thread_block().is_err() || set.wait().is_err() {
+    if set.thread_block().is_err() {
         return std::process::ExitCode::FAILURE;
+    }
+    loop {
+        if set.wait().is_err() {
+            return std::process::ExitCode::FAILURE;
+        }
+        if nix::unistd::getppid().as_raw() != parent {
+            break;
+        }
     }
     let _ = killpg(Pid::from_raw(group), Signal::SIGKILL);
     std::process::ExitCode::SUCCESS

@@ -155,6 +155,12 @@ impl Plan {
         })))
     }
 
+    /// How long before the deadline a stop starts: the grace, and never less than the
+    /// kill margin (a grace of 0 would otherwise kill at the deadline itself).
+    fn stop_lead(&self) -> Duration {
+        self.grace.max(kill_margin(self.ttl))
+    }
+
     /// How long the runtime waits for a stop: the grace, the reaping, a margin.
     pub fn stop_grace(&self) -> Duration {
         self.grace + Duration::from_secs(6)
@@ -252,7 +258,7 @@ async fn run(active: Active, plan: &Plan) -> Result<(), Stopped> {
     let mut ready = false;
     let mut forwarded = Forwarded::new();
     let why = loop {
-        let stop_from = active.deadline().checked_sub(plan.grace);
+        let stop_from = active.deadline().checked_sub(plan.stop_lead());
         tokio::select! {
             biased;
             ended = child.exited() => {
@@ -266,7 +272,7 @@ async fn run(active: Active, plan: &Plan) -> Result<(), Stopped> {
             }
             () = sleep_until(stop_from.unwrap_or_else(Instant::now)) => {
                 // The deadline only moves forward: stop only if it did not move since.
-                if active.deadline().checked_sub(plan.grace) <= Some(Instant::now()) {
+                if active.deadline().checked_sub(plan.stop_lead()) <= Some(Instant::now()) {
                     break Why::Deadline;
                 }
             }
@@ -292,12 +298,27 @@ async fn run(active: Active, plan: &Plan) -> Result<(), Stopped> {
             Ok(())
         }
         Why::Exited | Why::Shutdown | Why::Lost => Ok(()),
-        Why::NotReady => Err(Stopped::NotReady(plan.ready_timeout)),
+        Why::NotReady => {
+            give_up(&active, plan.ttl).await;
+            Err(Stopped::NotReady(plan.ready_timeout))
+        }
         Why::Deadline => {
-            // Dead before the deadline; the leadership ends at it unless a keepalive
-            // gets through first. Either way the role is not held on with no command.
-            let _ = tokio::time::timeout_at(active.deadline(), active.leadership().lost()).await;
+            give_up(&active, plan.ttl).await;
             Err(Stopped::Deadline)
+        }
+    }
+}
+
+/// The command was stopped while the leadership may still hold (a keepalive got through
+/// late, or it never became ready): the role is not held on with no command. Resigning
+/// marks the leadership lost at once, so the loop reports a loss and, with
+/// --recampaign, goes back in line; the resign itself is bounded by a request timeout
+/// (TTL/3), as the backend may be what failed.
+async fn give_up(active: &Active, ttl: Duration) {
+    if active.is_valid() {
+        let resign = active.leadership().resign();
+        if let Ok(Err(error)) = tokio::time::timeout(ttl / 3, resign).await {
+            tracing::warn!(%error, "resign after stopping the command failed");
         }
     }
 }

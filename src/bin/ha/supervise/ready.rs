@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{sleep, timeout};
 
@@ -11,7 +11,7 @@ use tokio::time::{sleep, timeout};
 const EVERY: Duration = Duration::from_millis(100);
 const ONE_TRY: Duration = Duration::from_secs(1);
 /// The most of a response read: the status line is all that matters.
-const MAX_RESPONSE: u64 = 64 * 1024;
+const MAX_STATUS_LINE: u64 = 4 * 1024;
 
 /// The readiness check.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -99,12 +99,13 @@ async fn http_ok(authority: &str, path: &str) -> bool {
     if stream.write_all(request.as_bytes()).await.is_err() {
         return false;
     }
-    let mut head = Vec::new();
-    let _ = (&mut stream)
-        .take(MAX_RESPONSE)
-        .read_to_end(&mut head)
-        .await;
-    let status = String::from_utf8_lossy(&head);
+    // The status line decides; a server that keeps the connection open after it is
+    // still ready.
+    let mut status = String::new();
+    let mut reader = tokio::io::BufReader::new((&mut stream).take(MAX_STATUS_LINE));
+    if reader.read_line(&mut status).await.is_err() {
+        return false;
+    }
     status
         .split(' ')
         .nth(1)
@@ -154,11 +155,19 @@ mod tests {
                     let _ = stream.read(&mut buf).await;
                     let reply = format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\n\r\n");
                     let _ = stream.write_all(reply.as_bytes()).await;
+                    // Kept open: the status line alone must decide.
+                    tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_secs(30)).await;
+                        drop(stream);
+                    });
                 }
             }
         });
         let authority = addr.to_string();
-        assert!(!http_ok(&authority, "/").await);
-        assert!(http_ok(&authority, "/").await);
+        let probe = |authority: String| async move {
+            timeout(Duration::from_secs(5), http_ok(&authority, "/")).await
+        };
+        assert_eq!(probe(authority.clone()).await, Ok(false));
+        assert_eq!(probe(authority).await, Ok(true));
     }
 }
