@@ -285,6 +285,9 @@ async fn nodes_with_a_command_hand_it_over_when_the_active_is_killed() {
             "sup",
             "--ttl",
             TTL,
+            // A standby whose session self-fences while the Raft leader moves (it may
+            // die with the ACTIVE) goes back in line instead of exiting.
+            "--recampaign",
             "--json",
         ]
         .iter()
