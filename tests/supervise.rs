@@ -475,12 +475,15 @@ async fn timeout_gives_up_campaigning_with_its_own_exit_code() {
     let endpoints = raft_members(&mut members, dir.path());
     let url = format!("raft://{}", endpoints.join(","));
     let mut procs = Processes::new();
-    start(
-        &mut procs,
-        1,
-        &run_args(&url, 1, &[]),
-        &["sleep".into(), "1000".into()],
-    );
+    // The holder's TTL outlasts a Raft leader change of the fresh group: at 2 s its
+    // session could self-fence and hand the role to the one that should give up.
+    let mut holder = run_args(&url, 1, &[]);
+    let ttl = holder
+        .iter()
+        .position(|a| a == "--ttl")
+        .unwrap_or_else(|| panic!("no --ttl in {holder:?}"));
+    holder[ttl + 1] = "10s".to_owned();
+    start(&mut procs, 1, &holder, &["sleep".into(), "1000".into()]);
     started(&mut procs, "the holder's command", |_| true).await;
     for timeout in ["1s", "0"] {
         let tried = Instant::now();
