@@ -15,10 +15,13 @@ use crate::{http, shutdown_signal, supervise, Common, CoordinatorArgs, Exit};
 
 /// `ha run`: the coordinator on `--backend`.
 pub async fn run(args: &CoordinatorArgs, common: &Common) -> Exit {
-    if let Err(reason) = supervise::check(&args.child, common.ttl()) {
-        eprintln!("ha run: {reason}");
-        return Exit::Usage;
-    }
+    let command = match supervise::check(&args.child, common.ttl()) {
+        Ok(command) => command,
+        Err(reason) => {
+            eprintln!("ha run: {reason}");
+            return Exit::Usage;
+        }
+    };
     let backend = match connect(common).await {
         Ok(backend) => backend,
         Err(exit) => return exit,
@@ -27,6 +30,7 @@ pub async fn run(args: &CoordinatorArgs, common: &Common) -> Exit {
     drive(
         backend,
         args,
+        command,
         common.ttl(),
         server_id,
         Printer::new(common.json),
@@ -43,10 +47,12 @@ async fn hold(active: Active) -> Result<(), ha::Error> {
 }
 
 /// Runs the coordinator loop until SIGINT/SIGTERM or a loss, printing its events; with
-/// a command after `--`, the command runs while this replica is ACTIVE.
+/// a command after `--` (`command`, as [`supervise::check`] found it), the command runs
+/// while this replica is ACTIVE.
 pub async fn drive(
     backend: Arc<dyn Backend>,
     args: &CoordinatorArgs,
+    command: Option<supervise::Checked>,
     ttl: Duration,
     server_id: ServerId,
     printer: Printer,
@@ -62,22 +68,17 @@ pub async fn drive(
         },
         None => ElectionName::from_role(&role),
     };
-    let plan = supervise::Plan::new(
-        &args.child,
-        ttl,
-        server_id.get(),
-        role.as_str(),
-        election.as_str(),
-        printer,
-        args.recampaign,
-    );
-    let plan = match plan {
-        Ok(plan) => plan,
-        Err(reason) => {
-            eprintln!("ha: {reason}");
-            return Exit::Usage;
-        }
-    };
+    let plan = command.map(|command| {
+        supervise::Plan::new(
+            command,
+            ttl,
+            server_id.get(),
+            role.as_str(),
+            election.as_str(),
+            printer,
+            args.recampaign,
+        )
+    });
     if plan.is_some() {
         if let Err(error) = supervise::child::become_subreaper() {
             eprintln!("ha: cannot reap what the command leaves behind: {error}");
@@ -228,15 +229,18 @@ pub async fn node(args: crate::NodeArgs) -> Exit {
 
     let printer = Printer::new(args.json);
     // A bad command fails before the node starts, as before `ha run` registers.
-    let command = &args.coordinator.child;
-    if !command.command.is_empty() && !args.active_standby {
+    let child = &args.coordinator.child;
+    if !child.command.is_empty() && !args.active_standby {
         eprintln!("ha node: a command after -- needs --active-standby");
         return Exit::Usage;
     }
-    if let Err(reason) = supervise::check(command, Duration::from_secs_f64(args.ttl)) {
-        eprintln!("ha node: {reason}");
-        return Exit::Usage;
-    }
+    let command = match supervise::check(child, Duration::from_secs_f64(args.ttl)) {
+        Ok(command) => command,
+        Err(reason) => {
+            eprintln!("ha node: {reason}");
+            return Exit::Usage;
+        }
+    };
     let mut peers = BTreeMap::new();
     for pair in &args.peers {
         let Some((id, addr)) = pair.split_once('=') else {
@@ -276,6 +280,7 @@ pub async fn node(args: crate::NodeArgs) -> Exit {
             drive(
                 backend,
                 &args.coordinator,
+                command,
                 Duration::from_secs_f64(args.ttl),
                 ServerId::new(args.id),
                 printer,

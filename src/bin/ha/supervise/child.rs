@@ -144,18 +144,17 @@ impl Child {
 
     /// Stops the group: SIGTERM to all (reported only while the leader runs; after it
     /// exited, only what it left behind is stopped), SIGKILL to all at `kill_at` if
-    /// anything is still there, and every process of the group reaped. Returns how the leader ended and
-    /// whether SIGKILL was needed. Reported steps go to `report` as they happen.
-    pub async fn stop(&mut self, kill_at: Instant, mut report: impl FnMut(Step)) -> (Ended, bool) {
+    /// anything is still there, and every process of the group reaped. Returns how the
+    /// leader ended; each signal sent to the group goes to `report` as it is sent.
+    pub async fn stop(&mut self, kill_at: Instant, mut report: impl FnMut(Signal)) -> Ended {
         if self.ended.is_none() {
-            report(Step::Signal(Signal::SIGTERM));
+            report(Signal::SIGTERM);
         }
         self.signal(Signal::SIGTERM);
         let leader = timeout_at(kill_at, self.exited()).await;
         let group_gone = leader.is_ok() && timeout_at(kill_at, self.reap_group()).await.is_ok();
-        let killed = !group_gone;
-        if killed {
-            report(Step::Signal(Signal::SIGKILL));
+        if !group_gone {
+            report(Signal::SIGKILL);
             self.signal(Signal::SIGKILL);
         }
         // After SIGKILL the leader is gone within moments; one stuck in the kernel
@@ -174,7 +173,7 @@ impl Child {
         if let Some(mut guard) = self.guard.take() {
             let _ = guard.kill().await;
         }
-        (ended, killed)
+        ended
     }
 
     /// Waits until no process of the group is left. Call it once the leader is reaped:
@@ -254,13 +253,6 @@ pub fn guard(group: i32, parent: i32) -> std::process::ExitCode {
     }
     let _ = killpg(Pid::from_raw(group), Signal::SIGKILL);
     std::process::ExitCode::SUCCESS
-}
-
-/// One step of a stop, for the event lines.
-#[derive(Debug, Clone, Copy)]
-pub enum Step {
-    /// This signal went to the whole group.
-    Signal(Signal),
 }
 
 /// Makes this process the reaper of its orphaned descendants, so the processes a child

@@ -22,7 +22,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::time::{sleep_until, Instant};
 
 use crate::output::{Event, Printer};
-use child::{Child, Ended, Step};
+use child::{Child, Ended};
 use ready::Probe;
 
 /// The default grace between SIGTERM and SIGKILL, when the TTL allows it.
@@ -83,8 +83,8 @@ pub fn max_grace(ttl: Duration) -> Duration {
 }
 
 /// Checks the command flags against the TTL, before anything registers: the probe and
-/// the grace to use, `None` without a command, or what is wrong.
-pub fn check(args: &ChildArgs, ttl: Duration) -> Result<Option<(Probe, Duration)>, String> {
+/// the command to run, `None` without one, or what is wrong.
+pub fn check(args: &ChildArgs, ttl: Duration) -> Result<Option<Checked>, String> {
     let probe = Probe::parse(args.ready_tcp.as_deref(), args.ready_http.as_deref())?;
     let Some(program) = args.command.first() else {
         if probe != Probe::Started || args.kill_grace.is_some() {
@@ -106,7 +106,21 @@ pub fn check(args: &ChildArgs, ttl: Duration) -> Result<Option<(Probe, Duration)
         }
         None => DEFAULT_GRACE.min(largest),
     };
-    Ok(Some((probe, grace)))
+    Ok(Some(Checked {
+        argv: args.command.clone(),
+        probe,
+        grace,
+        ready_timeout: Duration::from_secs_f64(args.ready_timeout),
+    }))
+}
+
+/// A command and its flags, as [`check`] found them.
+#[derive(Debug)]
+pub struct Checked {
+    argv: Vec<String>,
+    probe: Probe,
+    grace: Duration,
+    ready_timeout: Duration,
 }
 
 /// What to run and how, checked before registering.
@@ -127,32 +141,29 @@ pub struct Plan {
 }
 
 impl Plan {
-    /// The plan for `args` (`None` without a command), or what is wrong with them.
+    /// The plan to run `command` for this replica.
     pub fn new(
-        args: &ChildArgs,
+        command: Checked,
         ttl: Duration,
         server_id: u64,
         role: &str,
         election: &str,
         printer: Printer,
         recampaign: bool,
-    ) -> Result<Option<Arc<Self>>, String> {
-        let Some((probe, grace)) = check(args, ttl)? else {
-            return Ok(None);
-        };
-        Ok(Some(Arc::new(Self {
-            argv: args.command.clone(),
-            grace,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            argv: command.argv,
+            grace: command.grace,
             ttl,
-            probe,
-            ready_timeout: Duration::from_secs_f64(args.ready_timeout),
+            probe: command.probe,
+            ready_timeout: command.ready_timeout,
             server_id,
             role: role.to_owned(),
             election: election.to_owned(),
             printer,
             recampaign,
             exited_on_its_own: Mutex::new(None),
-        })))
+        })
     }
 
     /// How long before the deadline a stop starts: the grace, and never less than the
@@ -330,8 +341,8 @@ async fn stop(child: &mut Child, active: &Active, plan: &Plan, why: Why) {
         .checked_sub(kill_margin(plan.ttl))
         .unwrap_or_else(Instant::now);
     let kill_at = (Instant::now() + plan.grace).min(deadline_kill);
-    let (ended, _) = child
-        .stop(kill_at, |Step::Signal(signal)| {
+    let ended = child
+        .stop(kill_at, |signal| {
             tracing::warn!(signal = %signal, why = why.as_str(), "stopping the command");
             plan.printer.print(
                 &plan
