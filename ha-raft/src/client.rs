@@ -17,11 +17,11 @@ use ha_core::{
     RecordLimits, Result, Role, ServerId,
 };
 use tokio::time::{sleep, Instant};
-use tonic::metadata::{Ascii, MetadataValue};
-use tonic::service::interceptor::{InterceptedService, Interceptor};
-use tonic::transport::{Channel, Endpoint};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
 use tonic::{Code, Status};
 
+use crate::channel::{channel, BearerToken};
 use crate::config::MIN_TTL;
 use crate::proto::coordination_client::CoordinationClient;
 use crate::proto::{self, member_event::Kind};
@@ -33,34 +33,6 @@ use ha_core::ClientTls;
 
 /// The client API over one channel, with the bearer token (if any) on every call.
 type Api = CoordinationClient<InterceptedService<Channel, BearerToken>>;
-
-/// Adds `authorization: Bearer <token>` to every request.
-#[derive(Clone)]
-struct BearerToken(Option<MetadataValue<Ascii>>);
-
-impl std::fmt::Debug for BearerToken {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.0.is_some() {
-            "BearerToken(***)"
-        } else {
-            "BearerToken(None)"
-        })
-    }
-}
-
-impl Interceptor for BearerToken {
-    fn call(
-        &mut self,
-        mut request: tonic::Request<()>,
-    ) -> std::result::Result<tonic::Request<()>, Status> {
-        if let Some(value) = &self.0 {
-            request
-                .metadata_mut()
-                .insert("authorization", value.clone());
-        }
-        Ok(request)
-    }
-}
 
 /// How a [`RaftClient`] connects: timeouts and credentials.
 #[derive(Clone)]
@@ -165,83 +137,24 @@ impl RaftClient {
     {
         let request_timeout = options.request_timeout;
         let endpoints: Vec<String> = endpoints.into_iter().map(Into::into).collect();
-        if options.token.is_some()
-            && options.tls.is_none()
-            && !endpoints.iter().all(|e| ha_core::is_loopback_endpoint(e))
-        {
-            // A bearer token in cleartext to another host is readable by anyone on the
-            // path (and the nodes refuse tokens without TLS anyway).
-            return Err(Error::InvalidArgument {
-                what: "tls",
-                reason: format!(
-                    "refusing to send the bearer token without TLS to {endpoints:?}; configure TLS (--cacert) or use a loopback endpoint"
-                ),
-            });
-        }
-        let token = match &options.token {
-            Some(token) => {
-                let mut value =
-                    MetadataValue::try_from(format!("Bearer {token}")).map_err(|_| {
-                        Error::InvalidArgument {
-                            what: "token",
-                            reason: "a bearer token must be printable ASCII".into(),
-                        }
-                    })?;
-                value.set_sensitive(true);
-                Some(value)
-            }
-            None => None,
-        };
+        let token = BearerToken::new(options.token.as_deref(), options.tls.is_some(), &endpoints)?;
         if endpoints.is_empty() {
             return Err(Error::InvalidArgument {
                 what: "url",
                 reason: "a raft:// URL needs at least one host:port".into(),
             });
         }
-        let mut channels = Vec::new();
-        for endpoint in &endpoints {
-            if endpoint.is_empty() || endpoint.contains('/') || !endpoint.contains(':') {
-                return Err(Error::InvalidArgument {
-                    what: "url",
-                    reason: format!("{endpoint:?} is not host:port"),
-                });
-            }
-            let scheme = if options.tls.is_some() {
-                "https"
-            } else {
-                "http"
-            };
-            let mut channel = Endpoint::from_shared(format!("{scheme}://{endpoint}"))
-                .map_err(|e| Error::InvalidArgument {
-                    what: "url",
-                    reason: format!("{endpoint:?}: {e}"),
-                })?
-                .connect_timeout(Duration::from_secs(1))
-                .tcp_nodelay(true)
-                // A watch or a waiting campaign is a stream that may carry nothing for
-                // hours; over a connection that went silent (a dead host, a black-holing
-                // link) it would wait forever. Pings find such a connection.
-                .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
-                .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-                .keep_alive_while_idle(true);
-            if let Some(tls) = &options.tls {
-                channel = channel
-                    .tls_config(crate::tls::client_config(tls))
-                    .map_err(|e| Error::InvalidArgument {
-                        what: "tls",
-                        reason: e.to_string(),
-                    })?;
-            }
-            let channel = channel.connect_lazy();
-            channels.push(channel);
-        }
+        let channels = endpoints
+            .iter()
+            .map(|endpoint| channel(endpoint, options.tls.as_ref()))
+            .collect::<Result<Vec<_>>>()?;
         let client = Self {
             inner: Arc::new(ClientInner {
                 endpoints,
                 channels,
                 current: AtomicUsize::new(0),
                 request_timeout,
-                token: BearerToken(token),
+                token,
             }),
             kv_limits: KvLimits::default(),
         };
@@ -498,11 +411,6 @@ impl Backend for RaftClient {
         rx.into_flat_stream()
     }
 }
-
-/// How often an idle connection to a node is pinged, and how long a ping may go
-/// unanswered before the connection counts as dead (its streams then fail over).
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
-const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Opens a server stream on the current endpoint, moving to the next after a transient
 /// failure (at most 100 in a row). `None` once the consumer is gone or a final error was

@@ -59,6 +59,9 @@ pub struct RaftNodeConfig {
     /// A bearer token that admits clients to the client API (`authorization: Bearer
     /// <token>`), for clients without a certificate. Peers always need certificates.
     pub client_token: Option<String>,
+    /// A bearer token that admits clients and may also change the membership (`ha
+    /// member`). Without it, only node certificates may (needs TLS, like the client token).
+    pub admin_token: Option<String>,
     /// Allows listening on a non-loopback address without TLS: anyone who reaches the
     /// port can then join the group's traffic and make itself ACTIVE. Logged as a warning.
     pub insecure: bool,
@@ -83,6 +86,7 @@ impl std::fmt::Debug for RaftNodeConfig {
             .field("kv_limits", &self.kv_limits)
             .field("tls", &self.tls.is_some())
             .field("client_token", &self.client_token.as_ref().map(|_| "***"))
+            .field("admin_token", &self.admin_token.as_ref().map(|_| "***"))
             .field("insecure", &self.insecure)
             .finish_non_exhaustive()
     }
@@ -140,6 +144,7 @@ impl RaftNodeConfig {
             kv_limits: KvLimits::default(),
             tls: None,
             client_token: None,
+            admin_token: None,
             insecure: false,
             faults: None,
         }
@@ -223,6 +228,12 @@ impl RaftNodeConfig {
         self
     }
 
+    /// Admits clients that send this bearer token and lets them change the membership.
+    pub fn with_admin_token(mut self, token: impl Into<String>) -> Self {
+        self.admin_token = Some(token.into());
+        self
+    }
+
     /// Allows a non-loopback listen address without TLS (see [`Self::insecure`]).
     pub fn with_insecure(mut self, insecure: bool) -> Self {
         self.insecure = insecure;
@@ -293,14 +304,16 @@ impl RaftNodeConfig {
                 "listening without TLS on a non-loopback address (--insecure): anyone who reaches this port can join the group's traffic"
             );
         }
-        if self.client_token.as_deref().is_some_and(str::is_empty) {
-            return bad("the client token must not be empty".into());
+        if self.client_token.as_deref().is_some_and(str::is_empty)
+            || self.admin_token.as_deref().is_some_and(str::is_empty)
+        {
+            return bad("a token must not be empty".into());
         }
-        if self.client_token.is_some() && self.tls.is_none() {
+        if (self.client_token.is_some() || self.admin_token.is_some()) && self.tls.is_none() {
             // Without TLS the peer service takes anyone's word for its node id, so a
             // token on the client API would only look like protection.
             return bad(
-                "a client token needs TLS (--cacert, --cert, --key): without it the port admits anyone anyway"
+                "a client or admin token needs TLS (--cacert, --cert, --key): without it the port admits anyone anyway"
                     .into(),
             );
         }

@@ -4,6 +4,9 @@
 // return them; boxing them at every call would only move the size around.
 #![allow(clippy::result_large_err)]
 
+mod admin;
+mod admin_client;
+mod channel;
 mod client;
 mod command;
 mod config;
@@ -12,6 +15,7 @@ mod failure;
 mod heartbeat;
 mod hub;
 mod lessor;
+mod membership;
 mod network;
 mod node;
 mod service;
@@ -27,11 +31,14 @@ pub mod proto {
     tonic::include_proto!("ha_raft.v1");
 }
 
+pub use admin::{AdminError, MembershipReport, NodeStatus, PeerProgress};
+pub use admin_client::{GroupStatus, JoinOutcome, MemberKind, MemberStatus, RaftAdmin};
 pub use client::{RaftClient, RaftClientOptions, DEFAULT_REQUEST_TIMEOUT};
 pub use command::{NodeId, Raft, TypeConfig};
 pub use config::{RaftNodeConfig, MIN_TTL};
 pub use error::RaftBackendError;
 pub use ha_core::ClientTls;
+pub use membership::{MembershipChange, MembershipRefusal};
 pub use network::FaultInjector;
 pub use node::RaftNode;
 pub use tls::{node_name, RaftTls};

@@ -3,7 +3,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use openraft::error::{
     InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError,
@@ -175,6 +175,8 @@ pub struct PeerPool {
     cluster_id: String,
     tls: Option<RaftTls>,
     channels: Mutex<HashMap<(NodeId, String), Channel>>,
+    /// When each peer last answered an RPC, for the membership checks and `ha status`.
+    contacts: Mutex<HashMap<NodeId, Instant>>,
     faults: Option<Arc<FaultInjector>>,
 }
 
@@ -192,8 +194,18 @@ impl PeerPool {
             cluster_id,
             tls,
             channels: Mutex::new(HashMap::new()),
+            contacts: Mutex::new(HashMap::new()),
             faults,
         }
+    }
+
+    /// When peer `id` last answered an RPC from this node.
+    pub fn last_contact(&self, id: NodeId) -> Option<Instant> {
+        self.contacts
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&id)
+            .copied()
     }
 
     fn channel(&self, to: NodeId, addr: &str) -> Result<Channel, PeerError> {
@@ -298,6 +310,10 @@ impl PeerPool {
             }
             Ok(Ok(reply)) => reply.into_inner(),
         };
+        self.contacts
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(to, Instant::now());
         serde_json::from_slice(&reply.payload).map_err(|e| PeerError::Refused {
             peer: addr.to_owned(),
             reason: format!("undecodable reply: {e}"),

@@ -56,6 +56,12 @@ pub(crate) async fn serve(
     let clients = CoordinationServer::new(ClientService { node: node.clone() })
         .max_decoding_message_size(limits.client)
         .max_encoding_message_size(limits.client);
+    let admin = crate::proto::admin_server::AdminServer::new(crate::admin::AdminService {
+        node: node.clone(),
+        auth: auth.clone(),
+    })
+    .max_decoding_message_size(crate::admin::MAX_ADMIN_REQUEST);
+    let admin_auth = auth.clone();
     let peers = PeerServer::new(PeerService { node: node.clone() })
         .max_decoding_message_size(limits.peer)
         .max_encoding_message_size(limits.peer);
@@ -65,6 +71,9 @@ pub(crate) async fn serve(
         }))
         .add_service(InterceptedService::new(clients, move |request| {
             auth.check(request)
+        }))
+        .add_service(InterceptedService::new(admin, move |request| {
+            admin_auth.check(request)
         }))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled_owned())
         .await;
@@ -103,7 +112,7 @@ fn peer_gate(node: &Weak<NodeInner>, request: Request<()>) -> Result<Request<()>
     }
 }
 
-fn gone() -> Status {
+pub(crate) fn gone() -> Status {
     Status::unavailable("raft node is shutting down")
 }
 

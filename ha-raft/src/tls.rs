@@ -96,13 +96,15 @@ pub(crate) fn names_node(certs: &[CertificateDer<'static>], id: NodeId) -> bool 
     cert.verify_is_valid_for_subject_name(&name).is_ok()
 }
 
-/// Who may use the client API of a node.
+/// Who may use the client API of a node, and who may change its group's membership.
 #[derive(Clone)]
 pub(crate) struct ClientAuth {
     /// TLS is on: a client certificate verified against the cluster CA admits.
     pub(crate) tls: bool,
     /// A bearer token that admits.
     pub(crate) token: Option<Arc<str>>,
+    /// A bearer token that admits and may also change the membership.
+    pub(crate) admin_token: Option<Arc<str>>,
 }
 
 /// Compares without an early exit, so the time taken does not tell how much matched.
@@ -110,20 +112,31 @@ fn same_secret(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+fn bearer(metadata: &tonic::metadata::MetadataMap) -> Option<&str> {
+    metadata
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+}
+
+fn matches(given: &str, token: Option<&Arc<str>>) -> bool {
+    token.is_some_and(|token| same_secret(given.as_bytes(), token.as_bytes()))
+}
+
 impl ClientAuth {
-    /// The interceptor of the client API.
+    /// The interceptor of the client and admin APIs.
     pub(crate) fn check(&self, request: Request<()>) -> Result<Request<()>, Status> {
         if self.tls && request.peer_certs().is_some_and(|certs| !certs.is_empty()) {
             return Ok(request);
         }
-        if let Some(token) = &self.token {
-            let given = request
-                .metadata()
-                .get("authorization")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "));
-            return match given {
-                Some(given) if same_secret(given.as_bytes(), token.as_bytes()) => Ok(request),
+        if self.token.is_some() || self.admin_token.is_some() {
+            return match bearer(request.metadata()) {
+                Some(given)
+                    if matches(given, self.token.as_ref())
+                        || matches(given, self.admin_token.as_ref()) =>
+                {
+                    Ok(request)
+                }
                 Some(_) => Err(Status::unauthenticated("wrong bearer token")),
                 None => Err(Status::unauthenticated(
                     "this node requires a client certificate from the cluster CA or a bearer token",
@@ -136,6 +149,32 @@ impl ClientAuth {
             ));
         }
         Ok(request)
+    }
+
+    /// Whether a request may change the membership: without TLS anyone may (the port
+    /// admits anyone anyway, and listens on loopback only unless `insecure`); with it, a
+    /// certificate naming `node-<id>` of a member or of the node the change is about, or
+    /// the admin token.
+    pub(crate) fn may_change_membership<T>(
+        &self,
+        request: &Request<T>,
+        nodes: impl IntoIterator<Item = NodeId>,
+    ) -> Result<(), Status> {
+        if !self.tls {
+            return Ok(());
+        }
+        if bearer(request.metadata()).is_some_and(|given| matches(given, self.admin_token.as_ref()))
+        {
+            return Ok(());
+        }
+        if let Some(certs) = request.peer_certs() {
+            if nodes.into_iter().any(|id| names_node(&certs, id)) {
+                return Ok(());
+            }
+        }
+        Err(Status::permission_denied(
+            "membership changes need a node certificate (naming node-<id> of a member, or of the node being added) or the admin token",
+        ))
     }
 }
 

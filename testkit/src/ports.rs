@@ -2,27 +2,45 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-/// `n` distinct free loopback ports: all bound at once (so none repeats), noted, and
-/// released. Another process can still take one before the test binds it; the etcd
-/// fixture restarts on that race.
+/// Ports are picked below the kernel's ephemeral range (32768-60999 on Linux), which
+/// outgoing connections take their source ports from: a node stopped and restarted on
+/// its port by a test could otherwise find a client's connection holding it.
+const RANGE: std::ops::Range<u16> = 20_000..32_700;
+
+/// The next port to try, shared by every test of the process; it starts at a place
+/// drawn from the clock and the PID, so test processes running at once rarely meet.
+static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(u32::MAX);
+
+fn candidate() -> u16 {
+    use std::sync::atomic::Ordering;
+    let width = u32::from(RANGE.end - RANGE.start);
+    let seed = (unix_us() as u32).wrapping_mul(2_654_435_761) ^ std::process::id();
+    let _ = NEXT.compare_exchange(u32::MAX, seed % width, Ordering::Relaxed, Ordering::Relaxed);
+    let step = NEXT.fetch_add(1, Ordering::Relaxed);
+    RANGE.start + (step % width) as u16
+}
+
+/// `n` distinct free loopback ports below the ephemeral range, each checked by binding
+/// it. Another process can still take one before the test binds it; the etcd fixture
+/// restarts on that race.
 ///
 /// # Panics
-/// When loopback has no free port (a test cannot go on without one).
+/// When loopback has no free port in the range (a test cannot go on without one).
 pub fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<std::net::TcpListener> = (0..n)
-        .map(|_| {
-            std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap_or_else(|e| panic!("no free loopback port: {e}"))
-        })
-        .collect();
-    listeners
-        .iter()
-        .map(|l| {
-            l.local_addr()
-                .map(|a| a.port())
-                .unwrap_or_else(|e| panic!("{e}"))
-        })
-        .collect()
+    let mut ports = Vec::with_capacity(n);
+    let mut tries = 0;
+    while ports.len() < n {
+        tries += 1;
+        assert!(
+            tries <= usize::from(RANGE.end - RANGE.start),
+            "no free loopback port in {RANGE:?}"
+        );
+        let port = candidate();
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() && !ports.contains(&port) {
+            ports.push(port);
+        }
+    }
+    ports
 }
 
 /// One free loopback port.

@@ -8,7 +8,8 @@
 mod backend;
 mod routing;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
+use std::collections::BTreeSet;
 use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -22,11 +23,13 @@ use tokio::time::{sleep, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
+use crate::admin::{AdminError, MembershipReport, NodeStatus};
 use crate::command::{Command, NodeId, Raft};
 use crate::config::RaftNodeConfig;
 use crate::error::RaftBackendError;
 use crate::hub::{LeaderUpdate, MemberUpdate};
 use crate::lessor::{Confirmer, Lessor};
+use crate::membership::MembershipChange;
 use crate::network::{Network, PeerPool};
 use crate::storage::{open_db, Identity, LogStore, StateMachineStore};
 use crate::tls::ClientAuth;
@@ -44,7 +47,7 @@ pub(crate) struct NodeInner {
     pub(crate) config: RaftNodeConfig,
     pub(crate) raft: Raft,
     pub(crate) sm: StateMachineStore,
-    pool: Arc<PeerPool>,
+    pub(crate) pool: Arc<PeerPool>,
     pub(crate) lessor: Lessor,
     confirmer: Confirmer,
     /// Gone once openraft has dropped every handle to the log store.
@@ -54,6 +57,8 @@ pub(crate) struct NodeInner {
     /// drop the last tree.
     db: Mutex<Option<sled::Db>>,
     pub(crate) shutdown: CancellationToken,
+    /// Held while one membership change is checked and carried out.
+    pub(crate) membership_lock: tokio::sync::Mutex<()>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -152,6 +157,7 @@ impl RaftNode {
             log_store_alive,
             db: Mutex::new(Some(db)),
             shutdown: CancellationToken::new(),
+            membership_lock: tokio::sync::Mutex::new(()),
             tasks: Mutex::new(vec![confirm_task]),
         });
         let node = Self { inner };
@@ -162,6 +168,7 @@ impl RaftNode {
             ClientAuth {
                 tls: node.inner.config.tls.is_some(),
                 token: node.inner.config.client_token.as_deref().map(Arc::from),
+                admin_token: node.inner.config.admin_token.as_deref().map(Arc::from),
             },
             node.inner.shutdown.clone(),
         ));
@@ -227,6 +234,10 @@ impl RaftNode {
         self.inner.config.id
     }
 
+    pub(crate) fn inner_config(&self) -> &RaftNodeConfig {
+        &self.inner.config
+    }
+
     /// The address peers and clients reach this node at.
     pub fn address(&self) -> String {
         self.inner.config.advertised()
@@ -289,47 +300,97 @@ impl RaftNode {
         }
     }
 
-    /// Adds a node as a learner (it replicates but does not vote). Call on the leader.
-    ///
-    /// # Errors
-    /// `Unavailable` if this node is not the leader, or the change fails.
-    pub async fn add_learner(&self, id: NodeId, addr: impl Into<String>) -> Result<()> {
-        self.inner
-            .raft
-            .add_learner(id, BasicNode::new(addr.into()), true)
-            .await
-            .map(|_| ())
-            .map_err(|e| Error::Unavailable(format!("add learner {id}: {e}")))
+    /// This node's status: its Raft state, log, membership and, on the leader, each
+    /// member's replication (what `ha status` shows).
+    pub async fn status(&self) -> NodeStatus {
+        self.inner.status().await
     }
 
-    /// Promotes learners to voters. Call on the leader.
+    /// Checks and carries out a membership change. Call on the Raft leader (another
+    /// node answers [`AdminError::NotLeader`] naming it); [`RaftAdmin`](crate::RaftAdmin)
+    /// finds the leader itself.
     ///
     /// # Errors
-    /// `Unavailable` if this node is not the leader, or the change fails.
+    /// [`AdminError::Refused`] when the change would lose quorum or clashes with the
+    /// group (nothing changed), `NotLeader`, or `Timeout` (the outcome is unknown).
+    pub async fn change_membership(
+        &self,
+        change: &MembershipChange,
+    ) -> std::result::Result<MembershipReport, AdminError> {
+        self.inner.change_membership(change).await
+    }
+
+    /// Adds a node as a learner (it replicates but does not vote) and waits, within the
+    /// request timeout, until it has caught up. Call on the leader.
+    ///
+    /// # Errors
+    /// `Unavailable` if this node is not the leader, or the change is refused or fails,
+    /// or the learner has not caught up in time.
+    pub async fn add_learner(&self, id: NodeId, addr: impl Into<String>) -> Result<()> {
+        let change = MembershipChange::AddLearner {
+            id,
+            address: addr.into(),
+            cluster_id: self.inner.config.cluster_id.clone(),
+            fresh: false,
+        };
+        self.membership_result(&change).await?;
+        let deadline = Instant::now() + self.inner.config.request_timeout;
+        loop {
+            if self.inner.caught_up(id) {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::Unavailable(format!(
+                    "learner {id} has not caught up within {:?}",
+                    self.inner.config.request_timeout
+                )));
+            }
+            sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Promotes learners to voters, each once it has caught up (waiting for that within
+    /// the request timeout). Call on the leader.
+    ///
+    /// # Errors
+    /// `Unavailable` if this node is not the leader, or a change is refused or fails.
     pub async fn promote(&self, ids: &[NodeId]) -> Result<()> {
-        let ids: BTreeSet<NodeId> = ids.iter().copied().collect();
-        self.inner
-            .raft
-            .change_membership(openraft::ChangeMembers::AddVoterIds(ids), true)
-            .await
-            .map(|_| ())
-            .map_err(|e| Error::Unavailable(format!("promote: {e}")))
+        for id in ids {
+            self.membership_result(&MembershipChange::Promote { id: *id })
+                .await?;
+        }
+        Ok(())
     }
 
     /// Removes nodes from the group entirely. Call on the leader.
     ///
     /// # Errors
-    /// `Unavailable` if this node is not the leader, or the change fails.
+    /// `Unavailable` if this node is not the leader, or a change is refused (it would
+    /// lose quorum) or fails.
     pub async fn remove(&self, ids: &[NodeId]) -> Result<()> {
-        let ids: BTreeSet<NodeId> = ids.iter().copied().collect();
-        let raft = &self.inner.raft;
-        raft.change_membership(openraft::ChangeMembers::RemoveVoters(ids.clone()), false)
-            .await
-            .map_err(|e| Error::Unavailable(format!("remove voters: {e}")))?;
-        raft.change_membership(openraft::ChangeMembers::RemoveNodes(ids), false)
-            .await
-            .map(|_| ())
-            .map_err(|e| Error::Unavailable(format!("remove nodes: {e}")))
+        for id in ids {
+            self.membership_result(&MembershipChange::Remove { id: *id })
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Carries out `change`, retrying within the request timeout while the learner
+    /// catches up or another change finishes.
+    async fn membership_result(&self, change: &MembershipChange) -> Result<()> {
+        use crate::membership::MembershipRefusal::{ChangeInProgress, NotCaughtUp};
+        let deadline = Instant::now() + self.inner.config.request_timeout;
+        loop {
+            match self.change_membership(change).await {
+                Ok(_) => return Ok(()),
+                Err(AdminError::Refused(NotCaughtUp { .. } | ChangeInProgress))
+                    if Instant::now() < deadline =>
+                {
+                    sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => return Err(Error::Unavailable(format!("{change:?}: {e}"))),
+            }
+        }
     }
 
     /// Stops the node: the server, Raft and every background task. Other handles to it

@@ -1,7 +1,11 @@
 //! `--metrics-addr`: `/metrics` (Prometheus text), `/healthz` and `/role` (200 only while
-//! ACTIVE and ready, so a load balancer routes to the active alone).
+//! ACTIVE and ready, so a load balancer routes to the active alone); on `ha node` also
+//! `/status`, the member's Raft state as JSON.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -10,6 +14,17 @@ use axum::Router;
 use ha::RoleState;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::sync::watch;
+
+/// Produces `/status`'s JSON.
+pub type StatusSource =
+    Arc<dyn Fn() -> Pin<Box<dyn Future<Output = serde_json::Value> + Send>> + Send + Sync>;
+
+static STATUS: OnceLock<StatusSource> = OnceLock::new();
+
+/// Serves `/status` from `source` (set once, by `ha node`, before `serve`).
+pub fn set_status_source(source: StatusSource) {
+    let _ = STATUS.set(source);
+}
 
 #[derive(Clone)]
 struct Probes {
@@ -31,6 +46,7 @@ pub async fn serve(addr: SocketAddr, role: watch::Receiver<RoleState>) -> anyhow
         .route("/metrics", get(render_metrics))
         .route("/healthz", get(healthz))
         .route("/role", get(role_probe))
+        .route("/status", get(status))
         .with_state(Probes { metrics, role });
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tokio::spawn(async move {
@@ -39,6 +55,17 @@ pub async fn serve(addr: SocketAddr, role: watch::Receiver<RoleState>) -> anyhow
         }
     });
     Ok(())
+}
+
+/// The member's Raft state; 404 where there is no member (`ha run`).
+async fn status() -> (StatusCode, String) {
+    match STATUS.get() {
+        Some(source) => (StatusCode::OK, format!("{}\n", source().await)),
+        None => (
+            StatusCode::NOT_FOUND,
+            "no Raft member in this process\n".to_owned(),
+        ),
+    }
 }
 
 async fn render_metrics(State(probes): State<Probes>) -> String {

@@ -2,11 +2,15 @@
 //! any backend (`memory://`, `raft://...`, `etcd://...`), and `ha demo`, the failover
 //! demo on an embedded Raft group of three processes.
 
+#[cfg(feature = "raft")]
+mod admin;
 mod coordinator;
 #[cfg(feature = "raft")]
 mod demo;
 mod elect;
 mod http;
+#[cfg(feature = "raft")]
+mod node;
 mod output;
 mod supervise;
 
@@ -35,6 +39,9 @@ pub enum Exit {
     Refused,
     /// `--timeout` passed before this replica was elected.
     Timeout,
+    /// A membership change was refused: it would lose quorum, or it clashes with the
+    /// group (another cluster, an address taken). Nothing changed.
+    ChangeRefused,
     /// The supervised command exited on its own with this code (128 + N for signal N).
     Child(u8),
 }
@@ -66,6 +73,7 @@ impl From<Exit> for ExitCode {
             Exit::Unavailable => 4,
             Exit::Refused => 5,
             Exit::Timeout => 6,
+            Exit::ChangeRefused => 7,
             Exit::Child(code) => code,
         })
     }
@@ -83,6 +91,8 @@ Exit codes:
   5  refused: the server's certificate is not trusted, or it refused our certificate,
      user, password or token
   6  --timeout passed before this replica was elected
+  7  ha member, ha node --join: the change was refused (it would lose quorum, or it
+     clashes with the group: another cluster id, an address or id taken); nothing changed
 With `-- CMD`, a command that exits on its own ends `ha run` with the command's code
 (128 + N for signal N). A code can then be ours or the command's: the last event line
 tells them apart (`child_exited` with `code` or `signal` means the command's).";
@@ -139,6 +149,11 @@ pub struct Security {
     /// For `ha node`: the token that admits clients without a certificate.
     #[arg(long)]
     pub token_file: Option<PathBuf>,
+    /// For `ha node`: file holding the admin token (instead of HA_ADMIN_TOKEN), which
+    /// admits clients and lets them change the membership (`ha member`); `--join`
+    /// sends it too. Clients of `ha member` give it as their --token-file.
+    #[arg(long)]
+    pub admin_token_file: Option<PathBuf>,
 }
 
 impl Security {
@@ -155,6 +170,11 @@ impl Security {
     /// The bearer token: --token-file, else HA_TOKEN.
     pub fn token(&self) -> Result<Option<String>, String> {
         Self::secret(self.token_file.as_ref(), "HA_TOKEN")
+    }
+
+    /// The admin token: --admin-token-file, else HA_ADMIN_TOKEN.
+    pub fn admin_token(&self) -> Result<Option<String>, String> {
+        Self::secret(self.admin_token_file.as_ref(), "HA_ADMIN_TOKEN")
     }
 
     /// What `ha::connect_with` takes.
@@ -294,6 +314,15 @@ enum Command {
     /// Run one member of an embedded Raft group, optionally with an ActiveStandby
     /// coordinator on it.
     Node(NodeArgs),
+    /// Show every member of an embedded Raft group: id, address, voter or learner, Raft
+    /// state, term, log and applied index, lag, last contact, data size, version. Exits
+    /// 4 when no quorum answers.
+    #[cfg(feature = "raft")]
+    Status(admin::AdminTarget),
+    /// List, add, promote or remove members of an embedded Raft group.
+    #[cfg(feature = "raft")]
+    #[command(subcommand)]
+    Member(admin::MemberAction),
     /// Start three `ha node` processes (embedded Raft, role rootcoord, TTL 3 s), kill the
     /// ACTIVE with SIGKILL and measure the takeover, then SIGTERM the next ACTIVE and
     /// measure the handoff; cleans up everything.
@@ -321,9 +350,20 @@ pub struct NodeArgs {
     /// The address to serve Raft and the client API on.
     #[arg(long)]
     pub listen: SocketAddr,
-    /// Every voter of the group: ID=HOST:PORT,ID=HOST:PORT,...
+    /// Every voter of a new group: ID=HOST:PORT,ID=HOST:PORT,... (bootstraps it once).
     #[arg(long, value_delimiter = ',')]
     pub peers: Vec<String>,
+    /// Join a running group through any of its members (raft://host:port,...): added
+    /// as a learner, promoted to voter once caught up. A member that already joined
+    /// restarts from its data dir; the flag may stay.
+    #[arg(long, value_name = "URL")]
+    pub join: Option<String>,
+    /// With --join: stay a learner (replicates, does not vote).
+    #[arg(long)]
+    pub learner: bool,
+    /// With --join: how long joining may take before the node gives up (seconds, 1m).
+    #[arg(long, default_value_t = 120.0, value_parser = parse_ttl)]
+    pub join_timeout: f64,
     /// The data directory (sled).
     #[arg(long)]
     pub data: PathBuf,
@@ -429,6 +469,10 @@ async fn command(command: Command) -> Exit {
             common,
         } => coordinator::run(&coordinator, &common).await,
         Command::Node(node) => node_command(node).await,
+        #[cfg(feature = "raft")]
+        Command::Status(target) => admin::status(&target).await,
+        #[cfg(feature = "raft")]
+        Command::Member(action) => admin::member(&action).await,
         Command::Demo { ttl } => demo_command(ttl).await,
         Command::Guard { .. } => Exit::Usage,
     }
@@ -436,7 +480,7 @@ async fn command(command: Command) -> Exit {
 
 #[cfg(feature = "raft")]
 async fn node_command(node: NodeArgs) -> Exit {
-    coordinator::node(node).await
+    node::node(node).await
 }
 
 #[cfg(not(feature = "raft"))]

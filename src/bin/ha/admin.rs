@@ -1,0 +1,454 @@
+//! `ha status` and `ha member`: operating an embedded Raft group over its admin API,
+//! from any machine that reaches a member (TLS and tokens as for any client).
+
+use clap::{Args, Subcommand};
+use ha::raft::{
+    AdminError, GroupStatus, MemberKind, MembershipChange, RaftAdmin, RaftClientOptions,
+};
+
+use crate::{Exit, Security};
+
+/// Which group to talk to, and how.
+#[derive(Debug, Clone, Args)]
+pub struct AdminTarget {
+    /// The group: raft://host:port,... (any members; the others are found from them).
+    #[arg(long, env = "HA_BACKEND")]
+    pub backend: String,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// How long one change may take to be carried out (seconds, or 10s, 500ms).
+    #[arg(long, default_value_t = 10.0, value_parser = crate::parse_ttl)]
+    pub request_timeout: f64,
+    /// TLS (--cacert, and --cert/--key: a node certificate may change the membership)
+    /// and the token (--token-file or HA_TOKEN: the admin token may).
+    #[command(flatten)]
+    pub security: Security,
+}
+
+/// `ha member` subcommands.
+#[derive(Debug, Clone, Subcommand)]
+pub enum MemberAction {
+    /// List the members: id, address, voter or learner, Raft state.
+    List {
+        #[command(flatten)]
+        target: AdminTarget,
+    },
+    /// Add a member at ID=HOST:PORT (started with `ha node` and no --peers): as a
+    /// learner, then, once it has caught up, as a voter.
+    Add {
+        /// ID=HOST:PORT.
+        member: String,
+        /// Keep it a learner (it replicates but does not vote).
+        #[arg(long)]
+        learner: bool,
+        /// How long to wait for it to catch up before the promotion (seconds, or 1m).
+        #[arg(long, default_value_t = 60.0, value_parser = crate::parse_ttl)]
+        catch_up_timeout: f64,
+        #[command(flatten)]
+        target: AdminTarget,
+    },
+    /// Make a learner a voter (refused until it has caught up).
+    Promote {
+        /// The learner's node id.
+        id: u64,
+        #[command(flatten)]
+        target: AdminTarget,
+    },
+    /// Take a member out of the group (refused when the voters left would have no
+    /// reachable majority, or it is the last voter).
+    Remove {
+        /// The member's node id.
+        id: u64,
+        #[command(flatten)]
+        target: AdminTarget,
+    },
+}
+
+fn endpoints(url: &str) -> Result<Vec<String>, String> {
+    let Some(rest) = url.strip_prefix("raft://") else {
+        return Err(format!(
+            "{url:?}: ha status and ha member operate an embedded Raft group (raft://host:port,...); for etcd use etcdctl endpoint status and etcdctl member"
+        ));
+    };
+    let endpoints: Vec<String> = rest
+        .trim_end_matches('/')
+        .split(',')
+        .map(str::to_owned)
+        .collect();
+    if endpoints.iter().any(|e| e.is_empty() || !e.contains(':')) {
+        return Err(format!("{url:?}: expected raft://host:port[,host:port...]"));
+    }
+    Ok(endpoints)
+}
+
+fn connect(target: &AdminTarget) -> Result<RaftAdmin, (Exit, String)> {
+    let usage = |reason: String| (Exit::Usage, reason);
+    let endpoints = endpoints(&target.backend).map_err(usage)?;
+    let options = target.security.options().map_err(usage)?;
+    let identity = match (&options.cert_file, &options.key_file) {
+        (Some(cert), Some(key)) => Some((cert.as_path(), key.as_path())),
+        (None, None) => None,
+        _ => return Err(usage("--cert and --key go together".into())),
+    };
+    let tls = match &options.ca_file {
+        Some(ca) => {
+            Some(ha::raft::ClientTls::from_files(ca, identity).map_err(|e| usage(e.to_string()))?)
+        }
+        None => None,
+    };
+    let options = RaftClientOptions {
+        request_timeout: std::time::Duration::from_secs_f64(target.request_timeout),
+        tls,
+        token: options.token,
+    };
+    RaftAdmin::new(endpoints, options).map_err(|e| (exit_of(&e), e.to_string()))
+}
+
+/// The exit code for an admin error.
+pub fn exit_of(error: &AdminError) -> Exit {
+    match error {
+        AdminError::Refused(_) => Exit::ChangeRefused,
+        AdminError::Unauthorized(_) => Exit::Refused,
+        AdminError::InvalidArgument(_) => Exit::Usage,
+        _ => Exit::Unavailable,
+    }
+}
+
+fn fail(what: &str, exit: Exit, reason: &str) -> Exit {
+    eprintln!("ha {what}: {reason}");
+    exit
+}
+
+/// `ha status`: every member's Raft state; exit 4 when no quorum answers.
+pub async fn status(target: &AdminTarget) -> Exit {
+    let admin = match connect(target) {
+        Ok(admin) => admin,
+        Err((exit, reason)) => return fail("status", exit, &reason),
+    };
+    let group = admin.group_status().await;
+    if let Some(refused) = refused_everywhere(&group) {
+        return fail("status", Exit::Refused, &refused);
+    }
+    if target.json {
+        println!("{}", serde_json::to_string(&group).unwrap_or_default());
+    } else {
+        print!("{}", status_table(&group));
+    }
+    if group.quorum {
+        Exit::Clean
+    } else {
+        eprintln!("ha status: no quorum answered (no Raft leader with a majority of voters)");
+        Exit::Unavailable
+    }
+}
+
+/// When no node answered and every one refused the credentials, that is the error.
+fn refused_everywhere(group: &GroupStatus) -> Option<String> {
+    let answered = group.members.iter().any(|m| m.status.is_some());
+    let refusal = group
+        .unreachable
+        .values()
+        .chain(group.members.iter().filter_map(|m| m.error.as_ref()))
+        .find(|e| e.starts_with("not allowed"));
+    (!answered).then_some(refusal.cloned()).flatten()
+}
+
+fn bytes(n: u64) -> String {
+    const MIB: f64 = 1024.0 * 1024.0;
+    if n >= 1 << 20 {
+        format!("{:.1} MiB", n as f64 / MIB)
+    } else {
+        format!("{:.0} KiB", n as f64 / 1024.0)
+    }
+}
+
+fn status_table(group: &GroupStatus) -> String {
+    let dash = || "-".to_owned();
+    let opt = |v: Option<u64>| v.map_or_else(dash, |v| v.to_string());
+    let mut rows = vec![[
+        "ID", "ADDRESS", "KIND", "STATE", "TERM", "LAST_LOG", "APPLIED", "LAG", "CONTACT", "DATA",
+        "VERSION",
+    ]
+    .map(str::to_owned)];
+    for m in &group.members {
+        let kind = match m.kind {
+            MemberKind::Voter => "voter",
+            MemberKind::Learner => "learner",
+            MemberKind::Outside => "outside",
+        };
+        let row = match &m.status {
+            Some(s) => [
+                m.id.to_string(),
+                m.address.clone(),
+                kind.to_owned(),
+                s.state.clone(),
+                s.term.to_string(),
+                opt(s.last_log_index),
+                opt(s.applied_index),
+                opt(m.lag),
+                m.last_contact_ms.map_or_else(dash, |ms| format!("{ms}ms")),
+                bytes(s.data_dir_bytes),
+                s.version.clone(),
+            ],
+            None => [
+                m.id.to_string(),
+                m.address.clone(),
+                kind.to_owned(),
+                "unreachable".to_owned(),
+                dash(),
+                dash(),
+                dash(),
+                opt(m.lag),
+                m.last_contact_ms.map_or_else(dash, |ms| format!("{ms}ms")),
+                dash(),
+                dash(),
+            ],
+        };
+        rows.push(row);
+    }
+    let mut out = table(&rows);
+    for m in &group.members {
+        if let Some(error) = &m.error {
+            out.push_str(&format!("node {}: {error}\n", m.id));
+        }
+    }
+    for (address, error) in &group.unreachable {
+        out.push_str(&format!("{address}: {error}\n"));
+    }
+    let voters = group.members.iter().filter(|m| m.kind == MemberKind::Voter);
+    let answering = voters.clone().filter(|m| m.status.is_some()).count();
+    out.push_str(&format!(
+        "leader: {}; {answering} of {} voters answered; quorum: {}\n",
+        group
+            .leader
+            .map_or_else(|| "none".to_owned(), |l| format!("node {l}")),
+        voters.count(),
+        if group.quorum { "yes" } else { "no" }
+    ));
+    out
+}
+
+fn table<const N: usize>(rows: &[[String; N]]) -> String {
+    let mut widths = [0usize; N];
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let mut out = String::new();
+    for row in rows {
+        let line: Vec<String> = row
+            .iter()
+            .zip(widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+impl MemberAction {
+    fn target(&self) -> &AdminTarget {
+        match self {
+            Self::List { target }
+            | Self::Add { target, .. }
+            | Self::Promote { target, .. }
+            | Self::Remove { target, .. } => target,
+        }
+    }
+}
+
+/// `ha member ...`.
+pub async fn member(action: &MemberAction) -> Exit {
+    let target = action.target();
+    let admin = match connect(target) {
+        Ok(admin) => admin,
+        Err((exit, reason)) => return fail("member", exit, &reason),
+    };
+    match action {
+        MemberAction::List { .. } => list(&admin, target.json).await,
+        MemberAction::Add {
+            member,
+            learner,
+            catch_up_timeout,
+            ..
+        } => {
+            let Some((id, address)) = member.split_once('=') else {
+                return fail(
+                    "member add",
+                    Exit::Usage,
+                    &format!("{member:?} is not ID=HOST:PORT"),
+                );
+            };
+            let Ok(id) = id.trim().parse::<u64>() else {
+                return fail(
+                    "member add",
+                    Exit::Usage,
+                    &format!("{id:?} is not a node id"),
+                );
+            };
+            let address = address.trim().to_owned();
+            // The new node must run already: its own answer says which cluster it was
+            // configured for, which the leader checks, and that ADDR is node ID.
+            let (cluster_id, fresh) = match admin.node_status(&address).await {
+                Ok(status) if status.id == id => {
+                    (status.cluster_id, status.last_log_index.is_none())
+                }
+                Ok(status) => {
+                    let reason = format!("{address} is node {}, not node {id}", status.id);
+                    return fail("member add", Exit::ChangeRefused, &reason);
+                }
+                Err(e) => {
+                    let reason = format!("node {id} at {address} does not answer (start it with `ha node --id {id} --listen ... --data ...` and no --peers first): {e}");
+                    return fail("member add", exit_of(&e), &reason);
+                }
+            };
+            let add = MembershipChange::AddLearner {
+                id,
+                address,
+                cluster_id,
+                fresh,
+            };
+            if let Err(exit) = change(&admin, &add, target.json).await {
+                return exit;
+            }
+            if *learner {
+                return Exit::Clean;
+            }
+            promote_when_caught_up(&admin, id, *catch_up_timeout, target.json).await
+        }
+        MemberAction::Promote { id, .. } => {
+            match change(&admin, &MembershipChange::Promote { id: *id }, target.json).await {
+                Ok(()) => Exit::Clean,
+                Err(exit) => exit,
+            }
+        }
+        MemberAction::Remove { id, .. } => {
+            match change(&admin, &MembershipChange::Remove { id: *id }, target.json).await {
+                Ok(()) => Exit::Clean,
+                Err(exit) => exit,
+            }
+        }
+    }
+}
+
+async fn change(admin: &RaftAdmin, change: &MembershipChange, json: bool) -> Result<(), Exit> {
+    match admin.change(change).await {
+        Ok(report) => {
+            if json {
+                println!("{}", serde_json::to_string(&report).unwrap_or_default());
+            } else {
+                let ids = |m: &std::collections::BTreeMap<u64, String>| {
+                    m.keys().map(u64::to_string).collect::<Vec<_>>().join(",")
+                };
+                println!(
+                    "{}; voters: {}; learners: {}",
+                    if report.changed {
+                        "changed"
+                    } else {
+                        "already so, nothing changed"
+                    },
+                    ids(&report.voters),
+                    if report.learners.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        ids(&report.learners)
+                    }
+                );
+            }
+            Ok(())
+        }
+        Err(e) => Err(fail("member", exit_of(&e), &e.to_string())),
+    }
+}
+
+async fn promote_when_caught_up(admin: &RaftAdmin, id: u64, timeout: f64, json: bool) -> Exit {
+    use ha::raft::MembershipRefusal::NotCaughtUp;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs_f64(timeout);
+    loop {
+        match admin.change(&MembershipChange::Promote { id }).await {
+            Ok(report) => {
+                println!(
+                    "{}",
+                    if json {
+                        serde_json::to_string(&report).unwrap_or_default()
+                    } else {
+                        format!("node {id} is a voter")
+                    }
+                );
+                return Exit::Clean;
+            }
+            Err(AdminError::Refused(NotCaughtUp { .. }))
+                if tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+            Err(e) => return fail("member add", exit_of(&e), &e.to_string()),
+        }
+    }
+}
+
+async fn list(admin: &RaftAdmin, json: bool) -> Exit {
+    let group = admin.group_status().await;
+    if let Some(refused) = refused_everywhere(&group) {
+        return fail("member list", Exit::Refused, &refused);
+    }
+    if group.members.is_empty() {
+        let reason = group
+            .unreachable
+            .values()
+            .next()
+            .cloned()
+            .unwrap_or_else(|| "no member answered".to_owned());
+        return fail("member list", Exit::Unavailable, &reason);
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string(&group.members).unwrap_or_default()
+        );
+        return Exit::Clean;
+    }
+    let mut rows = vec![["ID", "ADDRESS", "KIND", "STATE"].map(str::to_owned)];
+    for m in &group.members {
+        let kind = match m.kind {
+            MemberKind::Voter => "voter",
+            MemberKind::Learner => "learner",
+            MemberKind::Outside => "outside",
+        };
+        let state = m
+            .status
+            .as_ref()
+            .map_or_else(|| "unreachable".to_owned(), |s| s.state.clone());
+        rows.push([m.id.to_string(), m.address.clone(), kind.to_owned(), state]);
+    }
+    print!("{}", table(&rows));
+    Exit::Clean
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_raft_urls_are_taken() {
+        assert_eq!(
+            endpoints("raft://127.0.0.1:1,127.0.0.1:2/"),
+            Ok(vec!["127.0.0.1:1".to_owned(), "127.0.0.1:2".to_owned()])
+        );
+        assert!(endpoints("etcd://127.0.0.1:2379").is_err_and(|e| e.contains("etcdctl")));
+        assert!(endpoints("raft://").is_err());
+        assert!(endpoints("raft://host").is_err());
+    }
+
+    #[test]
+    fn tables_line_up() {
+        let rows = [
+            ["ID".to_owned(), "ADDRESS".to_owned()],
+            ["10".to_owned(), "a".to_owned()],
+        ];
+        assert_eq!(table(&rows), "ID  ADDRESS\n10  a\n");
+    }
+}
