@@ -442,6 +442,32 @@ impl Admin for AdminService {
             Err(e) => Err(e.to_status()),
         }
     }
+
+    type SnapshotStream = futures::stream::Iter<std::vec::IntoIter<Result<AdminReply, Status>>>;
+
+    async fn snapshot(
+        &self,
+        request: Request<AdminRequest>,
+    ) -> Result<Response<Self::SnapshotStream>, Status> {
+        let node = self.node.upgrade().ok_or_else(crate::service::gone)?;
+        // The guarded stores are in it: the same credentials as a membership change.
+        let status = node.status_now();
+        let members = status.voters.keys().chain(status.learners.keys()).copied();
+        self.auth.may_change_membership(&request, members)?;
+        let (header, bytes) = node.snapshot_image().await.map_err(|e| e.to_status())?;
+        let header = serde_json::to_vec(&header)
+            .map_err(|e| Status::internal(format!("encode the header: {e}")))?;
+        info!(
+            node = node.config.id,
+            bytes = bytes.len(),
+            "serving a snapshot"
+        );
+        let messages: Vec<Result<AdminReply, Status>> = std::iter::once(header)
+            .chain(bytes.chunks(crate::backup::CHUNK_BYTES).map(<[u8]>::to_vec))
+            .map(|payload| Ok(AdminReply { payload }))
+            .collect();
+        Ok(Response::new(futures::stream::iter(messages)))
+    }
 }
 
 #[cfg(test)]

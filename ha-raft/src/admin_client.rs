@@ -3,6 +3,7 @@
 //! to whichever node leads, following the "not the leader" answers.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::path::Path;
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
@@ -13,6 +14,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 use crate::admin::{AdminError, MembershipReport, NodeStatus};
+use crate::backup::{BackupError, SnapshotHeader, SnapshotWriter, CHUNK_BYTES};
 use crate::channel::{channel, BearerToken};
 use crate::command::NodeId;
 use crate::membership::{MembershipChange, MembershipRefusal};
@@ -250,6 +252,74 @@ impl RaftAdmin {
             }
         }
         Err(last)
+    }
+}
+
+impl RaftAdmin {
+    /// Saves the group's state, as of a linearizable read, to `path`: streamed from the
+    /// first endpoint that serves it, each part within the request timeout, checked
+    /// against the header's length and checksum, synced, then renamed into place.
+    ///
+    /// # Errors
+    /// `Admin` when no endpoint served it (`Unauthorized` without a node certificate
+    /// or the admin token), `Damaged` for a transfer that does not match its header,
+    /// `Io` for the file.
+    pub async fn save_snapshot(&self, path: &Path) -> Result<SnapshotHeader, BackupError> {
+        let mut last = AdminError::Unavailable("no endpoint".into());
+        for address in &self.endpoints {
+            match self.snapshot_from(address, path).await {
+                Err(BackupError::Admin(e)) if e.is_transient() => last = e,
+                done => return done,
+            }
+        }
+        Err(BackupError::Admin(last))
+    }
+
+    async fn snapshot_from(
+        &self,
+        address: &str,
+        path: &Path,
+    ) -> Result<SnapshotHeader, BackupError> {
+        let mut api = self
+            .api(address)?
+            .max_decoding_message_size(CHUNK_BYTES + (64 << 10));
+        let wait = self.request_timeout;
+        let late = || {
+            BackupError::Admin(AdminError::Unavailable(format!(
+                "{address} sent no part of the snapshot within {wait:?}"
+            )))
+        };
+        let status = |s: tonic::Status| BackupError::Admin(AdminError::from_status(&s));
+        let call = api.snapshot(AdminRequest { payload: vec![] });
+        let mut stream = tokio::time::timeout(wait, call)
+            .await
+            .map_err(|_| late())?
+            .map_err(status)?
+            .into_inner();
+        let first = tokio::time::timeout(wait, stream.message())
+            .await
+            .map_err(|_| late())?
+            .map_err(status)?;
+        let first = first.ok_or_else(|| {
+            BackupError::Admin(AdminError::Unavailable(format!(
+                "{address} sent an empty snapshot stream"
+            )))
+        })?;
+        let header: SnapshotHeader =
+            serde_json::from_slice(&first.payload).map_err(|e| BackupError::NotASnapshot {
+                path: path.to_path_buf(),
+                reason: format!("{address} sent an undecodable header: {e}"),
+            })?;
+        let mut writer = SnapshotWriter::create(path, header)?;
+        // Bounded: the writer refuses more bytes than the header announced.
+        while let Some(part) = tokio::time::timeout(wait, stream.message())
+            .await
+            .map_err(|_| late())?
+            .map_err(status)?
+        {
+            writer.write(&part.payload)?;
+        }
+        writer.finish()
     }
 }
 

@@ -6,6 +6,7 @@
 
 mod admin;
 mod admin_client;
+mod backup;
 mod channel;
 mod client;
 mod command;
@@ -33,6 +34,10 @@ pub mod proto {
 
 pub use admin::{AdminError, MembershipReport, NodeStatus, PeerProgress};
 pub use admin_client::{GroupStatus, JoinOutcome, MemberKind, MemberStatus, RaftAdmin};
+pub use backup::{
+    force_new_group, read_snapshot_file, restore, BackupError, ForcedGroup, RestoreOptions,
+    SnapshotHeader, MAX_SNAPSHOT_BYTES, SNAPSHOT_FORMAT,
+};
 pub use client::{RaftClient, RaftClientOptions, DEFAULT_REQUEST_TIMEOUT};
 pub use command::{NodeId, Raft, TypeConfig};
 pub use config::{RaftNodeConfig, MIN_TTL};

@@ -244,7 +244,7 @@ impl NodeInner {
     }
 
     /// Waits until this node has applied `index`, then reads under the state lock.
-    pub(super) async fn read_at<T>(
+    pub(crate) async fn read_at<T>(
         &self,
         index: u64,
         read: impl FnOnce(&mut crate::storage::Machine) -> T,
@@ -279,7 +279,7 @@ impl NodeInner {
     }
 
     /// The leader's read index: every change completed before this call is at or below it.
-    pub(super) async fn read_index(&self) -> Result<u64> {
+    pub(crate) async fn read_index(&self) -> Result<u64> {
         self.with_leader("read_index", |target| async move {
             match target {
                 Target::Me { .. } => {

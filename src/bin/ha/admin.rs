@@ -82,7 +82,7 @@ fn endpoints(url: &str) -> Result<Vec<String>, String> {
     Ok(endpoints)
 }
 
-fn connect(target: &AdminTarget) -> Result<RaftAdmin, (Exit, String)> {
+pub fn connect(target: &AdminTarget) -> Result<RaftAdmin, (Exit, String)> {
     let usage = |reason: String| (Exit::Usage, reason);
     let endpoints = endpoints(&target.backend).map_err(usage)?;
     let options = target.security.options().map_err(usage)?;
@@ -115,7 +115,7 @@ pub fn exit_of(error: &AdminError) -> Exit {
     }
 }
 
-fn fail(what: &str, exit: Exit, reason: &str) -> Exit {
+pub fn fail(what: &str, exit: Exit, reason: &str) -> Exit {
     eprintln!("ha {what}: {reason}");
     exit
 }

@@ -4,6 +4,8 @@
 
 #[cfg(feature = "raft")]
 mod admin;
+#[cfg(feature = "raft")]
+mod backup;
 mod coordinator;
 #[cfg(feature = "raft")]
 mod demo;
@@ -323,6 +325,11 @@ enum Command {
     #[cfg(feature = "raft")]
     #[command(subcommand)]
     Member(admin::MemberAction),
+    /// Back up an embedded Raft group's state, restore a new group from a backup, or
+    /// check a backup file.
+    #[cfg(feature = "raft")]
+    #[command(subcommand)]
+    Snapshot(backup::SnapshotAction),
     /// Start three `ha node` processes (embedded Raft, role rootcoord, TTL 3 s), kill the
     /// ACTIVE with SIGKILL and measure the takeover, then SIGTERM the next ACTIVE and
     /// measure the handoff; cleans up everything.
@@ -389,6 +396,18 @@ pub struct NodeArgs {
     /// in milliseconds (default: a third of the shortest election timeout).
     #[arg(long, value_name = "MS")]
     pub rpc_timeout_ms: Option<u64>,
+    /// Last resort after losing a quorum for good: start as the only voter of a new
+    /// group from this member's own data (every entry it holds is kept, entries only the
+    /// lost members held are gone), then --join new members to it. The lost members
+    /// must never run again with their old data dirs. Remove the flag once new members
+    /// joined: a restart with it would drop them again.
+    #[arg(long, conflicts_with = "join")]
+    pub force_new_group: bool,
+    /// On SIGINT/SIGTERM, leave the group: resign the coordinator role first, then ask
+    /// the Raft leader to remove this member (refused, and the node just stops, when the
+    /// voters left would have no reachable majority).
+    #[arg(long)]
+    pub leave_on_stop: bool,
     /// Also run an ActiveStandby coordinator on this member.
     #[arg(long)]
     pub active_standby: bool,
@@ -473,6 +492,8 @@ async fn command(command: Command) -> Exit {
         Command::Status(target) => admin::status(&target).await,
         #[cfg(feature = "raft")]
         Command::Member(action) => admin::member(&action).await,
+        #[cfg(feature = "raft")]
+        Command::Snapshot(action) => backup::snapshot(&action).await,
         Command::Demo { ttl } => demo_command(ttl).await,
         Command::Guard { .. } => Exit::Usage,
     }

@@ -30,18 +30,13 @@ pub async fn node(args: crate::NodeArgs) -> Exit {
             return Exit::Usage;
         }
     };
-    let mut peers = BTreeMap::new();
-    for pair in &args.peers {
-        let Some((id, addr)) = pair.split_once('=') else {
-            eprintln!("ha node: --peers: {pair:?} is not ID=HOST:PORT");
+    let peers = match parse_peers(&args.peers) {
+        Ok(peers) => peers,
+        Err(reason) => {
+            eprintln!("ha node: --peers: {reason}");
             return Exit::Usage;
-        };
-        let Ok(id) = id.trim().parse::<u64>() else {
-            eprintln!("ha node: --peers: {id:?} is not a node id");
-            return Exit::Usage;
-        };
-        peers.insert(id, addr.trim().to_owned());
-    }
+        }
+    };
     let join = match join_client(&args, &peers) {
         Ok(join) => join,
         Err(reason) => {
@@ -62,6 +57,26 @@ pub async fn node(args: crate::NodeArgs) -> Exit {
         Err(e) => {
             eprintln!("ha node: {e}");
             return Exit::Usage;
+        }
+    }
+    if args.force_new_group {
+        match ha::raft::force_new_group(&config).await {
+            Ok(forced) => {
+                let reason = if forced.changed {
+                    format!(
+                        "kept every entry up to index {}, dropped members {:?}",
+                        forced.last_index,
+                        forced.dropped.keys().collect::<Vec<_>>()
+                    )
+                } else {
+                    "already the only voter; nothing changed".to_owned()
+                };
+                printer.print(&Event::new("forced_new_group").node(args.id).reason(reason));
+            }
+            Err(e) => {
+                eprintln!("ha node: --force-new-group: {e}");
+                return Exit::Unavailable;
+            }
         }
     }
     let node = match RaftNode::start(config).await {
@@ -140,10 +155,50 @@ pub async fn node(args: crate::NodeArgs) -> Exit {
             Exit::Unavailable
         }
     };
+    if args.leave_on_stop && exit == Exit::Clean {
+        leave(&node, &args, printer).await;
+    }
     leader_task.abort();
     metrics_task.abort();
     node.shutdown().await;
     exit
+}
+
+/// `--leave-on-stop`: asks the Raft leader, through this node, to remove it. The
+/// coordinator has resigned by now; a leader removing itself steps down once the
+/// change commits, and the voters left elect one of their own.
+async fn leave(node: &RaftNode, args: &crate::NodeArgs, printer: Printer) {
+    let admin = match admin_client(args, vec![node.address()]) {
+        Ok(admin) => admin,
+        Err(reason) => {
+            printer.print(&Event::new("leave_failed").node(args.id).reason(&reason));
+            return;
+        }
+    };
+    let change = ha::raft::MembershipChange::Remove { id: args.id };
+    match admin.change(&change).await {
+        Ok(_) => printer.print(&Event::new("left").node(args.id)),
+        Err(e) => {
+            eprintln!("ha node: node {} could not leave the group: {e}", args.id);
+            printer.print(&Event::new("leave_failed").node(args.id).reason(&e));
+        }
+    }
+}
+
+/// `ID=HOST:PORT` pairs, as `--peers` takes them.
+pub fn parse_peers(pairs: &[String]) -> Result<BTreeMap<u64, String>, String> {
+    let mut peers = BTreeMap::new();
+    for pair in pairs {
+        let (id, addr) = pair
+            .split_once('=')
+            .ok_or_else(|| format!("{pair:?} is not ID=HOST:PORT"))?;
+        let id = id
+            .trim()
+            .parse::<u64>()
+            .map_err(|_| format!("{id:?} is not a node id"))?;
+        peers.insert(id, addr.trim().to_owned());
+    }
+    Ok(peers)
 }
 
 /// Prints `raft_leader` whenever the leader this node knows changes (none once its core
@@ -246,6 +301,14 @@ fn join_client(
         .split(',')
         .map(str::to_owned)
         .collect();
+    admin_client(args, endpoints)
+        .map(Some)
+        .map_err(|e| format!("--join: {e}"))
+}
+
+/// An admin client with this node's TLS identity (its node certificate may change
+/// the membership) or the admin token.
+fn admin_client(args: &crate::NodeArgs, endpoints: Vec<String>) -> Result<RaftAdmin, String> {
     let security = &args.security;
     let tls = match (&security.cacert, &security.cert, &security.key) {
         (Some(ca), Some(cert), Some(key)) => Some(
@@ -259,9 +322,7 @@ fn join_client(
         token: security.admin_token()?,
         ..RaftClientOptions::default()
     };
-    RaftAdmin::new(endpoints, options)
-        .map(Some)
-        .map_err(|e| format!("--join: {e}"))
+    RaftAdmin::new(endpoints, options).map_err(|e| e.to_string())
 }
 
 /// Exports this node's Raft state as gauges: on every change, and each second for the
