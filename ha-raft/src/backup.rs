@@ -566,34 +566,37 @@ mod tests {
     }
 
     fn write_file(path: &Path, state: &[u8]) -> SnapshotHeader {
-        let mut writer = SnapshotWriter::create(path, header_for(state)).expect("create");
+        let mut writer = SnapshotWriter::create(path, header_for(state))
+            .unwrap_or_else(|e| panic!("create: {e}"));
         for chunk in state.chunks(7) {
-            writer.write(chunk).expect("write");
+            writer.write(chunk).unwrap_or_else(|e| panic!("write: {e}"));
         }
-        writer.finish().expect("finish")
+        writer.finish().unwrap_or_else(|e| panic!("finish: {e}"))
     }
 
     #[test]
     fn a_written_file_reads_back_and_a_flipped_byte_is_caught() {
-        let dir = tempfile::tempdir().expect("tempdir");
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
         let path = dir.path().join("s.snap");
-        let state = serde_json::to_vec(&State::default()).expect("encode");
+        let state = serde_json::to_vec(&State::default()).unwrap_or_else(|e| panic!("encode: {e}"));
         let header = write_file(&path, &state);
-        let (read, bytes) = read_snapshot_file(&path).expect("read");
+        let (read, bytes) = read_snapshot_file(&path).unwrap_or_else(|e| panic!("read: {e}"));
         assert_eq!((read, bytes), (header, state));
-        let mut raw = std::fs::read(&path).expect("raw");
+        let mut raw = std::fs::read(&path).unwrap_or_else(|e| panic!("raw: {e}"));
         let last = raw.len() - 2;
         raw[last] ^= 0x20;
-        std::fs::write(&path, &raw).expect("damage");
-        let error = read_snapshot_file(&path).expect_err("damaged");
+        std::fs::write(&path, &raw).unwrap_or_else(|e| panic!("damage: {e}"));
+        let error = read_snapshot_file(&path)
+            .err()
+            .unwrap_or_else(|| panic!("damaged: no error"));
         assert!(matches!(error, BackupError::Damaged { .. }), "{error}");
         raw.push(b' ');
-        std::fs::write(&path, &raw).expect("lengthen");
+        std::fs::write(&path, &raw).unwrap_or_else(|e| panic!("lengthen: {e}"));
         assert!(matches!(
             read_snapshot_file(&path),
             Err(BackupError::Damaged { .. })
         ));
-        std::fs::write(&path, b"not a snapshot at all").expect("garbage");
+        std::fs::write(&path, b"not a snapshot at all").unwrap_or_else(|e| panic!("garbage: {e}"));
         assert!(matches!(
             read_snapshot_file(&path),
             Err(BackupError::NotASnapshot { .. })
@@ -602,21 +605,32 @@ mod tests {
 
     #[test]
     fn a_short_transfer_leaves_no_file() {
-        let dir = tempfile::tempdir().expect("tempdir");
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
         let path = dir.path().join("s.snap");
-        let state = serde_json::to_vec(&State::default()).expect("encode");
-        let mut writer = SnapshotWriter::create(&path, header_for(&state)).expect("create");
-        writer.write(&state[..2]).expect("write");
-        let error = writer.finish().expect_err("short");
+        let state = serde_json::to_vec(&State::default()).unwrap_or_else(|e| panic!("encode: {e}"));
+        let mut writer = SnapshotWriter::create(&path, header_for(&state))
+            .unwrap_or_else(|e| panic!("create: {e}"));
+        writer
+            .write(&state[..2])
+            .unwrap_or_else(|e| panic!("write: {e}"));
+        let error = writer
+            .finish()
+            .err()
+            .unwrap_or_else(|| panic!("short: no error"));
         assert!(matches!(error, BackupError::Damaged { .. }), "{error}");
-        assert_eq!(std::fs::read_dir(dir.path()).expect("ls").count(), 0);
+        assert_eq!(
+            std::fs::read_dir(dir.path())
+                .unwrap_or_else(|e| panic!("ls: {e}"))
+                .count(),
+            0
+        );
     }
 
     #[tokio::test]
     async fn restore_refuses_another_cluster_and_a_used_dir() {
-        let dir = tempfile::tempdir().expect("tempdir");
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
         let path = dir.path().join("s.snap");
-        let state = serde_json::to_vec(&State::default()).expect("encode");
+        let state = serde_json::to_vec(&State::default()).unwrap_or_else(|e| panic!("encode: {e}"));
         write_file(&path, &state);
         let mut options = RestoreOptions {
             data_dir: dir.path().join("data"),
@@ -625,16 +639,27 @@ mod tests {
             cluster_id: Some("other".into()),
             allow_other_cluster: false,
         };
-        let error = restore(&path, &options).await.expect_err("other cluster");
+        let error = restore(&path, &options)
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("other cluster: no error"));
         assert!(matches!(error, BackupError::OtherCluster { .. }), "{error}");
         options.id = 2;
         options.cluster_id = None;
-        let error = restore(&path, &options).await.expect_err("not a peer");
+        let error = restore(&path, &options)
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("not a peer: no error"));
         assert!(matches!(error, BackupError::NotAPeer { .. }), "{error}");
         assert!(!options.data_dir.exists(), "nothing was created");
         options.id = 1;
-        restore(&path, &options).await.expect("restore");
-        let error = restore(&path, &options).await.expect_err("used");
+        restore(&path, &options)
+            .await
+            .unwrap_or_else(|e| panic!("restore: {e}"));
+        let error = restore(&path, &options)
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("used: no error"));
         assert!(
             matches!(error, BackupError::DataDirNotEmpty { .. }),
             "{error}"
