@@ -125,8 +125,8 @@ async fn the_group_grows_to_five_and_shrinks_to_three_under_campaign_traffic() {
         sleep(Duration::from_secs(2)).await;
         for id in [1u64, 2] {
             step(&format!("node {id} removed"));
-            // Through the node being removed: it answers itself if it leads (and steps
-            // down once the change is committed), or names the leader.
+            // Through the node being removed: it leaves on its own (a leader steps down
+            // once the change is committed) and stops; the others confirm it is out.
             let url = group.url(&[id]);
             let (code, out, err) =
                 ha(&["member", "remove", &id.to_string(), "--backend", &url]).await;

@@ -3,7 +3,8 @@
 //! whose guarded store holds what was written and whose tokens continue above the
 //! old ones; a survivor of a lost quorum becomes a single-voter group with
 //! `--force-new-group`, new members join it and the coordinators resume; a member
-//! started with `--leave-on-stop` hands its role over and leaves on SIGTERM. Every
+//! started with `--leave-on-stop` hands its role over and leaves on SIGTERM, and one
+//! removed with `ha member remove` while ACTIVE does the same. Every
 //! process is stopped by PID.
 
 #![cfg(all(feature = "cli", feature = "raft"))]
@@ -228,8 +229,8 @@ async fn a_survivor_of_a_lost_quorum_forms_a_new_group_that_others_join() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_member_leaving_on_stop_hands_over_its_role_and_leaves_the_group() {
-    let mut group = Group::new(3);
+async fn members_leaving_on_purpose_hand_over_their_role_first() {
+    let mut group = Group::new(4);
     let flags = [
         "--active-standby",
         "--role",
@@ -238,26 +239,28 @@ async fn a_member_leaving_on_stop_hands_over_its_role_and_leaves_the_group() {
         "5s",
         "--leave-on-stop",
     ];
-    group.bootstrap(&[1, 2, 3], &flags);
+    group.bootstrap(&[1, 2, 3, 4], &flags);
     let first = group
         .procs
         .expect("an ACTIVE", Duration::from_secs(30), |l| l.is("elected"))
         .await;
+
+    // SIGTERM with --leave-on-stop.
     let leaving = first.from;
     let since = Instant::now();
     group.procs.stop(leaving, Duration::from_secs(20)).await;
-    let next = group
+    let second = group
         .procs
         .expect("a new ACTIVE", Duration::from_secs(20), |l| {
             l.is("elected") && l.seen >= since
         })
         .await;
-    assert!(next.token() > first.token());
+    assert!(second.token() > first.token());
     // Handed over, not expired: well inside the 5 s TTL.
+    let moved = second.seen.duration_since(since);
     assert!(
-        next.seen.duration_since(since) < Duration::from_secs(4),
-        "the role moved after {:?}",
-        next.seen.duration_since(since)
+        moved < Duration::from_secs(4),
+        "the role moved after {moved:?}"
     );
     // The role first, then the group.
     let left = group
@@ -267,7 +270,35 @@ async fn a_member_leaving_on_stop_hands_over_its_role_and_leaves_the_group() {
         })
         .await;
     assert!(left.is("left"), "{}", left.text);
-    let rest: Vec<u64> = (1..=3).filter(|id| *id != leaving).collect();
+    let mut rest: Vec<u64> = (1..=4).filter(|id| *id != leaving).collect();
     until_voters(&group.url(&rest), &rest).await;
+
+    // `ha member remove` of the member that is ACTIVE now.
+    let removed = second.from;
+    let since = Instant::now();
+    let url = group.url(&rest);
+    let (code, out, err) = ha(&["member", "remove", &removed.to_string(), "--backend", &url]).await;
+    assert_eq!(code, 0, "ha member remove {removed}: {err}");
+    assert!(out.contains("resigned its role and left"), "{out}");
+    let third = group
+        .procs
+        .expect("a third ACTIVE", Duration::from_secs(20), |l| {
+            l.is("elected") && l.seen >= since
+        })
+        .await;
+    assert!(third.token() > second.token());
+    let moved = third.seen.duration_since(since);
+    assert!(
+        moved < Duration::from_secs(4),
+        "the role moved after {moved:?}"
+    );
+    let status = group
+        .procs
+        .wait_exit(removed, Duration::from_secs(20))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(status.code(), Some(0), "the removed member stops cleanly");
+    rest.retain(|id| *id != removed);
+    assert_eq!(members(&group.url(&rest)).await, (rest.clone(), vec![]));
     group.procs.stop_all(Duration::from_secs(10)).await;
 }

@@ -297,6 +297,20 @@ impl NodeInner {
         }
     }
 
+    /// Whether one membership change would be allowed now; only on the Raft leader.
+    pub(crate) async fn check_membership(
+        &self,
+        change: &MembershipChange,
+    ) -> Result<(), AdminError> {
+        if !matches!(self.target(), crate::node::Target::Me { .. }) {
+            return Err(self.not_leader());
+        }
+        let _one_at_a_time = self.membership_lock.lock().await;
+        membership::check(&self.group_view(), change)
+            .map(drop)
+            .map_err(AdminError::Refused)
+    }
+
     /// Checks and carries out one membership change; only on the Raft leader.
     pub(crate) async fn change_membership(
         &self,
@@ -404,6 +418,33 @@ fn reply<T: Serialize>(value: &T) -> Result<Response<AdminReply>, Status> {
         .map_err(|e| Status::internal(format!("encode reply: {e}")))
 }
 
+impl AdminService {
+    /// The membership change a request carries, once its credentials allow it: a node
+    /// certificate of a member or of the node the change is about, or the admin token.
+    fn authorized_change(
+        &self,
+        request: &Request<AdminRequest>,
+    ) -> Result<(std::sync::Arc<NodeInner>, MembershipChange), Status> {
+        let node = self.node.upgrade().ok_or_else(crate::service::gone)?;
+        let change: MembershipChange =
+            serde_json::from_slice(&request.get_ref().payload).map_err(|e| {
+                AdminError::InvalidArgument(format!("not a membership change: {e}")).to_status()
+            })?;
+        let members: Vec<NodeId> = {
+            let status = node.status_now();
+            status
+                .voters
+                .keys()
+                .chain(status.learners.keys())
+                .copied()
+                .collect()
+        };
+        self.auth
+            .may_change_membership(request, members.into_iter().chain([change.subject()]))?;
+        Ok((node, change))
+    }
+}
+
 /// The largest admin request decoded: a change is a few hundred bytes.
 pub(crate) const MAX_ADMIN_REQUEST: usize = 64 << 10;
 
@@ -421,26 +462,35 @@ impl Admin for AdminService {
         &self,
         request: Request<AdminRequest>,
     ) -> Result<Response<AdminReply>, Status> {
-        let node = self.node.upgrade().ok_or_else(crate::service::gone)?;
-        let change: MembershipChange =
-            serde_json::from_slice(&request.get_ref().payload).map_err(|e| {
-                AdminError::InvalidArgument(format!("not a membership change: {e}")).to_status()
-            })?;
-        let members: Vec<NodeId> = {
-            let status = node.status_now();
-            status
-                .voters
-                .keys()
-                .chain(status.learners.keys())
-                .copied()
-                .collect()
-        };
-        self.auth
-            .may_change_membership(&request, members.into_iter().chain([change.subject()]))?;
+        let (node, change) = self.authorized_change(&request)?;
         match node.change_membership(&change).await {
             Ok(report) => reply(&report),
             Err(e) => Err(e.to_status()),
         }
+    }
+
+    async fn check_membership(
+        &self,
+        request: Request<AdminRequest>,
+    ) -> Result<Response<AdminReply>, Status> {
+        let (node, change) = self.authorized_change(&request)?;
+        match node.check_membership(&change).await {
+            Ok(()) => reply(&()),
+            Err(e) => Err(e.to_status()),
+        }
+    }
+
+    async fn leave(&self, request: Request<AdminRequest>) -> Result<Response<AdminReply>, Status> {
+        let node = self.node.upgrade().ok_or_else(crate::service::gone)?;
+        let status = node.status_now();
+        let members = status.voters.keys().chain(status.learners.keys()).copied();
+        self.auth.may_change_membership(&request, members)?;
+        let handled = node.leave_handled.load(std::sync::atomic::Ordering::SeqCst);
+        if handled {
+            info!(node = node.config.id, "asked to leave the group");
+            node.leave.cancel();
+        }
+        reply(&handled)
     }
 
     type SnapshotStream = futures::stream::Iter<std::vec::IntoIter<Result<AdminReply, Status>>>;

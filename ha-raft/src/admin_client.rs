@@ -85,6 +85,23 @@ pub struct GroupStatus {
     pub unreachable: BTreeMap<String, String>,
 }
 
+/// How [`RaftAdmin::remove`] removed a member.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Removal {
+    /// The membership afterwards.
+    pub report: MembershipReport,
+    /// The member resigned its role and removed itself (it answered and runs under an
+    /// owner that handles leave requests); false: the leader removed it.
+    pub left_on_its_own: bool,
+}
+
+/// The two requests only the Raft leader answers.
+#[derive(Debug, Clone, Copy)]
+enum LeaderCall {
+    Change,
+    Check,
+}
+
 /// How a join ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -169,8 +186,12 @@ impl RaftAdmin {
 
     /// Asks every endpoint, then every member they name, for its status.
     pub async fn group_status(&self) -> GroupStatus {
+        self.group_status_via(&self.endpoints).await
+    }
+
+    async fn group_status_via(&self, endpoints: &[String]) -> GroupStatus {
         let mut answers: BTreeMap<String, Result<NodeStatus, AdminError>> = BTreeMap::new();
-        self.ask(&self.endpoints, &mut answers).await;
+        self.ask(endpoints, &mut answers).await;
         let reference = reference_status(&answers).cloned();
         let named: Vec<String> = reference
             .iter()
@@ -206,6 +227,115 @@ impl RaftAdmin {
     /// `Refused` (nothing changed), `Unauthorized`, `Timeout` (the outcome is unknown),
     /// or `Unavailable` when no leader answered in time.
     pub async fn change(&self, change: &MembershipChange) -> Result<MembershipReport, AdminError> {
+        let (address, payload) = self.on_leader(LeaderCall::Change, change).await?;
+        serde_json::from_slice(&payload)
+            .map_err(|e| AdminError::Unavailable(format!("undecodable reply from {address}: {e}")))
+    }
+
+    /// Whether the Raft leader would allow `change` now, without making it.
+    ///
+    /// # Errors
+    /// As [`change`](Self::change); `Refused` says why not.
+    pub async fn check(&self, change: &MembershipChange) -> Result<(), AdminError> {
+        self.on_leader(LeaderCall::Check, change).await.map(drop)
+    }
+
+    /// Removes member `id` from the group. A member that answers and whose owner
+    /// handles leave requests (`ha node`) leaves on purpose: it resigns its coordinator
+    /// role, then removes itself and stops; this waits, within the request timeout,
+    /// until the membership no longer names it. A member that does not answer (a dead
+    /// device) is removed by the leader directly. The change is checked first: a
+    /// refused one changes nothing and asks nothing of the member.
+    ///
+    /// # Errors
+    /// As [`change`](Self::change).
+    pub async fn remove(&self, id: NodeId) -> Result<Removal, AdminError> {
+        let change = MembershipChange::Remove { id };
+        self.check(&change).await?;
+        let group = self.group_status().await;
+        let member = group
+            .members
+            .iter()
+            .find(|m| m.id == id && m.kind != MemberKind::Outside && m.status.is_some());
+        if let Some(member) = member {
+            if self.ask_to_leave(&member.address).await {
+                // The member stops once it is out: ask the others how it went.
+                let others: Vec<String> = group
+                    .members
+                    .iter()
+                    .filter(|m| m.id != id)
+                    .map(|m| m.address.clone())
+                    .chain(self.endpoints.iter().cloned())
+                    .collect();
+                return self.until_gone(id, &others).await;
+            }
+        }
+        let report = self.change(&change).await?;
+        Ok(Removal {
+            report,
+            left_on_its_own: false,
+        })
+    }
+
+    /// Asks the node at `address` to leave; true when its owner took the request.
+    async fn ask_to_leave(&self, address: &str) -> bool {
+        let Ok(mut api) = self.api(address) else {
+            return false;
+        };
+        let wait = STATUS_TIMEOUT.min(self.request_timeout);
+        match tokio::time::timeout(wait, api.leave(AdminRequest { payload: vec![] })).await {
+            Ok(Ok(reply)) => {
+                serde_json::from_slice::<bool>(&reply.get_ref().payload).unwrap_or(false)
+            }
+            _ => false,
+        }
+    }
+
+    /// Waits until the group's membership no longer names `id`.
+    async fn until_gone(&self, id: NodeId, via: &[String]) -> Result<Removal, AdminError> {
+        let deadline = Instant::now() + self.request_timeout;
+        loop {
+            let group = self.group_status_via(via).await;
+            let named = group
+                .members
+                .iter()
+                .any(|m| m.id == id && m.kind != MemberKind::Outside);
+            if group.quorum && !named {
+                let of = |kind: MemberKind| {
+                    group
+                        .members
+                        .iter()
+                        .filter(|m| m.kind == kind)
+                        .map(|m| (m.id, m.address.clone()))
+                        .collect()
+                };
+                let report = MembershipReport {
+                    voters: of(MemberKind::Voter),
+                    learners: of(MemberKind::Learner),
+                    changed: true,
+                };
+                return Ok(Removal {
+                    report,
+                    left_on_its_own: true,
+                });
+            }
+            if Instant::now() >= deadline {
+                return Err(AdminError::Timeout {
+                    after: self.request_timeout,
+                });
+            }
+            sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Sends one leader-only request, following the "not the leader" answers and
+    /// retrying transient errors until the request timeout; the leader's address and
+    /// its reply.
+    async fn on_leader(
+        &self,
+        call: LeaderCall,
+        change: &MembershipChange,
+    ) -> Result<(String, Vec<u8>), AdminError> {
         let deadline = Instant::now() + self.request_timeout;
         let payload = serde_json::to_vec(change)
             .map_err(|e| AdminError::InvalidArgument(format!("encode: {e}")))?;
@@ -221,20 +351,24 @@ impl RaftAdmin {
                 continue;
             };
             let mut api = self.api(&address)?;
-            let call = api.change_membership(AdminRequest {
+            let request = AdminRequest {
                 payload: payload.clone(),
-            });
-            let outcome = match tokio::time::timeout_at(deadline, call).await {
+            };
+            let answer = match call {
+                LeaderCall::Change => {
+                    tokio::time::timeout_at(deadline, api.change_membership(request)).await
+                }
+                LeaderCall::Check => {
+                    tokio::time::timeout_at(deadline, api.check_membership(request)).await
+                }
+            };
+            let outcome = match answer {
                 Err(_) => {
                     return Err(AdminError::Timeout {
                         after: self.request_timeout,
                     })
                 }
-                Ok(Ok(reply)) => {
-                    return serde_json::from_slice(&reply.get_ref().payload).map_err(|e| {
-                        AdminError::Unavailable(format!("undecodable reply from {address}: {e}"))
-                    })
-                }
+                Ok(Ok(reply)) => return Ok((address, reply.into_inner().payload)),
                 Ok(Err(status)) => AdminError::from_status(&status),
             };
             match outcome {

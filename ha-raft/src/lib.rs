@@ -33,7 +33,7 @@ pub mod proto {
 }
 
 pub use admin::{AdminError, MembershipReport, NodeStatus, PeerProgress};
-pub use admin_client::{GroupStatus, JoinOutcome, MemberKind, MemberStatus, RaftAdmin};
+pub use admin_client::{GroupStatus, JoinOutcome, MemberKind, MemberStatus, RaftAdmin, Removal};
 pub use backup::{
     force_new_group, read_snapshot_file, restore, BackupError, ForcedGroup, RestoreOptions,
     SnapshotHeader, MAX_SNAPSHOT_BYTES, SNAPSHOT_FORMAT,

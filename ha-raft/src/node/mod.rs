@@ -59,6 +59,10 @@ pub(crate) struct NodeInner {
     pub(crate) shutdown: CancellationToken,
     /// Held while one membership change is checked and carried out.
     pub(crate) membership_lock: tokio::sync::Mutex<()>,
+    /// Cancelled when the admin API asks this node to leave the group.
+    pub(crate) leave: CancellationToken,
+    /// Whether the node's owner follows [`RaftNode::leave_requested`].
+    pub(crate) leave_handled: std::sync::atomic::AtomicBool,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -158,6 +162,8 @@ impl RaftNode {
             db: Mutex::new(Some(db)),
             shutdown: CancellationToken::new(),
             membership_lock: tokio::sync::Mutex::new(()),
+            leave: CancellationToken::new(),
+            leave_handled: std::sync::atomic::AtomicBool::new(false),
             tasks: Mutex::new(vec![confirm_task]),
         });
         let node = Self { inner };
@@ -318,6 +324,23 @@ impl RaftNode {
         change: &MembershipChange,
     ) -> std::result::Result<MembershipReport, AdminError> {
         self.inner.change_membership(change).await
+    }
+
+    /// Resolves when `ha member remove` of this node asks it to leave the group on
+    /// purpose. Calling it tells the admin API that the caller handles such requests:
+    /// it resigns what runs on the node, then removes the node through the Raft leader
+    /// ([`RaftAdmin::change`](crate::RaftAdmin::change)) and stops it. Without a caller
+    /// the node is removed without that handover.
+    pub fn leave_requested(&self) -> impl Future<Output = ()> + Send + 'static {
+        self.inner
+            .leave_handled
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.inner.leave.clone().cancelled_owned()
+    }
+
+    /// Whether a leave was asked of this node.
+    pub fn is_leaving(&self) -> bool {
+        self.inner.leave.is_cancelled()
     }
 
     /// Adds a node as a learner (it replicates but does not vote) and waits, within the

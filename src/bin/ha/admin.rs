@@ -325,43 +325,53 @@ pub async fn member(action: &MemberAction) -> Exit {
                 Err(exit) => exit,
             }
         }
-        MemberAction::Remove { id, .. } => {
-            match change(&admin, &MembershipChange::Remove { id: *id }, target.json).await {
-                Ok(()) => Exit::Clean,
-                Err(exit) => exit,
+        MemberAction::Remove { id, .. } => match admin.remove(*id).await {
+            Ok(removal) => {
+                let how = if removal.left_on_its_own {
+                    "resigned its role and left"
+                } else {
+                    "removed by the leader"
+                };
+                print_report(&removal.report, target.json, &format!("node {id} {how}"));
+                Exit::Clean
             }
-        }
+            Err(e) => fail("member remove", exit_of(&e), &e.to_string()),
+        },
     }
 }
 
 async fn change(admin: &RaftAdmin, change: &MembershipChange, json: bool) -> Result<(), Exit> {
     match admin.change(change).await {
         Ok(report) => {
-            if json {
-                println!("{}", serde_json::to_string(&report).unwrap_or_default());
+            let what = if report.changed {
+                "changed"
             } else {
-                let ids = |m: &std::collections::BTreeMap<u64, String>| {
-                    m.keys().map(u64::to_string).collect::<Vec<_>>().join(",")
-                };
-                println!(
-                    "{}; voters: {}; learners: {}",
-                    if report.changed {
-                        "changed"
-                    } else {
-                        "already so, nothing changed"
-                    },
-                    ids(&report.voters),
-                    if report.learners.is_empty() {
-                        "none".to_owned()
-                    } else {
-                        ids(&report.learners)
-                    }
-                );
-            }
+                "already so, nothing changed"
+            };
+            print_report(&report, json, what);
             Ok(())
         }
         Err(e) => Err(fail("member", exit_of(&e), &e.to_string())),
     }
+}
+
+fn print_report(report: &ha::raft::MembershipReport, json: bool, what: &str) {
+    if json {
+        println!("{}", serde_json::to_string(report).unwrap_or_default());
+        return;
+    }
+    let ids = |m: &std::collections::BTreeMap<u64, String>| {
+        m.keys().map(u64::to_string).collect::<Vec<_>>().join(",")
+    };
+    let learners = if report.learners.is_empty() {
+        "none".to_owned()
+    } else {
+        ids(&report.learners)
+    };
+    println!(
+        "{what}; voters: {}; learners: {learners}",
+        ids(&report.voters)
+    );
 }
 
 async fn promote_when_caught_up(admin: &RaftAdmin, id: u64, timeout: f64, json: bool) -> Exit {

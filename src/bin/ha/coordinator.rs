@@ -35,6 +35,7 @@ pub async fn run(args: &CoordinatorArgs, common: &Common) -> Exit {
         common.ttl(),
         server_id,
         Printer::new(common.json),
+        shutdown_signal(),
     )
     .await
 }
@@ -57,6 +58,7 @@ pub async fn drive(
     ttl: Duration,
     server_id: ServerId,
     printer: Printer,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Exit {
     let role = match Role::new(args.role.as_str()) {
         Ok(role) => role,
@@ -98,7 +100,7 @@ pub async fn drive(
         })
         .enabled(!args.exclusive)
         .stop_grace(plan.as_ref().map_or(Duration::ZERO, |p| p.stop_grace()))
-        .shutdown_on(shutdown_signal());
+        .shutdown_on(stop);
     let mut events = builder.subscribe();
     let state = builder.watch_state();
     if let Some(addr) = args.metrics_addr {

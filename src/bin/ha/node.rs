@@ -115,6 +115,18 @@ pub async fn node(args: crate::NodeArgs) -> Exit {
             return exit;
         }
     }
+    // SIGINT/SIGTERM, or `ha member remove` of this node: either way the coordinator
+    // resigns first.
+    let stop = {
+        let signal = shutdown_signal();
+        let leave = node.leave_requested();
+        async move {
+            tokio::select! {
+                () = signal => {}
+                () = leave => {}
+            }
+        }
+    };
     let serve = async {
         if args.active_standby {
             let backend: Arc<dyn Backend> = Arc::new(node.clone());
@@ -125,6 +137,7 @@ pub async fn node(args: crate::NodeArgs) -> Exit {
                 Duration::from_secs_f64(args.ttl),
                 ServerId::new(args.id),
                 printer,
+                stop,
             )
             .await
         } else {
@@ -138,7 +151,7 @@ pub async fn node(args: crate::NodeArgs) -> Exit {
             };
             match served {
                 Ok(()) => {
-                    shutdown_signal().await;
+                    stop.await;
                     Exit::Clean
                 }
                 Err(exit) => exit,
@@ -155,7 +168,7 @@ pub async fn node(args: crate::NodeArgs) -> Exit {
             Exit::Unavailable
         }
     };
-    if args.leave_on_stop && exit == Exit::Clean {
+    if (args.leave_on_stop || node.is_leaving()) && exit == Exit::Clean {
         leave(&node, &args, printer).await;
     }
     leader_task.abort();
