@@ -84,8 +84,8 @@ impl From<Exit> for ExitCode {
 const EXIT_CODES: &str = "\
 Exit codes:
   0  clean: finished, or resigned on SIGINT/SIGTERM
-  1  ha demo failed (it says why)
-  2  bad usage: unknown flag, invalid name, URL or TTL
+  1  ha demo failed (it says why); ha snapshot: the file could not be read or written
+  2  bad usage: unknown flag, invalid name, URL or TTL; a damaged or foreign snapshot file
   3  leadership or session lost, the activation failed, or the role is held by another
      instance (exclusive mode)
   4  backend unavailable; for ha node also: it could not start, or its Raft core
@@ -94,7 +94,8 @@ Exit codes:
      user, password or token
   6  --timeout passed before this replica was elected
   7  ha member, ha node --join: the change was refused (it would lose quorum, or it
-     clashes with the group: another cluster id, an address or id taken); nothing changed
+     clashes with the group: another cluster id, an address or id taken); ha snapshot
+     restore: another cluster's snapshot, a data dir in use; nothing changed
 With `-- CMD`, a command that exits on its own ends `ha run` with the command's code
 (128 + N for signal N). A code can then be ours or the command's: the last event line
 tells them apart (`child_exited` with `code` or `signal` means the command's).";
