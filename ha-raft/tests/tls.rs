@@ -3,7 +3,9 @@
 //! works too; a client without credentials, with a wrong token, or trusting another CA is
 //! refused with an error that says which; a peer with a certificate from another CA
 //! cannot vote or append; a peer whose certificate names another node cannot claim to be
-//! node 1; a node refuses a non-loopback address without TLS unless told `insecure`.
+//! node 1; a node refuses a non-loopback address without TLS unless told `insecure`;
+//! only a node certificate or the admin token may change the membership or take a
+//! snapshot (a client certificate or the client token reads the status).
 
 mod common;
 
@@ -341,4 +343,98 @@ async fn a_non_loopback_address_needs_tls_or_insecure() {
         .map(|e| e.to_string())
         .unwrap_or_else(|| panic!("started with a token and no TLS"));
     assert!(refused.contains("needs TLS"), "{refused}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_node_certificates_or_the_admin_token_change_members_or_take_snapshots() {
+    use ha_raft::{AdminError, BackupError, MembershipChange, RaftAdmin};
+    const ADMIN: &str = "admin-s3cret";
+    let cluster = Ca::new("ha raft test CA");
+    let pki = pki(&cluster);
+    let (ca_pem, nodes) = (pki.ca_pem.clone(), pki.nodes.clone());
+    let group = Group::start_with(3, move |config| {
+        let (cert, key) = nodes[&config.id].clone();
+        config
+            .with_tls(RaftTls {
+                ca_pem: ca_pem.clone().into_bytes(),
+                cert_pem: cert.into_bytes(),
+                key_pem: key.into_bytes(),
+            })
+            .with_client_token(TOKEN)
+            .with_admin_token(ADMIN)
+    })
+    .await;
+    let endpoints: Vec<String> = group.peers.values().cloned().collect();
+    let admin = |options: RaftClientOptions| {
+        RaftAdmin::new(endpoints.clone(), options).unwrap_or_else(|e| panic!("{e}"))
+    };
+    let removal = MembershipChange::Remove { id: 3 };
+    let files = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let file = files.path().join("s.snap");
+
+    // A client certificate, or the client token, reads the status and nothing more.
+    let mut with_client_token = client_options(&pki.ca_pem, None);
+    with_client_token.token = Some(TOKEN.to_owned());
+    for (what, options) in [
+        (
+            "client certificate",
+            client_options(&pki.ca_pem, Some(&pki.client)),
+        ),
+        ("client token", with_client_token),
+    ] {
+        let client = admin(options);
+        assert!(
+            client.group_status().await.quorum,
+            "{what} reads the status"
+        );
+        let refused = client.check(&removal).await;
+        assert!(
+            matches!(refused, Err(AdminError::Unauthorized(_))),
+            "{what} may not check a change: {refused:?}"
+        );
+        let refused = client.change(&removal).await;
+        assert!(
+            matches!(refused, Err(AdminError::Unauthorized(_))),
+            "{what} may not change the membership: {refused:?}"
+        );
+        let refused = client.save_snapshot(&file).await;
+        assert!(
+            matches!(
+                refused,
+                Err(BackupError::Admin(AdminError::Unauthorized(_)))
+            ),
+            "{what} may not take a snapshot: {refused:?}"
+        );
+        assert!(!file.exists());
+    }
+
+    // A node certificate, or the admin token, may.
+    let mut with_admin_token = client_options(&pki.ca_pem, None);
+    with_admin_token.token = Some(ADMIN.to_owned());
+    for (what, options) in [
+        (
+            "node certificate",
+            client_options(&pki.ca_pem, Some(&pki.nodes[&1])),
+        ),
+        ("admin token", with_admin_token),
+    ] {
+        let client = admin(options);
+        client
+            .check(&removal)
+            .await
+            .unwrap_or_else(|e| panic!("{what} checks a change: {e}"));
+        let header = client
+            .save_snapshot(&file)
+            .await
+            .unwrap_or_else(|e| panic!("{what} takes a snapshot: {e}"));
+        let status = client
+            .node_status(&endpoints[0])
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(header.cluster_id, status.cluster_id);
+        assert!(header.index() > 0);
+        ha_raft::read_snapshot_file(&file).unwrap_or_else(|e| panic!("{e}"));
+        std::fs::remove_file(&file).unwrap_or_else(|e| panic!("{e}"));
+    }
+    group.shutdown().await;
 }
