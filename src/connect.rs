@@ -126,32 +126,7 @@ pub async fn connect_with(url: &str, options: &ConnectOptions) -> Result<Arc<dyn
         }
         #[cfg(feature = "etcd")]
         "etcd" => {
-            let (hosts, prefix) = match rest.split_once('/') {
-                Some((hosts, prefix)) => (hosts, prefix.trim_end_matches('/')),
-                None => (rest, ""),
-            };
-            let endpoints: Vec<&str> = hosts.split(',').collect();
-            if endpoints.iter().any(|e| e.is_empty() || !e.contains(':')) {
-                return Err(invalid(format!(
-                    "{url:?}: expected etcd://host:port[,host:port...][/prefix]"
-                )));
-            }
-            let mut config = crate::etcd::EtcdConfig::new(endpoints);
-            if !prefix.is_empty() {
-                config = config.with_prefix(prefix);
-            }
-            if let Some(ca) = &options.ca_file {
-                config = config.with_tls_files(ca, options.identity()?)?;
-            }
-            if let Some(user) = &options.user {
-                let password = options.password.clone().ok_or_else(|| Error::InvalidArgument {
-                    what: "argument",
-                    reason: format!(
-                        "etcd user {user:?} needs a password: set HA_ETCD_PASSWORD or pass --password-file"
-                    ),
-                })?;
-                config = config.with_user(user.clone(), password);
-            }
+            let config = etcd_config(url, options)?;
             Ok(Arc::new(crate::etcd::EtcdBackend::connect(config).await?))
         }
         _ => {
@@ -159,4 +134,50 @@ pub async fn connect_with(url: &str, options: &ConnectOptions) -> Result<Arc<dyn
             Err(Error::FeatureDisabled { scheme, feature })
         }
     }
+}
+
+/// The etcd configuration of an `etcd://` URL with `options` (TLS, user).
+///
+/// # Errors
+/// `InvalidArgument` for a malformed URL, unreadable TLS files or a user without a
+/// password.
+#[cfg(feature = "etcd")]
+pub fn etcd_config(url: &str, options: &ConnectOptions) -> Result<crate::etcd::EtcdConfig> {
+    let invalid = |reason: String| Error::InvalidArgument {
+        what: "url",
+        reason,
+    };
+    let rest = url
+        .strip_prefix("etcd://")
+        .ok_or_else(|| invalid(format!("{url:?} is not an etcd:// URL")))?;
+    let (hosts, prefix) = match rest.split_once('/') {
+        Some((hosts, prefix)) => (hosts, prefix.trim_end_matches('/')),
+        None => (rest, ""),
+    };
+    let endpoints: Vec<&str> = hosts.split(',').collect();
+    if endpoints.iter().any(|e| e.is_empty() || !e.contains(':')) {
+        return Err(invalid(format!(
+            "{url:?}: expected etcd://host:port[,host:port...][/prefix]"
+        )));
+    }
+    let mut config = crate::etcd::EtcdConfig::new(endpoints);
+    if !prefix.is_empty() {
+        config = config.with_prefix(prefix);
+    }
+    if let Some(ca) = &options.ca_file {
+        config = config.with_tls_files(ca, options.identity()?)?;
+    }
+    if let Some(user) = &options.user {
+        let password = options
+            .password
+            .clone()
+            .ok_or_else(|| Error::InvalidArgument {
+                what: "argument",
+                reason: format!(
+                "etcd user {user:?} needs a password: set HA_ETCD_PASSWORD or pass --password-file"
+            ),
+            })?;
+        config = config.with_user(user.clone(), password);
+    }
+    Ok(config)
 }

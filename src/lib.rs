@@ -4,6 +4,8 @@
 
 mod connect;
 
+#[cfg(feature = "etcd")]
+pub use connect::etcd_config;
 pub use connect::{connect, connect_with, ConnectOptions};
 pub use ha_core::*;
 

@@ -576,3 +576,69 @@ async fn raft_nodes_over_tls_admit_certified_clients_and_the_token_only() {
         "{err}"
     );
 }
+
+#[cfg(feature = "etcd")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ha_status_on_etcd_lists_every_member_and_exits_4_without_quorum() {
+    let cluster = tokio::task::spawn_blocking(|| ha_testkit::etcd::EtcdCluster::start(3))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let Some(mut cluster) = cluster else {
+        return;
+    };
+    let backend = format!("etcd://{}", cluster.endpoints().join(","));
+    let status = |json: bool| {
+        let backend = backend.clone();
+        async move {
+            let mut args = vec!["status", "--backend", backend.as_str()];
+            if json {
+                args.push("--json");
+            }
+            run_ha(&args, Duration::from_secs(30)).await
+        }
+    };
+    // The cluster may still be electing its first leader.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let listed = loop {
+        let output = status(true).await;
+        if output.status.code() == Some(0) {
+            break output;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no quorum within 20 s: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    let json: serde_json::Value =
+        serde_json::from_slice(&listed.stdout).unwrap_or_else(|e| panic!("{e}"));
+    let members = json["members"].as_array().cloned().unwrap_or_default();
+    assert_eq!(members.len(), 3, "{json}");
+    let leader = json["leader"].as_u64().unwrap_or(0);
+    assert!(members.iter().any(|m| m["id"] == leader), "{json}");
+    assert!(
+        members
+            .iter()
+            .all(|m| m["status"]["raft_term"].as_u64() > Some(0)),
+        "{json}"
+    );
+
+    cluster.kill(0);
+    let output = status(false).await;
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "two of three still lead: {text}"
+    );
+    assert!(text.contains("unreachable"), "{text}");
+    cluster.kill(1);
+    let output = status(false).await;
+    assert_eq!(
+        output.status.code(),
+        Some(4),
+        "one of three is no quorum: {}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+}

@@ -5,7 +5,9 @@ mod backend;
 mod config;
 mod error;
 pub mod keys;
+mod status;
 
 pub use backend::EtcdBackend;
 pub use config::{EtcdConfig, EtcdTls, MIN_TTL};
 pub use error::EtcdBackendError;
+pub use status::{cluster_status, EtcdClusterStatus, EtcdEndpointStatus, EtcdMemberStatus};

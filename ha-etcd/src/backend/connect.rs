@@ -12,6 +12,29 @@ use crate::error::map;
 
 use super::EtcdBackend;
 
+/// etcd-client's options for `config`: timeouts, user, TLS.
+pub(crate) fn connect_options(config: &EtcdConfig) -> ConnectOptions {
+    let mut options = ConnectOptions::new()
+        .with_connect_timeout(config.connect_timeout)
+        .with_timeout(config.request_timeout);
+    if let Some((user, password)) = &config.user {
+        // etcd's auth tokens do not survive an etcd restart (simple tokens) or expire
+        // (JWT): fetch a new one instead of failing every call after that.
+        options = options
+            .with_user(user.clone(), password.clone())
+            .with_auto_token_refresh(true);
+    }
+    if let Some(tls) = &config.tls {
+        let mut tls_options = etcd_client::TlsOptions::new()
+            .ca_certificate(etcd_client::Certificate::from_pem(&tls.ca_pem));
+        if let Some((cert, key)) = &tls.identity {
+            tls_options = tls_options.identity(etcd_client::Identity::from_pem(cert, key));
+        }
+        options = options.with_tls(tls_options);
+    }
+    options
+}
+
 impl EtcdBackend {
     /// Connects to etcd and checks it answers.
     ///
@@ -50,24 +73,7 @@ impl EtcdBackend {
                 ),
             });
         }
-        let mut options = ConnectOptions::new()
-            .with_connect_timeout(config.connect_timeout)
-            .with_timeout(config.request_timeout);
-        if let Some((user, password)) = &config.user {
-            // etcd's auth tokens do not survive an etcd restart (simple tokens) or expire
-            // (JWT): fetch a new one instead of failing every call after that.
-            options = options
-                .with_user(user.clone(), password.clone())
-                .with_auto_token_refresh(true);
-        }
-        if let Some(tls) = &config.tls {
-            let mut tls_options = etcd_client::TlsOptions::new()
-                .ca_certificate(etcd_client::Certificate::from_pem(&tls.ca_pem));
-            if let Some((cert, key)) = &tls.identity {
-                tls_options = tls_options.identity(etcd_client::Identity::from_pem(cert, key));
-            }
-            options = options.with_tls(tls_options);
-        }
+        let options = connect_options(&config);
         // etcd (Go) checks a client certificate after the TLS 1.3 handshake and then just
         // closes the connection; the client sees "connection closed", not an alert. With
         // TLS on, a connection closed (not refused) during connect means the certificate.

@@ -1,6 +1,6 @@
 //! `EtcdBackend`: the contract on etcd leases, transactions and watches.
 
-mod connect;
+pub(crate) mod connect;
 mod keepalive;
 mod kv;
 mod watch;

@@ -11,7 +11,8 @@ use crate::{Exit, Security};
 /// Which group to talk to, and how.
 #[derive(Debug, Clone, Args)]
 pub struct AdminTarget {
-    /// The group: raft://host:port,... (any members; the others are found from them).
+    /// The group: raft://host:port,... (any members; the others are found from them);
+    /// `ha status` also takes etcd://host:port,...
     #[arg(long, env = "HA_BACKEND")]
     pub backend: String,
     /// Print one JSON object instead of a table.
@@ -68,7 +69,7 @@ pub enum MemberAction {
 fn endpoints(url: &str) -> Result<Vec<String>, String> {
     let Some(rest) = url.strip_prefix("raft://") else {
         return Err(format!(
-            "{url:?}: ha status and ha member operate an embedded Raft group (raft://host:port,...); for etcd use etcdctl endpoint status and etcdctl member"
+            "{url:?}: ha member and ha snapshot operate an embedded Raft group (raft://host:port,...); for etcd use etcdctl member and etcdctl snapshot"
         ));
     };
     let endpoints: Vec<String> = rest
@@ -122,6 +123,10 @@ pub fn fail(what: &str, exit: Exit, reason: &str) -> Exit {
 
 /// `ha status`: every member's Raft state; exit 4 when no quorum answers.
 pub async fn status(target: &AdminTarget) -> Exit {
+    #[cfg(feature = "etcd")]
+    if target.backend.starts_with("etcd://") {
+        return etcd_status(target).await;
+    }
     let admin = match connect(target) {
         Ok(admin) => admin,
         Err((exit, reason)) => return fail("status", exit, &reason),
@@ -141,6 +146,107 @@ pub async fn status(target: &AdminTarget) -> Exit {
         eprintln!("ha status: no quorum answered (no Raft leader with a majority of voters)");
         Exit::Unavailable
     }
+}
+
+/// `ha status` on etcd: every member's own report, as `etcdctl endpoint status
+/// --cluster` gives it; exit 4 when no majority of the voters names one leader.
+#[cfg(feature = "etcd")]
+async fn etcd_status(target: &AdminTarget) -> Exit {
+    let config = target
+        .security
+        .options()
+        .and_then(|options| ha::etcd_config(&target.backend, &options).map_err(|e| e.to_string()));
+    let config = match config {
+        Ok(config) => config.with_timeouts(
+            std::time::Duration::from_secs(5),
+            std::time::Duration::from_secs_f64(target.request_timeout),
+        ),
+        Err(reason) => return fail("status", Exit::Usage, &reason),
+    };
+    let cluster = match ha::etcd::cluster_status(&config).await {
+        Ok(cluster) => cluster,
+        Err(e) => return fail("status", Exit::of(&e), &e.to_string()),
+    };
+    if target.json {
+        println!("{}", serde_json::to_string(&cluster).unwrap_or_default());
+    } else {
+        print!("{}", etcd_table(&cluster));
+    }
+    if cluster.quorum {
+        Exit::Clean
+    } else {
+        eprintln!("ha status: no majority of the etcd voters answered naming one leader");
+        Exit::Unavailable
+    }
+}
+
+#[cfg(feature = "etcd")]
+fn etcd_table(cluster: &ha::etcd::EtcdClusterStatus) -> String {
+    let mut rows = vec![[
+        "ID",
+        "NAME",
+        "ENDPOINT",
+        "KIND",
+        "STATE",
+        "TERM",
+        "RAFT_INDEX",
+        "APPLIED",
+        "DB",
+        "VERSION",
+    ]
+    .map(str::to_owned)];
+    for m in &cluster.members {
+        let kind = if m.learner { "learner" } else { "voter" }.to_owned();
+        let row = match &m.status {
+            Some(s) => [
+                format!("{:x}", m.id),
+                m.name.clone(),
+                m.endpoint.clone(),
+                kind,
+                if s.leader == m.id {
+                    "leader"
+                } else {
+                    "follower"
+                }
+                .to_owned(),
+                s.raft_term.to_string(),
+                s.raft_index.to_string(),
+                s.raft_applied_index.to_string(),
+                bytes(u64::try_from(s.db_size).unwrap_or(0)),
+                s.version.clone(),
+            ],
+            None => {
+                let mut row = [(); 10].map(|()| "-".to_owned());
+                row[0] = format!("{:x}", m.id);
+                row[1] = m.name.clone();
+                row[2] = m.endpoint.clone();
+                row[3] = kind;
+                row[4] = "unreachable".to_owned();
+                row
+            }
+        };
+        rows.push(row);
+    }
+    let mut out = table(&rows);
+    for m in &cluster.members {
+        if let Some(error) = &m.error {
+            out.push_str(&format!("member {:x}: {error}\n", m.id));
+        }
+        for error in m.status.iter().flat_map(|s| &s.errors) {
+            out.push_str(&format!("member {:x} reports: {error}\n", m.id));
+        }
+    }
+    let voters = cluster.members.iter().filter(|m| !m.learner);
+    let answering = voters.clone().filter(|m| m.status.is_some()).count();
+    out.push_str(&format!(
+        "leader: {}; {answering} of {} voters answered; quorum: {}\n",
+        cluster
+            .leader
+            .map_or_else(|| "none".to_owned(), |l| format!("{l:x}")),
+        voters.count(),
+        if cluster.quorum { "yes" } else { "no" }
+    ));
+    out
 }
 
 /// When no node answered and every one refused the credentials, that is the error.

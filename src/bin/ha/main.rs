@@ -319,7 +319,7 @@ enum Command {
     Node(NodeArgs),
     /// Show every member of an embedded Raft group: id, address, voter or learner, Raft
     /// state, term, log and applied index, lag, last contact, data size, version. Exits
-    /// 4 when no quorum answers.
+    /// 4 when no quorum answers. On etcd://, each etcd member's own report.
     #[cfg(feature = "raft")]
     Status(admin::AdminTarget),
     /// List, add, promote or remove members of an embedded Raft group.
