@@ -14,7 +14,7 @@ mod participant;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use group::{ha, members, until_voters, Group, CLUSTER, HA};
+use group::{coordinator, ha, members, until_voters, Group, CLUSTER, HA};
 use ha_core::testing::history::{History, Record};
 use participant::{unix_us, Supervised};
 use serde_json::Value;
@@ -24,19 +24,9 @@ use tokio::time::sleep;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wiped_member_is_replaced_and_failover_still_works() {
     let mut group = Group::new(4);
-    let coordinator = [
-        "--active-standby",
-        "--role",
-        "replaced",
-        "--ttl",
-        "3s",
-        "--recampaign",
-    ];
+    let coordinator = coordinator("replaced");
     group.bootstrap(&[1, 2, 3], &coordinator);
-    let first = group
-        .procs
-        .expect("an ACTIVE", Duration::from_secs(30), |l| l.is("elected"))
-        .await;
+    let first = group.first_active().await;
     let active = first.from;
     let victim = (1..=3).find(|id| *id != active).unwrap_or(1);
     let survivor = (1..=3)

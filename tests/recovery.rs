@@ -15,7 +15,7 @@ mod group;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use group::{ha, members, until_voters, Group, CLUSTER};
+use group::{coordinator, ha, members, until_voters, Group, CLUSTER};
 use ha::{Backend, ElectionName, KvKey, KvWrite, Member, Role, ServerId};
 use serde_json::Value;
 
@@ -155,19 +155,9 @@ async fn a_backup_restores_a_new_group_whose_store_and_tokens_continue() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_survivor_of_a_lost_quorum_forms_a_new_group_that_others_join() {
     let mut group = Group::new(5);
-    let coordinator = [
-        "--active-standby",
-        "--role",
-        "forced",
-        "--ttl",
-        "3s",
-        "--recampaign",
-    ];
+    let coordinator = coordinator("forced");
     group.bootstrap(&[1, 2, 3], &coordinator);
-    let first = group
-        .procs
-        .expect("an ACTIVE", Duration::from_secs(30), |l| l.is("elected"))
-        .await;
+    let first = group.first_active().await;
     let survivor = (1..=3).find(|id| *id != first.from).unwrap_or(1);
     for id in (1..=3).filter(|id| *id != survivor) {
         group.procs.kill(id).await;
@@ -240,10 +230,7 @@ async fn members_leaving_on_purpose_hand_over_their_role_first() {
         "--leave-on-stop",
     ];
     group.bootstrap(&[1, 2, 3, 4], &flags);
-    let first = group
-        .procs
-        .expect("an ACTIVE", Duration::from_secs(30), |l| l.is("elected"))
-        .await;
+    let first = group.first_active().await;
 
     // SIGTERM with --leave-on-stop.
     let leaving = first.from;

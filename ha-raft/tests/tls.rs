@@ -46,17 +46,26 @@ fn pki(ca: &Ca) -> Pki {
 }
 
 async fn tls_group(pki: &Pki) -> Group {
+    tls_group_with(pki, None).await
+}
+
+/// Three nodes with their certificates, the client token and maybe an admin token.
+async fn tls_group_with(pki: &Pki, admin_token: Option<&'static str>) -> Group {
     let ca_pem = pki.ca_pem.clone();
     let nodes = pki.nodes.clone();
     Group::start_with(3, move |config| {
         let (cert, key) = nodes[&config.id].clone();
-        config
+        let config = config
             .with_tls(RaftTls {
                 ca_pem: ca_pem.clone().into_bytes(),
                 cert_pem: cert.into_bytes(),
                 key_pem: key.into_bytes(),
             })
-            .with_client_token(TOKEN)
+            .with_client_token(TOKEN);
+        match admin_token {
+            Some(token) => config.with_admin_token(token),
+            None => config,
+        }
     })
     .await
 }
@@ -351,19 +360,7 @@ async fn only_node_certificates_or_the_admin_token_change_members_or_take_snapsh
     const ADMIN: &str = "admin-s3cret";
     let cluster = Ca::new("ha raft test CA");
     let pki = pki(&cluster);
-    let (ca_pem, nodes) = (pki.ca_pem.clone(), pki.nodes.clone());
-    let group = Group::start_with(3, move |config| {
-        let (cert, key) = nodes[&config.id].clone();
-        config
-            .with_tls(RaftTls {
-                ca_pem: ca_pem.clone().into_bytes(),
-                cert_pem: cert.into_bytes(),
-                key_pem: key.into_bytes(),
-            })
-            .with_client_token(TOKEN)
-            .with_admin_token(ADMIN)
-    })
-    .await;
+    let group = tls_group_with(&pki, Some(ADMIN)).await;
     let endpoints: Vec<String> = group.peers.values().cloned().collect();
     let admin = |options: RaftClientOptions| {
         RaftAdmin::new(endpoints.clone(), options).unwrap_or_else(|e| panic!("{e}"))

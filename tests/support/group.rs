@@ -102,6 +102,13 @@ impl Group {
         line.json["reason"].as_str().unwrap_or_default().to_owned()
     }
 
+    /// Waits for the first `elected` event: the ACTIVE's line.
+    pub async fn first_active(&mut self) -> ha_testkit::Line {
+        self.procs
+            .expect("an ACTIVE", Duration::from_secs(30), |l| l.is("elected"))
+            .await
+    }
+
     pub async fn leader_known(&mut self) {
         self.procs
             .expect("a Raft leader", Duration::from_secs(20), |l| {
@@ -109,6 +116,19 @@ impl Group {
             })
             .await;
     }
+}
+
+/// `ha node` flags for an ActiveStandby coordinator of `role` (TTL 3 s) that campaigns
+/// again after a loss.
+pub fn coordinator(role: &'static str) -> [&'static str; 6] {
+    [
+        "--active-standby",
+        "--role",
+        role,
+        "--ttl",
+        "3s",
+        "--recampaign",
+    ]
 }
 
 /// One `ha` command to completion, bounded: its exit code, stdout and stderr.
