@@ -597,22 +597,40 @@ async fn ha_status_on_etcd_lists_every_member_and_exits_4_without_quorum() {
             run_ha(&args, Duration::from_secs(30)).await
         }
     };
-    // The cluster may still be electing its first leader.
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    let listed = loop {
-        let output = status(true).await;
-        if output.status.code() == Some(0) {
-            break output;
+    // The cluster may still be electing a leader (its first, or after a kill).
+    let until_exit = |code: i32, json: bool| {
+        let status = &status;
+        async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            loop {
+                let output = status(json).await;
+                if output.status.code() == Some(code) {
+                    return output;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "no exit {code} within 20 s: {}{}",
+                    String::from_utf8_lossy(&output.stdout),
+                    String::from_utf8_lossy(&output.stderr)
+                );
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no quorum within 20 s: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
+    };
+    // A member is listed without a client URL until it has started.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let json = loop {
+        let listed = until_exit(0, true).await;
+        let json: serde_json::Value =
+            serde_json::from_slice(&listed.stdout).unwrap_or_else(|e| panic!("{e}"));
+        let started = json["members"]
+            .as_array()
+            .is_some_and(|m| m.len() == 3 && m.iter().all(|m| !m["status"].is_null()));
+        if started || std::time::Instant::now() >= deadline {
+            break json;
+        }
         tokio::time::sleep(Duration::from_millis(300)).await;
     };
-    let json: serde_json::Value =
-        serde_json::from_slice(&listed.stdout).unwrap_or_else(|e| panic!("{e}"));
     let members = json["members"].as_array().cloned().unwrap_or_default();
     assert_eq!(members.len(), 3, "{json}");
     let leader = json["leader"].as_u64().unwrap_or(0);
@@ -625,20 +643,17 @@ async fn ha_status_on_etcd_lists_every_member_and_exits_4_without_quorum() {
     );
 
     cluster.kill(0);
-    let output = status(false).await;
+    let output = until_exit(0, false).await;
     let text = String::from_utf8_lossy(&output.stdout).into_owned();
-    assert_eq!(
-        output.status.code(),
-        Some(0),
+    assert!(
+        text.contains("unreachable"),
         "two of three still lead: {text}"
     );
-    assert!(text.contains("unreachable"), "{text}");
     cluster.kill(1);
-    let output = status(false).await;
-    assert_eq!(
-        output.status.code(),
-        Some(4),
+    let output = until_exit(4, false).await;
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("no majority"),
         "one of three is no quorum: {}",
-        String::from_utf8_lossy(&output.stdout)
+        String::from_utf8_lossy(&output.stderr)
     );
 }

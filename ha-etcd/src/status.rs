@@ -50,6 +50,8 @@ pub struct EtcdEndpointStatus {
     pub version: String,
     /// Errors the member reports (an alarm, a corrupt member).
     pub errors: Vec<String>,
+    /// It says it is a learner.
+    pub learner: bool,
 }
 
 /// The cluster as its members describe it.
@@ -64,6 +66,7 @@ pub struct EtcdClusterStatus {
 }
 
 /// Lists the members through `config`'s endpoints, then asks each for its status.
+/// Without a quorum (etcd's member list needs one) it reports the endpoints given.
 ///
 /// # Errors
 /// `Unavailable` when no endpoint lists the members in time, `Auth` for refused
@@ -76,30 +79,56 @@ pub async fn cluster_status(config: &EtcdConfig) -> Result<EtcdClusterStatus> {
             config.endpoints, config.connect_timeout
         ))
     };
-    let mut client = timeout(config.connect_timeout, connect)
-        .await
-        .map_err(|_| late())?
-        .map_err(map)?;
-    let list = timeout(config.connect_timeout, client.member_list())
-        .await
-        .map_err(|_| late())?
-        .map_err(map)?;
-    let asked = list.members().iter().map(|member| async move {
-        let endpoint = member.client_urls().first().cloned().unwrap_or_default();
-        let (status, error) = match member_status(config, &endpoint).await {
-            Ok(status) => (Some(status), None),
-            Err(e) => (None, Some(e.to_string())),
-        };
-        EtcdMemberStatus {
-            id: member.id(),
-            name: member.name().to_owned(),
-            endpoint,
-            learner: member.is_learner(),
-            status,
-            error,
+    let listed = async {
+        let mut client = timeout(config.connect_timeout, connect)
+            .await
+            .map_err(|_| late())?
+            .map_err(map)?;
+        timeout(config.connect_timeout, client.member_list())
+            .await
+            .map_err(|_| late())?
+            .map_err(map)
+    };
+    let members = match listed.await {
+        Ok(list) => {
+            let asked = list.members().iter().map(|member| async move {
+                let endpoint = member.client_urls().first().cloned().unwrap_or_default();
+                let (status, error) = match member_status(config, &endpoint).await {
+                    Ok((_, status)) => (Some(status), None),
+                    Err(e) => (None, Some(e.to_string())),
+                };
+                EtcdMemberStatus {
+                    id: member.id(),
+                    name: member.name().to_owned(),
+                    endpoint,
+                    learner: member.is_learner(),
+                    status,
+                    error,
+                }
+            });
+            join_all(asked).await
         }
-    });
-    let members = join_all(asked).await;
+        Err(e @ Error::Auth { .. }) => return Err(e),
+        // The member list is a linearizable read: without a quorum, say what each
+        // endpoint given reports of itself instead.
+        Err(_) => {
+            join_all(config.endpoints.iter().map(|endpoint| async move {
+                let (id, learner, status, error) = match member_status(config, endpoint).await {
+                    Ok((id, status)) => (id, status.learner, Some(status), None),
+                    Err(e) => (0, false, None, Some(e.to_string())),
+                };
+                EtcdMemberStatus {
+                    id,
+                    name: String::new(),
+                    endpoint: endpoint.clone(),
+                    learner,
+                    status,
+                    error,
+                }
+            }))
+            .await
+        }
+    };
     let voters = members.iter().filter(|m| !m.learner).count();
     let mut votes: std::collections::BTreeMap<u64, usize> = std::collections::BTreeMap::new();
     for status in members
@@ -123,7 +152,8 @@ pub async fn cluster_status(config: &EtcdConfig) -> Result<EtcdClusterStatus> {
     })
 }
 
-async fn member_status(config: &EtcdConfig, endpoint: &str) -> Result<EtcdEndpointStatus> {
+/// One member's own report, and its member id.
+async fn member_status(config: &EtcdConfig, endpoint: &str) -> Result<(u64, EtcdEndpointStatus)> {
     if endpoint.is_empty() {
         return Err(Error::Unavailable("not started: no client URL".into()));
     }
@@ -138,13 +168,18 @@ async fn member_status(config: &EtcdConfig, endpoint: &str) -> Result<EtcdEndpoi
         .await
         .map_err(|_| late())?
         .map_err(map)?;
-    Ok(EtcdEndpointStatus {
-        leader: status.leader(),
-        raft_term: status.raft_term(),
-        raft_index: status.raft_index(),
-        raft_applied_index: status.raft_applied_index(),
-        db_size: status.db_size(),
-        version: status.version().to_owned(),
-        errors: status.errors().to_vec(),
-    })
+    let id = status.header().map_or(0, |h| h.member_id());
+    Ok((
+        id,
+        EtcdEndpointStatus {
+            learner: status.is_learner(),
+            leader: status.leader(),
+            raft_term: status.raft_term(),
+            raft_index: status.raft_index(),
+            raft_applied_index: status.raft_applied_index(),
+            db_size: status.db_size(),
+            version: status.version().to_owned(),
+            errors: status.errors().to_vec(),
+        },
+    ))
 }
