@@ -1,6 +1,7 @@
 //! `RaftClient`: the contract for a process that is not a member of the group, over the
-//! client API of any member (which forwards to the leader). Endpoints are tried in turn;
-//! watches reconnect and resume after the last revision they saw.
+//! client API of any member (which forwards to the leader). Replies name the Raft
+//! leader and the client sends its next calls there; on failures endpoints are tried in
+//! turn; watches reconnect and resume after the last revision they saw.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -190,6 +191,20 @@ impl RaftClient {
         )
     }
 
+    /// Sends the next calls to the endpoint a reply names as the Raft leader, when the
+    /// client knows it by that address.
+    fn follow_hint(&self, metadata: &tonic::metadata::MetadataMap) {
+        let Some(leader) = metadata
+            .get(crate::service::LEADER_METADATA)
+            .and_then(|v| v.to_str().ok())
+        else {
+            return;
+        };
+        if let Some(index) = self.inner.endpoints.iter().position(|e| e == leader) {
+            self.inner.current.store(index, Ordering::Relaxed);
+        }
+    }
+
     fn rotate(&self, from: usize) {
         let _ = self.inner.current.compare_exchange(
             from,
@@ -201,17 +216,23 @@ impl RaftClient {
 
     /// Calls the current endpoint, moving to the next on transport failures, until the
     /// request timeout passes.
-    async fn call<T, F, Fut>(&self, mut call: F) -> Result<T>
+    async fn call<T, F, Fut>(&self, mut call: F) -> Result<tonic::Response<T>>
     where
         F: FnMut(Api) -> Fut,
-        Fut: Future<Output = std::result::Result<T, Status>>,
+        Fut: Future<Output = std::result::Result<tonic::Response<T>, Status>>,
     {
         let deadline = Instant::now() + self.inner.request_timeout;
         loop {
             let (index, client) = self.client();
             let status = match tokio::time::timeout_at(deadline, call(client)).await {
-                Ok(Ok(reply)) => return Ok(reply),
-                Ok(Err(status)) => status,
+                Ok(Ok(reply)) => {
+                    self.follow_hint(reply.metadata());
+                    return Ok(reply);
+                }
+                Ok(Err(status)) => {
+                    self.follow_hint(status.metadata());
+                    status
+                }
                 Err(_) => {
                     return Err(Error::Timeout {
                         operation: "request",
@@ -296,7 +317,10 @@ impl Backend for RaftClient {
         loop {
             let (index, mut client) = self.client();
             match client.campaign(request.clone()).await {
-                Ok(reply) => return key_from_proto(reply.into_inner()),
+                Ok(reply) => {
+                    self.follow_hint(reply.metadata());
+                    return key_from_proto(reply.into_inner());
+                }
                 Err(status) if transient(&status) => {
                     self.rotate(index);
                     sleep(Duration::from_millis(100)).await;

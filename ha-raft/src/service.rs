@@ -227,11 +227,40 @@ impl Peer for PeerService {
     }
 }
 
+/// The reply metadata that names the Raft leader's address.
+pub(crate) const LEADER_METADATA: &str = "ha-raft-leader";
+
 struct ClientService {
     node: Weak<NodeInner>,
 }
 
 impl ClientService {
+    /// Names the Raft leader in a reply's metadata (`ha-raft-leader`), so that a
+    /// client can send its next calls there instead of through this node: a write
+    /// through a follower costs a forward, and the follower's apply before it answers.
+    fn pinned<T>(&self, reply: Result<Response<T>, Status>) -> Result<Response<T>, Status> {
+        let Some(leader) = self.node.upgrade().and_then(|node| match node.target() {
+            crate::node::Target::Me { .. } => Some(node.config.advertised()),
+            crate::node::Target::Peer { addr, .. } => Some(addr),
+            crate::node::Target::Unknown => None,
+        }) else {
+            return reply;
+        };
+        let Ok(value) = tonic::metadata::MetadataValue::try_from(leader.as_str()) else {
+            return reply;
+        };
+        match reply {
+            Ok(mut response) => {
+                response.metadata_mut().insert(LEADER_METADATA, value);
+                Ok(response)
+            }
+            Err(mut status) => {
+                status.metadata_mut().insert(LEADER_METADATA, value);
+                Err(status)
+            }
+        }
+    }
+
     fn node(&self) -> Result<RaftNode, Status> {
         self.node
             .upgrade()
@@ -252,115 +281,152 @@ impl Coordination for ClientService {
         &self,
         request: Request<proto::RegisterRequest>,
     ) -> Result<Response<proto::RegisterReply>, Status> {
-        let node = self.node()?;
-        let request = request.into_inner();
-        let member = member_from_proto(required(request.member, "member").map_err(status)?)
-            .map_err(status)?;
-        let lease = node
-            .register(&member, Duration::from_millis(request.ttl_ms))
-            .await
-            .map_err(status)?;
-        Ok(Response::new(proto::RegisterReply {
-            lease: lease.id.get(),
-            ttl_ms: lease.ttl.as_millis() as u64,
-        }))
+        let reply: Result<Response<proto::RegisterReply>, Status> = async {
+            let node = self.node()?;
+            let request = request.into_inner();
+            let member = member_from_proto(required(request.member, "member").map_err(status)?)
+                .map_err(status)?;
+            let lease = node
+                .register(&member, Duration::from_millis(request.ttl_ms))
+                .await
+                .map_err(status)?;
+            Ok(Response::new(proto::RegisterReply {
+                lease: lease.id.get(),
+                ttl_ms: lease.ttl.as_millis() as u64,
+            }))
+        }
+        .await;
+        self.pinned(reply)
     }
 
     async fn keep_alive(
         &self,
         request: Request<proto::LeaseRequest>,
     ) -> Result<Response<proto::KeepAliveReply>, Status> {
-        let ttl = self
-            .node()?
-            .keep_alive(LeaseId::new(request.into_inner().lease))
-            .await
-            .map_err(status)?;
-        Ok(Response::new(proto::KeepAliveReply {
-            ttl_ms: ttl.as_millis() as u64,
-        }))
+        let reply: Result<Response<proto::KeepAliveReply>, Status> = async {
+            let ttl = self
+                .node()?
+                .keep_alive(LeaseId::new(request.into_inner().lease))
+                .await
+                .map_err(status)?;
+            Ok(Response::new(proto::KeepAliveReply {
+                ttl_ms: ttl.as_millis() as u64,
+            }))
+        }
+        .await;
+        self.pinned(reply)
     }
 
     async fn revoke(
         &self,
         request: Request<proto::LeaseRequest>,
     ) -> Result<Response<proto::Empty>, Status> {
-        self.node()?
-            .revoke(LeaseId::new(request.into_inner().lease))
-            .await
-            .map_err(status)?;
-        Ok(Response::new(proto::Empty {}))
+        let reply: Result<Response<proto::Empty>, Status> = async {
+            self.node()?
+                .revoke(LeaseId::new(request.into_inner().lease))
+                .await
+                .map_err(status)?;
+            Ok(Response::new(proto::Empty {}))
+        }
+        .await;
+        self.pinned(reply)
     }
 
     async fn campaign(
         &self,
         request: Request<proto::CampaignRequest>,
     ) -> Result<Response<proto::LeaderKey>, Status> {
-        let node = self.node()?;
-        let request = request.into_inner();
-        let election = ElectionName::new(request.election).map_err(status)?;
-        // If the client goes away, tonic drops this future, which withdraws the candidacy.
-        let key = node
-            .campaign(LeaseId::new(request.lease), &election, request.value.into())
-            .await
-            .map_err(status)?;
-        Ok(Response::new(key_to_proto(&key)))
+        let reply: Result<Response<proto::LeaderKey>, Status> = async {
+            let node = self.node()?;
+            let request = request.into_inner();
+            let election = ElectionName::new(request.election).map_err(status)?;
+            // If the client goes away, tonic drops this future, which withdraws the candidacy.
+            let key = node
+                .campaign(LeaseId::new(request.lease), &election, request.value.into())
+                .await
+                .map_err(status)?;
+            Ok(Response::new(key_to_proto(&key)))
+        }
+        .await;
+        self.pinned(reply)
     }
 
     async fn resign(
         &self,
         request: Request<proto::LeaderKey>,
     ) -> Result<Response<proto::Empty>, Status> {
-        let key = key_from_proto(request.into_inner()).map_err(status)?;
-        self.node()?.resign(&key).await.map_err(status)?;
-        Ok(Response::new(proto::Empty {}))
+        let reply: Result<Response<proto::Empty>, Status> = async {
+            let key = key_from_proto(request.into_inner()).map_err(status)?;
+            self.node()?.resign(&key).await.map_err(status)?;
+            Ok(Response::new(proto::Empty {}))
+        }
+        .await;
+        self.pinned(reply)
     }
 
     async fn proclaim(
         &self,
         request: Request<proto::ProclaimRequest>,
     ) -> Result<Response<proto::Empty>, Status> {
-        let request = request.into_inner();
-        let key = key_from_proto(required(request.key, "key").map_err(status)?).map_err(status)?;
-        self.node()?
-            .proclaim(&key, request.value.into())
-            .await
-            .map_err(status)?;
-        Ok(Response::new(proto::Empty {}))
+        let reply: Result<Response<proto::Empty>, Status> = async {
+            let request = request.into_inner();
+            let key =
+                key_from_proto(required(request.key, "key").map_err(status)?).map_err(status)?;
+            self.node()?
+                .proclaim(&key, request.value.into())
+                .await
+                .map_err(status)?;
+            Ok(Response::new(proto::Empty {}))
+        }
+        .await;
+        self.pinned(reply)
     }
 
     async fn kv_write(
         &self,
         request: Request<proto::KvWriteRequest>,
     ) -> Result<Response<proto::KvWriteReply>, Status> {
-        let (guard, write) = kv_write_from_proto(request.into_inner()).map_err(status)?;
-        let outcome = self.node()?.kv_write(&guard, write).await.map_err(status)?;
-        Ok(Response::new(kv_outcome_to_proto(&outcome)))
+        let reply: Result<Response<proto::KvWriteReply>, Status> = async {
+            let (guard, write) = kv_write_from_proto(request.into_inner()).map_err(status)?;
+            let outcome = self.node()?.kv_write(&guard, write).await.map_err(status)?;
+            Ok(Response::new(kv_outcome_to_proto(&outcome)))
+        }
+        .await;
+        self.pinned(reply)
     }
 
     async fn kv_read(
         &self,
         request: Request<proto::KvReadRequest>,
     ) -> Result<Response<proto::KvReadReply>, Status> {
-        let request = request.into_inner();
-        let election = ElectionName::new(request.election).map_err(status)?;
-        let key = KvKey::new(request.key).map_err(status)?;
-        let value = self
-            .node()?
-            .kv_read(&election, &key)
-            .await
-            .map_err(status)?;
-        Ok(Response::new(kv_read_to_proto(value.as_ref())))
+        let reply: Result<Response<proto::KvReadReply>, Status> = async {
+            let request = request.into_inner();
+            let election = ElectionName::new(request.election).map_err(status)?;
+            let key = KvKey::new(request.key).map_err(status)?;
+            let value = self
+                .node()?
+                .kv_read(&election, &key)
+                .await
+                .map_err(status)?;
+            Ok(Response::new(kv_read_to_proto(value.as_ref())))
+        }
+        .await;
+        self.pinned(reply)
     }
 
     async fn leader(
         &self,
         request: Request<proto::ElectionRequest>,
     ) -> Result<Response<proto::LeaderReply>, Status> {
-        let election = ElectionName::new(request.into_inner().election).map_err(status)?;
-        let leader = self.node()?.leader(&election).await.map_err(status)?;
-        Ok(Response::new(proto::LeaderReply {
-            leader: leader.as_ref().map(leader_to_proto),
-        }))
+        let reply: Result<Response<proto::LeaderReply>, Status> = async {
+            let election = ElectionName::new(request.into_inner().election).map_err(status)?;
+            let leader = self.node()?.leader(&election).await.map_err(status)?;
+            Ok(Response::new(proto::LeaderReply {
+                leader: leader.as_ref().map(leader_to_proto),
+            }))
+        }
+        .await;
+        self.pinned(reply)
     }
 
     type WatchStream = EventStream<proto::LeaderEvent>;
@@ -392,11 +458,15 @@ impl Coordination for ClientService {
         &self,
         request: Request<proto::RoleRequest>,
     ) -> Result<Response<proto::MembersReply>, Status> {
-        let role = Role::new(request.into_inner().role).map_err(status)?;
-        let members = self.node()?.members(&role).await.map_err(status)?;
-        Ok(Response::new(proto::MembersReply {
-            members: members.iter().map(member_to_proto).collect(),
-        }))
+        let reply: Result<Response<proto::MembersReply>, Status> = async {
+            let role = Role::new(request.into_inner().role).map_err(status)?;
+            let members = self.node()?.members(&role).await.map_err(status)?;
+            Ok(Response::new(proto::MembersReply {
+                members: members.iter().map(member_to_proto).collect(),
+            }))
+        }
+        .await;
+        self.pinned(reply)
     }
 
     type WatchMembersStream = EventStream<proto::MemberEvent>;
