@@ -419,28 +419,32 @@ fn reply<T: Serialize>(value: &T) -> Result<Response<AdminReply>, Status> {
 }
 
 impl AdminService {
-    /// The membership change a request carries, once its credentials allow it: a node
-    /// certificate of a member or of the node the change is about, or the admin token.
+    /// The node, once the request's credentials may change its group: a node
+    /// certificate of a member (or of `about`, the node a change concerns), or the
+    /// admin token.
+    fn authorized(
+        &self,
+        request: &Request<AdminRequest>,
+        about: Option<NodeId>,
+    ) -> Result<std::sync::Arc<NodeInner>, Status> {
+        let node = self.node.upgrade().ok_or_else(crate::service::gone)?;
+        let status = node.status_now();
+        let members = status.voters.keys().chain(status.learners.keys()).copied();
+        self.auth
+            .may_change_membership(request, members.chain(about))?;
+        Ok(node)
+    }
+
+    /// The membership change a request carries, once its credentials allow it.
     fn authorized_change(
         &self,
         request: &Request<AdminRequest>,
     ) -> Result<(std::sync::Arc<NodeInner>, MembershipChange), Status> {
-        let node = self.node.upgrade().ok_or_else(crate::service::gone)?;
         let change: MembershipChange =
             serde_json::from_slice(&request.get_ref().payload).map_err(|e| {
                 AdminError::InvalidArgument(format!("not a membership change: {e}")).to_status()
             })?;
-        let members: Vec<NodeId> = {
-            let status = node.status_now();
-            status
-                .voters
-                .keys()
-                .chain(status.learners.keys())
-                .copied()
-                .collect()
-        };
-        self.auth
-            .may_change_membership(request, members.into_iter().chain([change.subject()]))?;
+        let node = self.authorized(request, Some(change.subject()))?;
         Ok((node, change))
     }
 }
@@ -481,10 +485,7 @@ impl Admin for AdminService {
     }
 
     async fn leave(&self, request: Request<AdminRequest>) -> Result<Response<AdminReply>, Status> {
-        let node = self.node.upgrade().ok_or_else(crate::service::gone)?;
-        let status = node.status_now();
-        let members = status.voters.keys().chain(status.learners.keys()).copied();
-        self.auth.may_change_membership(&request, members)?;
+        let node = self.authorized(&request, None)?;
         let handled = node.leave_handled.load(std::sync::atomic::Ordering::SeqCst);
         if handled {
             info!(node = node.config.id, "asked to leave the group");
@@ -499,11 +500,8 @@ impl Admin for AdminService {
         &self,
         request: Request<AdminRequest>,
     ) -> Result<Response<Self::SnapshotStream>, Status> {
-        let node = self.node.upgrade().ok_or_else(crate::service::gone)?;
         // The guarded stores are in it: the same credentials as a membership change.
-        let status = node.status_now();
-        let members = status.voters.keys().chain(status.learners.keys()).copied();
-        self.auth.may_change_membership(&request, members)?;
+        let node = self.authorized(&request, None)?;
         let (header, bytes) = node.snapshot_image().await.map_err(|e| e.to_status())?;
         let header = serde_json::to_vec(&header)
             .map_err(|e| Status::internal(format!("encode the header: {e}")))?;

@@ -22,8 +22,9 @@ use crate::admin::AdminError;
 use crate::command::NodeId;
 use crate::config::RaftNodeConfig;
 use crate::error::RaftBackendError;
+use crate::image::{write_image, GroupImage};
 use crate::state::State;
-use crate::storage::{open_db, write_image, GroupImage, Identity, LogStore, StateMachineStore};
+use crate::storage::{open_db, Identity, LogStore, StateMachineStore};
 
 /// The format name a snapshot file's header carries.
 pub const SNAPSHOT_FORMAT: &str = "ha-raft-snapshot/1";

@@ -15,6 +15,7 @@ mod error;
 mod failure;
 mod heartbeat;
 mod hub;
+mod image;
 mod lessor;
 mod membership;
 mod network;

@@ -6,7 +6,6 @@
 //! The state machine itself lives in memory and is rebuilt on start from the snapshot;
 //! openraft re-applies the committed log after it.
 
-use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::io::Cursor;
 use std::ops::{Bound, RangeBounds};
@@ -28,11 +27,11 @@ use crate::state::State;
 
 type StorageResult<T> = Result<T, StorageError<NodeId>>;
 
-const VOTE: &[u8] = b"vote";
-const COMMITTED: &[u8] = b"committed";
-const LAST_PURGED: &[u8] = b"last_purged";
+pub(crate) const VOTE: &[u8] = b"vote";
+pub(crate) const COMMITTED: &[u8] = b"committed";
+pub(crate) const LAST_PURGED: &[u8] = b"last_purged";
 const IDENTITY: &[u8] = b"identity";
-const SNAPSHOT: &[u8] = b"snapshot";
+pub(crate) const SNAPSHOT: &[u8] = b"snapshot";
 
 /// Which node of which cluster a data directory belongs to.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -337,10 +336,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 }
 
+/// The latest snapshot as the `snapshot` tree holds it.
 #[derive(Debug, Serialize, Deserialize)]
-struct StoredSnapshot {
-    meta: SnapshotMeta<NodeId, openraft::BasicNode>,
-    data: Vec<u8>,
+pub(crate) struct StoredSnapshot {
+    pub(crate) meta: SnapshotMeta<NodeId, openraft::BasicNode>,
+    pub(crate) data: Vec<u8>,
 }
 
 /// The in-memory state machine with its watchers; what the node reads.
@@ -589,62 +589,4 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             }),
         )
     }
-}
-
-/// A group's state as a new data dir starts from it: the state machine, the log id it
-/// is as of, and the voters of the group it now belongs to.
-pub(crate) struct GroupImage<'a> {
-    /// The state, JSON-encoded as snapshots hold it.
-    pub state: &'a [u8],
-    /// The last entry the state includes.
-    pub last_log_id: LogId<NodeId>,
-    /// The voters, id → address.
-    pub voters: &'a BTreeMap<NodeId, String>,
-    /// The term this node's vote starts from (at least `last_log_id`'s).
-    pub term: u64,
-}
-
-/// Rewrites an opened database as `image`: its snapshot becomes the image, the log is
-/// emptied up to the image's last entry, and the vote is this node's own in the image's
-/// term, so the voters elect a leader of the next term among themselves.
-pub(crate) fn write_image(
-    db: &sled::Db,
-    node: NodeId,
-    image: &GroupImage<'_>,
-) -> Result<(), RaftBackendError> {
-    let storage = |e: &dyn std::fmt::Display| RaftBackendError::Storage(e.to_string());
-    let tree = |name: &str| db.open_tree(name).map_err(|e| storage(&e));
-    let (logs, meta, snapshots) = (tree("logs")?, tree("meta")?, tree("snapshot")?);
-    let nodes: BTreeMap<NodeId, openraft::BasicNode> = image
-        .voters
-        .iter()
-        .map(|(id, address)| (*id, openraft::BasicNode::new(address.clone())))
-        .collect();
-    let ids: std::collections::BTreeSet<NodeId> = nodes.keys().copied().collect();
-    let membership = openraft::Membership::new(vec![ids], nodes);
-    let last = Some(image.last_log_id);
-    let stored = StoredSnapshot {
-        meta: SnapshotMeta {
-            last_log_id: last,
-            last_membership: StoredMembership::new(last, membership),
-            snapshot_id: format!("image-{}", image.last_log_id.index),
-        },
-        data: image.state.to_vec(),
-    };
-    logs.clear().map_err(|e| storage(&e))?;
-    snapshots
-        .insert(SNAPSHOT, encode(&stored)?)
-        .map_err(|e| storage(&e))?;
-    meta.insert(LAST_PURGED, encode(&image.last_log_id)?)
-        .map_err(|e| storage(&e))?;
-    meta.insert(COMMITTED, encode(&last)?)
-        .map_err(|e| storage(&e))?;
-    let vote = Vote::new(image.term.max(image.last_log_id.leader_id.term), node);
-    meta.insert(VOTE, encode(&vote)?).map_err(|e| storage(&e))?;
-    db.flush().map_err(|e| storage(&e))?;
-    Ok(())
-}
-
-fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, RaftBackendError> {
-    serde_json::to_vec(value).map_err(|e| RaftBackendError::Storage(e.to_string()))
 }
