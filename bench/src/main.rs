@@ -16,9 +16,13 @@
 //! 5. **footprint**: idle RSS, start → STANDBY, disk and RSS after a long run of cycles,
 //!    the `ha` binary.
 //!
-//! etcd scenarios need the `etcd` feature and an `etcd` binary; they are skipped (and said
-//! so) without them, and fail when `CI` is set.
+//! etcd scenarios run on a private single member and a private 3-member cluster (the
+//! like-for-like reference for the 3-replica Raft group; every table gives the ratio to
+//! it), or on an external etcd (`--etcd-endpoints`). They need the `etcd` feature and an
+//! `etcd` binary; they are skipped (and said so) without them, and fail when `CI` is set.
 
+#[cfg(feature = "etcd")]
+mod etcd_servers;
 mod group;
 mod load;
 mod memory;
@@ -84,6 +88,10 @@ struct Options {
     /// features, when run by `cargo run`; else the `ha` beside this executable.
     #[arg(long, env = "HA_BIN")]
     ha: Option<PathBuf>,
+    /// Run the etcd scenarios on this etcd (comma-separated `host:port`s) instead of
+    /// the private single member and 3-member cluster.
+    #[arg(long, value_delimiter = ',')]
+    etcd_endpoints: Vec<String>,
 }
 
 impl Options {
@@ -172,25 +180,25 @@ async fn run(options: &Options) -> Result<()> {
         report.series(memory::handoffs(plan.handoffs * 5).await?);
     }
     #[cfg(feature = "etcd")]
-    let etcd = reference::start_etcd(&mut report).await?;
+    let etcd = etcd_servers::start(&mut report, &options.etcd_endpoints).await?;
+    #[cfg(feature = "etcd")]
+    report.compare_with(etcd.as_ref().and_then(etcd_servers::Servers::like_for_like));
     if options.wants("processes") {
         raft_processes(&mut report, &plan, &ha).await?;
         #[cfg(feature = "etcd")]
         if let Some(etcd) = &etcd {
-            etcd_processes(&mut report, &plan, &ha, etcd.endpoint()).await?;
+            etcd_processes(&mut report, &plan, &ha, etcd).await?;
         }
     }
     let load = ["throughput", "sessions", "elections", "endurance"];
     if load.iter().any(|s| options.wants(s)) {
         raft_load(&mut report, options, &plan, &ha).await?;
         #[cfg(feature = "etcd")]
-        if let Some(etcd) = &etcd {
-            let url = format!("etcd://{}/bench-load", etcd.endpoint());
-            let backend = load::connect(&url).await?;
+        for target in etcd.iter().flat_map(|e| &e.targets) {
+            let backend = load::connect(&target.url("bench-load")).await?;
             let servers = Servers {
-                name: "etcd",
-                label: "etcd (1 server)",
-                pids: vec![etcd.pid()],
+                name: target.name,
+                pids: target.pids.clone(),
             };
             load_scenarios(&mut report, options, &plan, &backend, &servers).await?;
         }
@@ -267,25 +275,39 @@ async fn raft_processes(report: &mut Report, plan: &Plan, ha: &Path) -> Result<(
     Ok(())
 }
 
-/// The same with three `ha run` processes on the private etcd, and the etcdctl
-/// references on it.
+/// The same with three `ha run` processes on each etcd, and the etcdctl references on
+/// the single member (or the external etcd).
 #[cfg(feature = "etcd")]
-async fn etcd_processes(report: &mut Report, plan: &Plan, ha: &Path, endpoint: &str) -> Result<()> {
+async fn etcd_processes(
+    report: &mut Report,
+    plan: &Plan,
+    ha: &Path,
+    etcd: &etcd_servers::Servers,
+) -> Result<()> {
     use reference::Reference;
-    for (index, ttl) in plan.ttls.iter().enumerate() {
-        let ttl = Duration::from_secs(*ttl);
-        let handoffs = if index == 0 { plan.handoffs } else { 0 };
-        let url = format!("etcd://{endpoint}/bench-ttl{}", ttl.as_secs());
-        let group = Group::new(ha, ttl, Launch::Backend(url))?;
-        let (series, footprint) =
-            processes::trials(group, "etcd", ttl, plan.crashes, handoffs).await?;
-        footprint.report(report, "etcd", "`ha run`", index == 0);
-        series.into_iter().for_each(|s| report.series(s));
-        let crash = Reference::LockCrash { ttl };
-        report.series(reference::measure(endpoint, crash, plan.crashes).await?);
-        if handoffs > 0 {
-            let handoff = Reference::ElectHandoff;
-            report.series(reference::measure(endpoint, handoff, handoffs).await?);
+    for target in &etcd.targets {
+        for (index, ttl) in plan.ttls.iter().enumerate() {
+            let ttl = Duration::from_secs(*ttl);
+            let handoffs = if index == 0 { plan.handoffs } else { 0 };
+            let url = target.url(&format!("bench-ttl{}", ttl.as_secs()));
+            let group = Group::new(ha, ttl, Launch::Backend(url))?;
+            let (series, footprint) =
+                processes::trials(group, target.name, ttl, plan.crashes, handoffs).await?;
+            footprint.report(report, target.name, "`ha run`", index == 0);
+            series.into_iter().for_each(|s| report.series(s));
+        }
+    }
+    if let Some(target) = etcd.reference() {
+        let endpoints = target.etcdctl_endpoints();
+        for (index, ttl) in plan.ttls.iter().enumerate() {
+            let crash = Reference::LockCrash {
+                ttl: Duration::from_secs(*ttl),
+            };
+            report.series(reference::measure(&endpoints, crash, plan.crashes).await?);
+            if index == 0 && plan.handoffs > 0 {
+                let handoff = Reference::ElectHandoff;
+                report.series(reference::measure(&endpoints, handoff, plan.handoffs).await?);
+            }
         }
     }
     Ok(())
@@ -302,7 +324,6 @@ async fn raft_load(report: &mut Report, options: &Options, plan: &Plan, ha: &Pat
     let backend = load::connect(&group.raft_url()).await?;
     let servers = Servers {
         name: "raft",
-        label: "raft (3 ha node)",
         pids: pids.clone(),
     };
     load_scenarios(report, options, plan, &backend, &servers).await?;
@@ -319,6 +340,7 @@ async fn raft_load(report: &mut Report, options: &Options, plan: &Plan, ha: &Pat
             "raft",
             format!("{} MiB", cell(&row["disk_mib_per_member"], 1)),
             row["disk_mib_per_member"].clone(),
+            None,
         );
         report.footprint(
             &format!("after {cycles} campaign+resign cycles: RSS per member"),
@@ -329,6 +351,7 @@ async fn raft_load(report: &mut Report, options: &Options, plan: &Plan, ha: &Pat
                 cell(&row["cycles_per_s"], 0)
             ),
             row,
+            None,
         );
     }
     drop(backend);
@@ -338,10 +361,8 @@ async fn raft_load(report: &mut Report, options: &Options, plan: &Plan, ha: &Pat
 
 /// The servers of a backend under load.
 struct Servers {
-    /// The backend's name in the JSON.
+    /// The backend's name in the tables and the JSON.
     name: &'static str,
-    /// Its name in the tables.
-    label: &'static str,
     /// The server processes, whose CPU and memory are measured.
     pids: Vec<u32>,
 }
@@ -355,7 +376,7 @@ async fn load_scenarios(
     servers: &Servers,
 ) -> Result<()> {
     if options.wants("throughput") {
-        let rows = load::throughput(backend, servers.label, &[1, 16], plan.throughput_for);
+        let rows = load::throughput(backend, servers.name, &[1, 16], plan.throughput_for);
         report.throughput(rows.await?);
     }
     if options.wants("sessions") {
@@ -379,7 +400,7 @@ async fn load_scenarios(
 fn binary_footprint(report: &mut Report, ha: &Path) {
     let what = format!("`ha` binary ({})", ha.display());
     match std::fs::metadata(ha) {
-        Ok(meta) => report.footprint_bytes(&what, "-", meta.len()),
-        Err(error) => report.footprint(&what, "-", error.to_string(), Value::Null),
+        Ok(meta) => report.footprint_bytes(&what, "raft", meta.len(), Some(report::BINARY)),
+        Err(error) => report.footprint(&what, "raft", error.to_string(), Value::Null, None),
     }
 }

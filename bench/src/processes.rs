@@ -37,6 +37,8 @@ impl Footprint {
                 backend,
                 format!("{:.1} MiB", procfs::mib(max_rss)),
                 serde_json::json!(self.idle_rss),
+                // `ha node` is a server, as etcd is; `ha run` is etcd's client.
+                (backend == "raft").then_some(crate::report::IDLE_SERVER),
             );
         }
         report.start_to_standby(backend, self.start_to_standby_ms);

@@ -1,6 +1,6 @@
-//! etcd in the same run: the private server the etcd scenarios share, and on it the
-//! reference, etcd's own Go concurrency client through `etcdctl`. `etcdctl lock --ttl N` for crashes (its session TTL can be
-//! set; `etcdctl elect` always uses 60 s) and `etcdctl elect` for graceful handoffs
+//! etcd's own Go concurrency client through `etcdctl`, the reference for our etcd
+//! client: `etcdctl lock --ttl N` for crashes (its session TTL can be set; `etcdctl
+//! elect` always uses 60 s) and `etcdctl elect` for graceful handoffs
 //! (SIGINT makes it resign). Each holds until signalled and prints a line when it gets
 //! the lock or leadership; the gap runs from the signal to the next holder's first line,
 //! stamped when this process reads it.
@@ -15,11 +15,8 @@ use tokio::process::{Child, Command};
 use tokio::sync::oneshot;
 use tokio::time::timeout;
 
-use ha_testkit::etcd::{find_binary, Etcd, StartError};
-
 use crate::processes::renewal_phase;
-use crate::procfs;
-use crate::report::{Report, Series};
+use crate::report::Series;
 
 /// Which etcdctl command stands in for a coordinator.
 #[derive(Debug, Clone, Copy)]
@@ -40,9 +37,9 @@ struct Contender {
 }
 
 impl Contender {
-    fn spawn(endpoint: &str, reference: Reference, trial: usize) -> Result<Self> {
+    fn spawn(endpoints: &str, reference: Reference, trial: usize) -> Result<Self> {
         let mut command = Command::new("etcdctl");
-        command.arg(format!("--endpoints={endpoint}"));
+        command.arg(format!("--endpoints={endpoints}"));
         match reference {
             Reference::LockCrash { ttl } => command
                 .arg("lock")
@@ -97,8 +94,8 @@ impl Contender {
     }
 }
 
-/// `trials` takeovers of `reference` on the etcd at `endpoint`.
-pub async fn measure(endpoint: &str, reference: Reference, trials: usize) -> Result<Series> {
+/// `trials` takeovers of `reference` on the etcd at `endpoints` (comma-separated).
+pub async fn measure(endpoints: &str, reference: Reference, trials: usize) -> Result<Series> {
     let (signal, patience, variant, scenario, ttl) = match reference {
         Reference::LockCrash { ttl } => (
             Signal::KILL,
@@ -116,14 +113,14 @@ pub async fn measure(endpoint: &str, reference: Reference, trials: usize) -> Res
         ),
     };
     println!("etcdctl reference: {variant}, {trials} trials");
-    let mut holder = Contender::spawn(endpoint, reference, 0)?;
+    let mut holder = Contender::spawn(endpoints, reference, 0)?;
     timeout(Duration::from_secs(20), &mut holder.acquired)
         .await
         .context("the first etcdctl did not get the lock within 20 s")?
         .context("the first etcdctl exited")?;
     let mut gaps = Vec::new();
     for trial in 1..=trials {
-        let mut next = Contender::spawn(endpoint, reference, trial)?;
+        let mut next = Contender::spawn(endpoints, reference, trial)?;
         // Let it queue behind the holder (its key created, its watch open).
         tokio::time::sleep(Duration::from_millis(500)).await;
         if next.acquired.try_recv().is_ok() {
@@ -154,38 +151,4 @@ pub async fn measure(endpoint: &str, reference: Reference, trials: usize) -> Res
         ttl,
         gaps_ms: gaps,
     })
-}
-
-/// The private etcd the etcd scenarios share, with its footprint noted; `None` (said
-/// loudly) when it cannot run here, an error under `CI`.
-pub async fn start_etcd(report: &mut Report) -> Result<Option<Etcd>> {
-    let started = tokio::task::spawn_blocking(|| Etcd::try_start(None)).await?;
-    let etcd = match started {
-        Ok(etcd) => etcd,
-        Err(StartError::NotInstalled) if std::env::var_os("CI").is_none() => {
-            println!(
-                "SKIPPED: the etcd scenarios (etcd is not installed; scripts/test.sh installs it)"
-            );
-            return Ok(None);
-        }
-        Err(error) => return Err(error.into()),
-    };
-    if find_binary("etcdctl").is_none() {
-        bail!("etcdctl is not installed (Debian package etcd-client); the references need it");
-    }
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    report.footprint_bytes(
-        "idle etcd server RSS",
-        "etcd",
-        procfs::rss_bytes(etcd.pid())?,
-    );
-    let size = std::fs::metadata(etcd.binary())
-        .map(|m| m.len())
-        .unwrap_or(0);
-    report.footprint_bytes(
-        &format!("etcd binary ({})", etcd.binary().display()),
-        "etcd",
-        size,
-    );
-    Ok(Some(etcd))
 }

@@ -8,6 +8,11 @@ use serde_json::{json, Value};
 
 use crate::procfs;
 
+/// Footprint rows compared as the idle RSS of a server (etcd, or `ha node`).
+pub const IDLE_SERVER: &str = "idle server RSS";
+/// Footprint rows compared as the size of a server's binary.
+pub const BINARY: &str = "binary";
+
 /// One measured series of gaps.
 pub struct Series {
     /// failover, handoff, start → STANDBY.
@@ -74,19 +79,57 @@ impl Series {
     }
 }
 
+/// How a table's rows compare with the like-for-like etcd's row.
+struct Ratio {
+    /// The column's heading.
+    column: &'static str,
+    /// The number compared, from a row's JSON.
+    metric: fn(&Value) -> Option<f64>,
+    /// Whether two rows (by their JSON) measure the same thing.
+    same: fn(&Value, &Value) -> bool,
+}
+
+impl Ratio {
+    /// `row`'s metric over that of the row of `reference` that measures the same, as
+    /// a cell.
+    fn cell(&self, row: &Value, rows: &[&Value], reference: Option<&str>) -> String {
+        let Some(reference) = reference else {
+            return "-".to_owned();
+        };
+        let base = rows
+            .iter()
+            .find(|other| other["backend"] == reference && (self.same)(row, other))
+            .and_then(|other| (self.metric)(other));
+        match ((self.metric)(row), base) {
+            (Some(value), Some(base)) if base > 0.0 => format!("{:.2}", value / base),
+            _ => "-".to_owned(),
+        }
+    }
+}
+
+/// The largest number in `value`: itself, or the maximum of an array of numbers.
+fn largest(value: &Value) -> Option<f64> {
+    match value {
+        Value::Array(items) => items.iter().filter_map(Value::as_f64).reduce(f64::max),
+        other => other.as_f64(),
+    }
+}
+
 /// A table of rows that are not gap series: its title, columns, and for each row the
 /// cells and the JSON.
 pub struct Table {
     title: &'static str,
     columns: &'static [&'static str],
+    ratio: Ratio,
     rows: Vec<(Vec<String>, Value)>,
 }
 
 impl Table {
-    fn new(title: &'static str, columns: &'static [&'static str]) -> Self {
+    fn new(title: &'static str, columns: &'static [&'static str], ratio: Ratio) -> Self {
         Self {
             title,
             columns,
+            ratio,
             rows: Vec::new(),
         }
     }
@@ -95,15 +138,17 @@ impl Table {
         self.rows.push((cells, json));
     }
 
-    fn print(&self) {
+    fn print(&self, reference: Option<&str>) {
         if self.rows.is_empty() {
             return;
         }
+        let all: Vec<&Value> = self.rows.iter().map(|(_, json)| json).collect();
         println!("\n{}\n", self.title);
-        println!("| {} |", self.columns.join(" | "));
-        println!("|{}", "---|".repeat(self.columns.len()));
-        for (cells, _) in &self.rows {
-            println!("| {} |", cells.join(" | "));
+        println!("| {} | {} |", self.columns.join(" | "), self.ratio.column);
+        println!("|{}", "---|".repeat(self.columns.len() + 1));
+        for (cells, json) in &self.rows {
+            let ratio = self.ratio.cell(json, &all, reference);
+            println!("| {} | {ratio} |", cells.join(" | "));
         }
     }
 
@@ -133,6 +178,8 @@ pub fn cell(value: &Value, digits: usize) -> String {
 pub struct Report {
     machine: Value,
     quick: bool,
+    /// The backend every row is compared with: the like-for-like etcd.
+    reference: Option<&'static str>,
     gaps: Vec<Series>,
     throughput: Table,
     sessions: Table,
@@ -146,6 +193,7 @@ impl Report {
         Self {
             machine,
             quick,
+            reference: None,
             gaps: Vec::new(),
             throughput: Table::new(
                 "Throughput: campaign+resign cycles, one candidate per election",
@@ -157,6 +205,11 @@ impl Report {
                     "cycle p50 ms",
                     "cycle p99 ms",
                 ],
+                Ratio {
+                    column: "cycles/s ÷ etcd's",
+                    metric: |row| row["cycles_per_s"].as_f64(),
+                    same: |a, b| a["elections"] == b["elections"],
+                },
             ),
             sessions: Table::new(
                 "Live sessions, each renewed every TTL/3 (per server: Raft members 1 / 2 / 3, or etcd)",
@@ -170,6 +223,11 @@ impl Report {
                     "CPU % of a core",
                     "RSS MiB",
                 ],
+                Ratio {
+                    column: "busiest server's CPU ÷ etcd's",
+                    metric: |row| largest(&row["cpu_per_server"]),
+                    same: |a, b| a["sessions"] == b["sessions"],
+                },
             ),
             elections: Table::new(
                 "Many elections, three candidates each: all elected, then every leader resigns (64 at a time)",
@@ -181,9 +239,27 @@ impl Report {
                     "handoff p50 ms",
                     "handoff p99 ms",
                 ],
+                Ratio {
+                    column: "all elected s ÷ etcd's",
+                    metric: |row| row["all_elected_s"].as_f64(),
+                    same: |a, b| a["elections"] == b["elections"],
+                },
             ),
-            footprint: Table::new("Footprint", &["what", "backend", "value"]),
+            footprint: Table::new(
+                "Footprint",
+                &["what", "backend", "value"],
+                Ratio {
+                    column: "÷ etcd's",
+                    metric: |row| largest(&row["value"]),
+                    same: |a, b| !a["compare"].is_null() && a["compare"] == b["compare"],
+                },
+            ),
         }
+    }
+
+    /// Compare every row with `backend`'s (the like-for-like etcd), where it has one.
+    pub fn compare_with(&mut self, backend: Option<&'static str>) {
+        self.reference = backend;
     }
 
     /// A series of gaps.
@@ -209,18 +285,32 @@ impl Report {
         }
     }
 
-    /// A footprint row: what, on which backend, the value as printed and as JSON.
-    pub fn footprint(&mut self, what: &str, backend: &str, value: String, json: Value) {
+    /// A footprint row: what, on which backend, the value as printed and as JSON, and
+    /// what it is compared with etcd's as (`compare`: rows of one kind are compared).
+    pub fn footprint(
+        &mut self,
+        what: &str,
+        backend: &str,
+        value: String,
+        json: Value,
+        compare: Option<&str>,
+    ) {
         self.footprint.push(
             vec![what.to_owned(), backend.to_owned(), value],
-            json!({ "what": what, "backend": backend, "value": json }),
+            json!({ "what": what, "backend": backend, "value": json, "compare": compare }),
         );
     }
 
     /// A size in bytes as a footprint row.
-    pub fn footprint_bytes(&mut self, what: &str, backend: &str, bytes: u64) {
+    pub fn footprint_bytes(
+        &mut self,
+        what: &str,
+        backend: &str,
+        bytes: u64,
+        compare: Option<&str>,
+    ) {
         let value = format!("{:.1} MiB", procfs::mib(bytes));
-        self.footprint(what, backend, value, json!(bytes));
+        self.footprint(what, backend, value, json!(bytes), compare);
     }
 
     /// Rows of the throughput table, as `load::throughput` returns them.
@@ -281,11 +371,23 @@ impl Report {
     pub fn print(&self) {
         println!();
         println!(
-            "| scenario | backend | variant | TTL | n | p50 ms | p90 ms | p99 ms | max ms | p99/TTL |"
+            "| scenario | backend | variant | TTL | n | p50 ms | p90 ms | p99 ms | max ms | p99/TTL | p99 ÷ etcd's |"
         );
-        println!("|---|---|---|---|---|---|---|---|---|---|");
-        for s in &self.gaps {
-            println!("{}", s.row());
+        println!("|---|---|---|---|---|---|---|---|---|---|---|");
+        let gaps = Ratio {
+            column: "",
+            metric: |row| row["p99_ms"].as_f64(),
+            // Handoffs and restarts do not depend on the TTL.
+            same: |a, b| {
+                a["scenario"] == b["scenario"]
+                    && (a["scenario"] != "failover" || a["ttl_s"] == b["ttl_s"])
+            },
+        };
+        let json: Vec<Value> = self.gaps.iter().map(Series::json).collect();
+        let all: Vec<&Value> = json.iter().collect();
+        for (series, row) in self.gaps.iter().zip(&json) {
+            let ratio = gaps.cell(row, &all, self.reference);
+            println!("{} {ratio} |", series.row());
         }
         for table in [
             &self.throughput,
@@ -293,7 +395,7 @@ impl Report {
             &self.elections,
             &self.footprint,
         ] {
-            table.print();
+            table.print(self.reference);
         }
     }
 
@@ -302,7 +404,8 @@ impl Report {
         json!({
             "machine": self.machine,
             "quick": self.quick,
-            "results": self.gaps.iter().map(Series::json).collect::<Vec<_>>(),
+            "compared_with": self.reference,
+        "results": self.gaps.iter().map(Series::json).collect::<Vec<_>>(),
             "throughput": self.throughput.json(),
             "sessions": self.sessions.json(),
             "elections": self.elections.json(),
@@ -344,7 +447,7 @@ mod tests {
         report.throughput(vec![
             json!({"backend": "raft", "elections": 1, "cycles_per_s": 137.2}),
         ]);
-        report.footprint_bytes("binary", "-", 2 * 1024 * 1024);
+        report.footprint_bytes("binary", "-", 2 * 1024 * 1024, None);
         let json = report.json();
         assert_eq!(json["results"][0]["p50_ms"], 1.0);
         assert_eq!(json["results"][1]["gaps_ms"], json!([400.0, 420.0]));
@@ -352,5 +455,35 @@ mod tests {
         assert_eq!(json["footprint"][0]["value"], 2 * 1024 * 1024);
         assert_eq!(report.throughput.rows[0].0[0], "raft");
         assert_eq!(report.footprint.rows[0].0[2], "2.0 MiB");
+    }
+
+    #[test]
+    fn rows_are_compared_with_the_like_for_like_etcd_row_of_the_same_measure() {
+        let mut report = Report::new(json!({"cores": 2}), false);
+        report.compare_with(Some("etcd (3 members)"));
+        report.throughput(vec![
+            json!({"backend": "raft", "elections": 1, "cycles_per_s": 150.0}),
+            json!({"backend": "raft", "elections": 16, "cycles_per_s": 600.0}),
+            json!({"backend": "etcd (3 members)", "elections": 1, "cycles_per_s": 100.0}),
+            json!({"backend": "etcd (3 members)", "elections": 16, "cycles_per_s": 1200.0}),
+        ]);
+        let table = &report.throughput;
+        let all: Vec<&Value> = table.rows.iter().map(|(_, json)| json).collect();
+        let ratios: Vec<String> = all
+            .iter()
+            .map(|row| table.ratio.cell(row, &all, report.reference))
+            .collect();
+        assert_eq!(ratios, ["1.50", "0.50", "1.00", "1.00"]);
+        report.footprint_bytes("idle ha node RSS", "raft", 12, Some(IDLE_SERVER));
+        report.footprint_bytes("ha binary", "raft", 30, Some(BINARY));
+        report.footprint_bytes("etcd binary", "etcd (3 members)", 20, Some(BINARY));
+        report.footprint_bytes("disk", "raft", 5, None);
+        let table = &report.footprint;
+        let all: Vec<&Value> = table.rows.iter().map(|(_, json)| json).collect();
+        let ratios: Vec<String> = all
+            .iter()
+            .map(|row| table.ratio.cell(row, &all, report.reference))
+            .collect();
+        assert_eq!(ratios, ["-", "1.50", "1.00", "-"]);
     }
 }
