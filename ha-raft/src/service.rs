@@ -183,6 +183,11 @@ impl Peer for PeerService {
     async fn vote(&self, request: Request<PeerRequest>) -> Result<Response<PeerReply>, Status> {
         let (node, from, rpc): (_, _, VoteRequest<NodeId>) = self.open(request)?;
         own_vote(from, &rpc.vote)?;
+        if node.holds_votes() {
+            return Err(Status::unavailable(
+                "this node restarted less than a leader lease ago and votes for no one yet",
+            ));
+        }
         reply(&node.raft().vote(rpc).await)
     }
 
