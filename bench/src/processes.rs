@@ -18,6 +18,9 @@ pub fn renewal_phase(ttl: Duration, trial: usize) -> Duration {
     (ttl / 3).mul_f64((trial as f64 * 0.618_033_988_75).fract())
 }
 
+/// The pause before a handoff's SIGTERM, as the etcdctl reference pauses.
+const SETTLE: Duration = Duration::from_millis(500);
+
 /// What one group of trials measured besides the gaps.
 pub struct Footprint {
     /// Start of a process → its `standby` event, ms (restarts with their data kept).
@@ -87,6 +90,11 @@ pub async fn trials(
             // Anywhere in the ACTIVE's renewal cycle: otherwise the kill follows its
             // election by about the same time in every trial, always at one phase.
             tokio::time::sleep(renewal_phase(ttl, trial)).await;
+        } else {
+            // Let the node restarted last queue up (its `standby` event comes before its
+            // campaign is written), as the etcdctl reference waits: otherwise that write
+            // races the resign in some trials and the gap measures both.
+            tokio::time::sleep(SETTLE).await;
         }
         let hosted_leader = group.seen.raft_leader == Some(active);
         let sent = group.signal(active, if crash { Signal::KILL } else { Signal::TERM })?;

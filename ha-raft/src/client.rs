@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -24,6 +24,7 @@ use tonic::{Code, Status};
 
 use crate::channel::{channel, BearerToken};
 use crate::config::MIN_TTL;
+use crate::keepalives::{self, CallFailure};
 use crate::proto::coordination_client::CoordinationClient;
 use crate::proto::{self, member_event::Kind};
 use crate::wire::{
@@ -84,6 +85,8 @@ struct ClientInner {
     current: AtomicUsize,
     request_timeout: Duration,
     token: BearerToken,
+    /// Where keepalives wait for their batch (see `keepalives.rs`).
+    keepalives: Mutex<Option<tokio::sync::mpsc::UnboundedSender<keepalives::Waiter>>>,
 }
 
 /// Whether a failed call may succeed against another endpoint or later.
@@ -156,6 +159,7 @@ impl RaftClient {
                 current: AtomicUsize::new(0),
                 request_timeout,
                 token,
+                keepalives: Mutex::new(None),
             }),
             kv_limits: KvLimits::default(),
         };
@@ -216,7 +220,21 @@ impl RaftClient {
 
     /// Calls the current endpoint, moving to the next on transport failures, until the
     /// request timeout passes.
-    async fn call<T, F, Fut>(&self, mut call: F) -> Result<tonic::Response<T>>
+    async fn call<T, F, Fut>(&self, call: F) -> Result<tonic::Response<T>>
+    where
+        F: FnMut(Api) -> Fut,
+        Fut: Future<Output = std::result::Result<tonic::Response<T>, Status>>,
+    {
+        self.call_status(call)
+            .await
+            .map_err(|failure| failure.error("request"))
+    }
+
+    /// [`call`](Self::call), failing with the last status itself.
+    async fn call_status<T, F, Fut>(
+        &self,
+        mut call: F,
+    ) -> std::result::Result<tonic::Response<T>, CallFailure>
     where
         F: FnMut(Api) -> Fut,
         Fut: Future<Output = std::result::Result<tonic::Response<T>, Status>>,
@@ -233,19 +251,58 @@ impl RaftClient {
                     self.follow_hint(status.metadata());
                     status
                 }
-                Err(_) => {
-                    return Err(Error::Timeout {
-                        operation: "request",
-                        after: self.inner.request_timeout,
-                    })
-                }
+                Err(_) => return Err(CallFailure::Timeout(self.inner.request_timeout)),
             };
             if !transient(&status) || Instant::now() >= deadline {
-                return Err(from_status(&status));
+                return Err(CallFailure::Status(status));
             }
             self.rotate(index);
             sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// Queues a keepalive of `lease` for this client's next batch, starting the
+    /// batching task on first use (or again, when the runtime that ran it has stopped).
+    fn queue_keep_alive(&self, lease: u64) -> tokio::sync::oneshot::Receiver<Result<Duration>> {
+        let (result, received) = tokio::sync::oneshot::channel();
+        let mut queue = self
+            .inner
+            .keepalives
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut waiter = (lease, result);
+        if let Some(running) = queue.as_ref() {
+            match running.send(waiter) {
+                Ok(()) => return received,
+                Err(tokio::sync::mpsc::error::SendError(back)) => waiter = back,
+            }
+        }
+        let weak = Arc::downgrade(&self.inner);
+        let started = keepalives::start(move |leases: Vec<u64>| {
+            let inner = weak.upgrade();
+            async move {
+                let Some(inner) = inner else {
+                    return Err(CallFailure::Status(Status::cancelled(
+                        "the client was dropped",
+                    )));
+                };
+                let client = RaftClient {
+                    inner,
+                    kv_limits: KvLimits::default(),
+                };
+                let request = proto::KeepAliveBatchRequest { leases };
+                let reply = client
+                    .call_status(|mut c| {
+                        let request = request.clone();
+                        async move { c.keep_alive_batch(request).await }
+                    })
+                    .await?;
+                Ok(reply.into_inner().outcomes)
+            }
+        });
+        let _ = started.send(waiter);
+        *queue = Some(started);
+        received
     }
 }
 
@@ -280,14 +337,20 @@ impl Backend for RaftClient {
     }
 
     async fn keep_alive(&self, lease: LeaseId) -> Result<Duration> {
-        let reply = self
-            .call(|mut c| async move {
-                c.keep_alive(proto::LeaseRequest { lease: lease.get() })
-                    .await
-            })
-            .await?
-            .into_inner();
-        Ok(Duration::from_millis(reply.ttl_ms))
+        let result = self.queue_keep_alive(lease.get());
+        // The call inside is bounded by the request timeout; this bounds the wait for
+        // the batch to be sent too.
+        let patience = self.inner.request_timeout + keepalives::PACE * 2;
+        match tokio::time::timeout(patience, result).await {
+            Ok(Ok(renewal)) => renewal,
+            Ok(Err(_)) => Err(Error::Unavailable(
+                "the keepalive batcher stopped (its runtime shut down)".into(),
+            )),
+            Err(_) => Err(Error::Timeout {
+                operation: "keep_alive",
+                after: patience,
+            }),
+        }
     }
 
     async fn revoke(&self, lease: LeaseId) -> Result<()> {

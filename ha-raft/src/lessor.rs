@@ -103,14 +103,26 @@ impl Lessor {
         self.with(|inner| inner.term)
     }
 
-    /// Records a renewal now; false if not leading in `term` or the lease is expiring.
-    pub fn renew(&self, term: u64, lease: u64, ttl: Duration) -> bool {
+    /// Records renewals now, under one lock: for each (lease, TTL) whether it was
+    /// recorded (false: the lease is expiring); `None` if not leading in `term`.
+    pub fn renew_all(&self, term: u64, renewals: &[(u64, Duration)]) -> Option<Vec<bool>> {
+        let now = Instant::now();
         self.with(|inner| {
-            if inner.term != Some(term) || inner.expiring.contains(&lease) {
-                return false;
+            if inner.term != Some(term) {
+                return None;
             }
-            inner.deadlines.insert(lease, Instant::now() + ttl);
-            true
+            Some(
+                renewals
+                    .iter()
+                    .map(|(lease, ttl)| {
+                        let renewed = !inner.expiring.contains(lease);
+                        if renewed {
+                            inner.deadlines.insert(*lease, now + *ttl);
+                        }
+                        renewed
+                    })
+                    .collect(),
+            )
         })
     }
 
@@ -164,8 +176,12 @@ impl Lessor {
     }
 }
 
-/// Batches leadership confirmations: every waiter that arrives while a round is running
-/// shares the next round, so 10,000 keepalives cost a handful of quorum rounds.
+/// Least time between the starts of two confirmation rounds.
+const ROUND_PACE: Duration = Duration::from_millis(5);
+
+/// Batches leadership confirmations: every waiter that arrives while a round is running,
+/// or within [`ROUND_PACE`] of its start, shares the next round, so 10,000 keepalives
+/// cost a handful of quorum rounds.
 #[derive(Debug, Clone)]
 pub struct Confirmer {
     requests: mpsc::UnboundedSender<oneshot::Sender<Result<(), String>>>,
@@ -180,13 +196,19 @@ impl Confirmer {
     {
         let (requests, mut rx) = mpsc::unbounded_channel::<oneshot::Sender<Result<(), String>>>();
         let task = tokio::spawn(async move {
+            let mut last_round: Option<Instant> = None;
             while let Some(first) = rx.recv().await {
+                // Paced: waiters that arrive meanwhile share the round.
+                if let Some(at) = last_round {
+                    sleep_until(at + ROUND_PACE).await;
+                }
                 let mut waiters = vec![first];
                 while let Ok(more) = rx.try_recv() {
                     waiters.push(more);
                 }
                 // The round starts now, after every waiter in this batch recorded its
                 // renewal.
+                last_round = Some(Instant::now());
                 let result = confirm().await;
                 for waiter in waiters {
                     let _ = waiter.send(result.clone());
@@ -299,16 +321,21 @@ pub(crate) async fn lessor_loop(node: Weak<NodeInner>) {
 mod tests {
     use super::*;
 
+    /// One renewal: whether it was recorded.
+    fn renew(lessor: &Lessor, term: u64, lease: u64, ttl: Duration) -> bool {
+        lessor.renew_all(term, &[(lease, ttl)]) == Some(vec![true])
+    }
+
     #[tokio::test(start_paused = true)]
     async fn new_term_grants_fresh_ttls_and_expiry_is_marked_once() {
         let lessor = Lessor::default();
         let ttl = Duration::from_secs(2);
         let lease = Duration::from_millis(500);
-        assert!(!lessor.renew(1, 7, ttl), "not leading yet");
+        assert!(!renew(&lessor, 1, 7, ttl), "not leading yet");
         lessor.lead(1, Instant::now(), &[], lease);
         assert!(lessor.due(1, &[(7, ttl)]).is_empty());
         tokio::time::sleep(Duration::from_secs(1)).await;
-        assert!(lessor.renew(1, 7, ttl));
+        assert!(renew(&lessor, 1, 7, ttl));
         tokio::time::sleep(Duration::from_millis(1500)).await;
         assert!(lessor.due(1, &[(7, ttl)]).is_empty(), "renewed 1.5 s ago");
         tokio::time::sleep(Duration::from_millis(600)).await;
@@ -319,12 +346,15 @@ mod tests {
             None,
             "an expiring lease sets no wake-up"
         );
-        assert!(!lessor.renew(1, 7, ttl), "expiring leases are not renewed");
+        assert!(
+            !renew(&lessor, 1, 7, ttl),
+            "expiring leases are not renewed"
+        );
         // A new term forgets it all: fresh TTL.
         lessor.lead(2, Instant::now(), &[], lease);
         assert!(lessor.due(2, &[(7, ttl)]).is_empty());
-        assert!(lessor.renew(2, 7, ttl));
-        assert!(!lessor.renew(1, 7, ttl), "stale term");
+        assert!(renew(&lessor, 2, 7, ttl));
+        assert!(!renew(&lessor, 1, 7, ttl), "stale term");
     }
 
     #[tokio::test(start_paused = true)]
@@ -355,7 +385,7 @@ mod tests {
         assert_eq!(lessor.due(3, &[(7, ttl), (8, ttl)]), vec![8]);
         // Renewed in the term: a full TTL, as before.
         lessor.lead(4, Instant::now(), &[(9, ttl)], lease);
-        assert!(lessor.renew(4, 9, ttl));
+        assert!(renew(&lessor, 4, 9, ttl));
         tokio::time::sleep(Duration::from_millis(1900)).await;
         assert!(lessor.due(4, &[(9, ttl)]).is_empty());
     }

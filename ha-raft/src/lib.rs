@@ -16,6 +16,7 @@ mod failure;
 mod heartbeat;
 mod hub;
 mod image;
+mod keepalives;
 mod lessor;
 mod membership;
 mod network;

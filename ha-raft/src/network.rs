@@ -164,6 +164,8 @@ pub enum PeerRpc {
     Propose,
     /// A forwarded keepalive.
     KeepAlive,
+    /// A forwarded batch of keepalives.
+    KeepAliveBatch,
     /// A read index request.
     ReadIndex,
 }
@@ -282,6 +284,7 @@ impl PeerPool {
                 PeerRpc::InstallSnapshot => client.install_snapshot(request).await,
                 PeerRpc::Propose => client.propose(request).await,
                 PeerRpc::KeepAlive => client.keep_alive(request).await,
+                PeerRpc::KeepAliveBatch => client.keep_alive_batch(request).await,
                 PeerRpc::ReadIndex => client.read_index(request).await,
             }
         };

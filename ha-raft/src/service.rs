@@ -11,14 +11,14 @@ use ha_core::{Backend, ElectionName, KvKey, LeaseId, Role};
 use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
+use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 use tracing::warn;
 
 use crate::command::{Command, NodeId, TypeConfig};
-use crate::node::{NodeInner, PeerFailure, RaftNode};
+use crate::node::{check_batch_size, NodeInner, PeerFailure, RaftNode};
 use crate::proto::coordination_server::{Coordination, CoordinationServer};
 use crate::proto::peer_server::{Peer, PeerServer};
 use crate::proto::{self, PeerReply, PeerRequest};
@@ -75,7 +75,12 @@ pub(crate) async fn serve(
         .add_service(InterceptedService::new(admin, move |request| {
             admin_auth.check(request)
         }))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled_owned())
+        // The builder's tcp_nodelay covers only the listeners it binds itself: set it on
+        // ours, or a reply's trailers can wait out the peer's 40 ms delayed ACK.
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            shutdown.cancelled_owned(),
+        )
         .await;
     if let Err(e) = result {
         warn!(error = %e, "raft gRPC server stopped");
@@ -222,6 +227,15 @@ impl Peer for PeerService {
         reply(&node.keep_alive_local(lease).await)
     }
 
+    async fn keep_alive_batch(
+        &self,
+        request: Request<PeerRequest>,
+    ) -> Result<Response<PeerReply>, Status> {
+        let (node, _, leases): (_, _, Vec<u64>) = self.open(request)?;
+        check_batch_size(leases.len()).map_err(status)?;
+        reply(&node.keep_alive_batch_local(&leases).await)
+    }
+
     async fn read_index(
         &self,
         request: Request<PeerRequest>,
@@ -317,6 +331,32 @@ impl Coordination for ClientService {
             Ok(Response::new(proto::KeepAliveReply {
                 ttl_ms: ttl.as_millis() as u64,
             }))
+        }
+        .await;
+        self.pinned(reply)
+    }
+
+    async fn keep_alive_batch(
+        &self,
+        request: Request<proto::KeepAliveBatchRequest>,
+    ) -> Result<Response<proto::KeepAliveBatchReply>, Status> {
+        let reply: Result<Response<proto::KeepAliveBatchReply>, Status> = async {
+            let leases = request.into_inner().leases;
+            let renewals = self
+                .node()?
+                .keep_alive_batch(&leases)
+                .await
+                .map_err(status)?;
+            let outcomes = leases
+                .iter()
+                .zip(renewals)
+                .map(|(lease, renewal)| proto::KeepAliveOutcome {
+                    lease: *lease,
+                    ttl_ms: renewal.as_ref().map_or(0, |ttl| *ttl),
+                    expired: renewal.is_err(),
+                })
+                .collect();
+            Ok(Response::new(proto::KeepAliveBatchReply { outcomes }))
         }
         .await;
         self.pinned(reply)

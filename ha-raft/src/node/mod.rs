@@ -6,6 +6,7 @@
 //! applied state. Campaigns and watches wait on this node's applied state.
 
 mod backend;
+mod keepalive;
 mod routing;
 
 use std::collections::BTreeMap;
@@ -34,6 +35,7 @@ use crate::network::{Network, PeerPool};
 use crate::storage::{open_db, Identity, LogStore, StateMachineStore};
 use crate::tls::ClientAuth;
 
+pub(crate) use keepalive::{check_batch_size, Renewal, MAX_KEEPALIVE_BATCH};
 pub(crate) use routing::{PeerFailure, Target};
 
 /// An embedded member of a Raft group. Cheap to clone; every clone is the same node.
@@ -555,6 +557,11 @@ impl RaftNode {
 
     pub(crate) fn from_inner(inner: Arc<NodeInner>) -> Self {
         Self { inner }
+    }
+
+    /// Keepalives of `leases` on the leader, wherever it is; a result per lease.
+    pub(crate) async fn keep_alive_batch(&self, leases: &[u64]) -> Result<Vec<Renewal>> {
+        self.inner.keep_alive_batch(leases).await
     }
 }
 

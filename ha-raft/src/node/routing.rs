@@ -15,7 +15,6 @@ use tracing::debug;
 
 use crate::command::{Command, CommandResult, NodeId};
 use crate::network::{PeerError, PeerRpc};
-use crate::storage::StateMachineStore;
 use crate::wire::WireError;
 
 use super::NodeInner;
@@ -188,51 +187,6 @@ impl NodeInner {
                 after_ms: timeout.as_millis() as u64,
             })),
         }
-    }
-
-    /// A keepalive on this node, which believes it leads in `term`.
-    pub(crate) async fn keep_alive_local(
-        &self,
-        lease: u64,
-    ) -> std::result::Result<u64, PeerFailure> {
-        let Target::Me { term } = self.target() else {
-            return Err(PeerFailure::NotLeader);
-        };
-        let expired = || PeerFailure::Error(WireError::LeaseExpired(lease));
-        let ttl = |sm: &StateMachineStore| sm.lock().state.leases.get(&lease).map(|l| l.ttl_ms);
-        // Records the renewal in this term, or says why it cannot be.
-        let renew = |ttl_ms: u64| {
-            if self
-                .lessor
-                .renew(term, lease, Duration::from_millis(ttl_ms))
-            {
-                Ok(())
-            } else if self.lessor.is_expiring(lease) {
-                Err(expired())
-            } else {
-                Err(PeerFailure::NotLeader)
-            }
-        };
-        let known = ttl(&self.sm);
-        if let Some(ttl_ms) = known {
-            renew(ttl_ms)?;
-        }
-        // A quorum round that starts after the renewal was recorded: a deposed leader
-        // fails here and the keepalive is not acknowledged.
-        self.confirmer
-            .confirm()
-            .await
-            .map_err(|_| PeerFailure::NotLeader)?;
-        let Some(ttl_ms) = ttl(&self.sm) else {
-            return Err(expired());
-        };
-        if known.is_none() {
-            renew(ttl_ms)?;
-        }
-        if self.lessor.is_expiring(lease) {
-            return Err(expired());
-        }
-        Ok(ttl_ms)
     }
 
     /// The leader's read index, on this node, which believes it leads.

@@ -1,0 +1,147 @@
+//! Keepalives on the leader, one lease or a batch: every renewal recorded under one
+//! lessor lock, then one quorum round that started after all were recorded, then a
+//! result per lease. A client's batch that lands on a follower is forwarded whole.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use ha_core::{Error, Result};
+
+use super::routing::{Attempt, PeerFailure, Target};
+use super::NodeInner;
+use crate::network::PeerRpc;
+use crate::storage::StateMachineStore;
+use crate::wire::WireError;
+
+/// Most leases one keepalive batch may carry; the client splits larger batches.
+pub const MAX_KEEPALIVE_BATCH: usize = 4096;
+
+/// One lease's answer to a keepalive: its TTL in milliseconds, or why it was not
+/// renewed (the lease is gone or being expired).
+pub(crate) type Renewal = std::result::Result<u64, WireError>;
+
+/// Each lease's TTL in milliseconds, as this node has applied it (`None`: not live).
+fn ttls(sm: &StateMachineStore, leases: &[u64]) -> Vec<Option<u64>> {
+    let sm = sm.lock();
+    leases
+        .iter()
+        .map(|lease| sm.state.leases.get(lease).map(|l| l.ttl_ms))
+        .collect()
+}
+
+/// A refusal of `leases.len()` leases, said as an argument error.
+pub(crate) fn check_batch_size(leases: usize) -> Result<()> {
+    if leases > MAX_KEEPALIVE_BATCH {
+        return Err(Error::InvalidArgument {
+            what: "leases",
+            reason: format!("a keepalive batch of {leases} leases; at most {MAX_KEEPALIVE_BATCH}"),
+        });
+    }
+    Ok(())
+}
+
+impl NodeInner {
+    /// Keepalives of `leases` on this node, which believes it leads.
+    pub(crate) async fn keep_alive_batch_local(
+        &self,
+        leases: &[u64],
+    ) -> std::result::Result<Vec<Renewal>, PeerFailure> {
+        let Target::Me { term } = self.target() else {
+            return Err(PeerFailure::NotLeader);
+        };
+        let ms = Duration::from_millis;
+        let known = ttls(&self.sm, leases);
+        let live: Vec<(u64, Duration)> = leases
+            .iter()
+            .zip(&known)
+            .filter_map(|(lease, ttl)| ttl.map(|t| (*lease, ms(t))))
+            .collect();
+        let recorded = self
+            .lessor
+            .renew_all(term, &live)
+            .ok_or(PeerFailure::NotLeader)?;
+        let mut refused: HashSet<u64> = live
+            .iter()
+            .zip(recorded)
+            .filter(|(_, renewed)| !renewed)
+            .map(|((lease, _), _)| *lease)
+            .collect();
+        // A quorum round that starts after the renewals were recorded: a deposed leader
+        // fails here and none of them is acknowledged.
+        self.confirmer
+            .confirm()
+            .await
+            .map_err(|_| PeerFailure::NotLeader)?;
+        let now_known = ttls(&self.sm, leases);
+        // Registered while this ran (applied since): recorded now.
+        let late: Vec<(u64, Duration)> = leases
+            .iter()
+            .zip(known.iter().zip(&now_known))
+            .filter_map(|(lease, ttls)| match ttls {
+                (None, Some(t)) => Some((*lease, ms(*t))),
+                _ => None,
+            })
+            .collect();
+        let recorded = self
+            .lessor
+            .renew_all(term, &late)
+            .ok_or(PeerFailure::NotLeader)?;
+        refused.extend(
+            late.iter()
+                .zip(recorded)
+                .filter(|(_, renewed)| !renewed)
+                .map(|((lease, _), _)| *lease),
+        );
+        Ok(leases
+            .iter()
+            .zip(now_known)
+            .map(|(lease, ttl)| match ttl {
+                Some(ttl) if !refused.contains(lease) && !self.lessor.is_expiring(*lease) => {
+                    Ok(ttl)
+                }
+                _ => Err(WireError::LeaseExpired(*lease)),
+            })
+            .collect())
+    }
+
+    /// A keepalive of one lease on this node, which believes it leads.
+    pub(crate) async fn keep_alive_local(
+        &self,
+        lease: u64,
+    ) -> std::result::Result<u64, PeerFailure> {
+        match self.keep_alive_batch_local(&[lease]).await?.pop() {
+            Some(Ok(ttl)) => Ok(ttl),
+            Some(Err(error)) => Err(PeerFailure::Error(error)),
+            None => Err(PeerFailure::NotLeader),
+        }
+    }
+
+    /// Keepalives of `leases` on the leader, wherever it is; a result per lease.
+    pub(crate) async fn keep_alive_batch(&self, leases: &[u64]) -> Result<Vec<Renewal>> {
+        check_batch_size(leases.len())?;
+        if leases.is_empty() {
+            return Ok(Vec::new());
+        }
+        let forwarded = leases.to_vec();
+        self.with_leader("keep_alive", |target| {
+            let forwarded = &forwarded;
+            async move {
+                match target {
+                    Target::Me { .. } => match self.keep_alive_batch_local(leases).await {
+                        Ok(renewals) => Attempt::Done(Ok(renewals)),
+                        Err(PeerFailure::Error(e)) => Attempt::Done(Err(e.into())),
+                        Err(PeerFailure::NotLeader) => {
+                            Attempt::Retry("leadership not confirmed".into())
+                        }
+                    },
+                    Target::Peer { id, addr } => {
+                        self.forward(id, &addr, PeerRpc::KeepAliveBatch, forwarded, true)
+                            .await
+                    }
+                    Target::Unknown => Attempt::Retry("no leader known".into()),
+                }
+            }
+        })
+        .await
+    }
+}
