@@ -196,14 +196,6 @@ impl RaftNodeConfig {
         self
     }
 
-    /// openraft's leader lease: how long a follower refuses votes after hearing from
-    /// its leader. openraft 0.9 sets it to the longest election timeout
-    /// (`EngineConfig::new`); the lessor's shortened grant rests on it, and a test pins
-    /// it. Every member must run with the same election timeout.
-    pub fn leader_lease(&self) -> Duration {
-        self.election_timeout.1
-    }
-
     /// How long one peer RPC may take: the one set, or a third of the shortest election
     /// timeout, and never less than the heartbeat interval.
     pub fn effective_rpc_timeout(&self) -> Duration {

@@ -4,10 +4,11 @@
 //! and one quorum round each; a lone keepalive goes out at once.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use ha_core::{Error, LeaseId, Result};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::time::{sleep_until, Instant};
 
 use crate::node::MAX_KEEPALIVE_BATCH;
@@ -16,6 +17,10 @@ use crate::wire::from_status;
 
 /// Least time between the starts of two batches of one client.
 pub(crate) const PACE: Duration = Duration::from_millis(10);
+
+/// Most batches of one client in flight at once: behind a slow leader the next batch
+/// waits and grows instead of adding calls.
+const MAX_IN_FLIGHT: usize = 4;
 
 /// A keepalive waiting for its batch: the lease, and where its result goes.
 pub(crate) type Waiter = (u64, oneshot::Sender<Result<Duration>>);
@@ -51,8 +56,12 @@ where
 {
     let (queue, mut waiting) = mpsc::unbounded_channel::<Waiter>();
     tokio::spawn(async move {
+        let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
         let mut last_sent: Option<Instant> = None;
         while let Some(first) = waiting.recv().await {
+            let Ok(permit) = Arc::clone(&in_flight).acquire_owned().await else {
+                return;
+            };
             let mut batch = vec![first];
             let until = last_sent.map_or_else(Instant::now, |at| at + PACE);
             while batch.len() < MAX_KEEPALIVE_BATCH {
@@ -67,7 +76,10 @@ where
             }
             last_sent = Some(Instant::now());
             let reply = send(batch.iter().map(|(lease, _)| *lease).collect());
-            tokio::spawn(async move { deliver(batch, reply.await) });
+            tokio::spawn(async move {
+                deliver(batch, reply.await);
+                drop(permit);
+            });
         }
     });
     queue
@@ -114,7 +126,6 @@ fn deliver(batch: Vec<Waiter>, reply: std::result::Result<Vec<KeepAliveOutcome>,
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::Arc;
 
     fn renewed(leases: &[u64]) -> Vec<KeepAliveOutcome> {
         leases

@@ -3,17 +3,10 @@
 //! Keepalives are not logged. The leader records the renewal, then confirms it still
 //! leads with a quorum round that started after the record (one round per batch of
 //! keepalives), and only then acknowledges. A deposed leader cut off from the majority
-//! cannot confirm, so it never extends a client's self-fence deadline.
-//!
-//! A node that becomes leader gives every lease it inherits `TTL - leader_lease * (1 -
-//! 2 * CLOCK_DRIFT)` from its promotion, which never ends one before its client's
-//! deadline: every renewal the old leader acknowledged was confirmed by a round that
-//! reached a voter of the new leader's quorum after the renewal was sent, and that voter
-//! refuses votes for `leader_lease` after hearing from its leader (openraft's leader
-//! lease, pinned by a test; a restarted node refuses votes for as long, since it may have
-//! heard from a leader just before it stopped). So the promotion came at least
-//! `leader_lease` after the client sent the renewal, and `TTL` after the sending is at
-//! most `TTL - leader_lease` after the promotion.
+//! cannot confirm, so it never extends a client's self-fence deadline. A node that
+//! becomes leader gives every lease a fresh full TTL, which never shortens one: the old
+//! leader's acknowledgements all came before its last confirmed round, and so before
+//! the new term began.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Mutex, PoisonError, Weak};
@@ -26,18 +19,6 @@ use tracing::info;
 
 use crate::command::Command;
 use crate::node::{NodeInner, Target};
-
-/// How much faster one member's clock may run than another's: the shortened grant of a
-/// new leader keeps `2 * CLOCK_DRIFT` of the leader lease as margin (quartz drifts by
-/// about 1e-4; this is 5e-2).
-pub const CLOCK_DRIFT: f64 = 0.05;
-
-/// What a lease inherited from an earlier term gets, from the promotion: its TTL less
-/// the part of the leader lease that surely passed between its last acknowledged
-/// renewal and the promotion.
-pub fn inherited_grant(ttl: Duration, leader_lease: Duration) -> Duration {
-    ttl.saturating_sub(leader_lease.mul_f64(1.0 - 2.0 * CLOCK_DRIFT))
-}
 
 /// Deadlines for one leadership term.
 #[derive(Debug, Default)]
@@ -60,29 +41,14 @@ impl Lessor {
         f(&mut self.inner.lock().unwrap_or_else(PoisonError::into_inner))
     }
 
-    /// Starts or continues leading in `term`. A new term starts with the `inherited`
-    /// leases (id, TTL) live at `promoted`, each given [`inherited_grant`] from then;
-    /// leases seen later get a full TTL when first seen.
-    pub fn lead(
-        &self,
-        term: u64,
-        promoted: Instant,
-        inherited: &[(u64, Duration)],
-        leader_lease: Duration,
-    ) {
+    /// Starts or continues leading in `term`; a new term starts with no deadlines, so
+    /// every lease gets a full TTL from when it is first seen.
+    pub fn lead(&self, term: u64) {
         self.with(|inner| {
             if inner.term != Some(term) {
-                tracing::info!(
-                    term,
-                    leases = inherited.len(),
-                    leader_lease_ms = leader_lease.as_millis() as u64,
-                    "lessor: leading, inherited leases get their TTL less the leader lease"
-                );
+                tracing::info!(term, "lessor: leading, every lease gets a fresh TTL");
                 inner.term = Some(term);
-                inner.deadlines = inherited
-                    .iter()
-                    .map(|(id, ttl)| (*id, promoted + inherited_grant(*ttl, leader_lease)))
-                    .collect();
+                inner.deadlines.clear();
                 inner.expiring.clear();
             }
         });
@@ -283,9 +249,6 @@ pub(crate) async fn lessor_loop(node: Weak<NodeInner>) {
             continue;
         };
         if inner.lessor.term() != Some(term) {
-            // Seen after the votes that made this node leader were granted: a grant
-            // measured from here is measured from after the promotion.
-            let promoted = Instant::now();
             // Apply everything committed in earlier terms before trusting the lease set.
             let confirmed = tokio::time::timeout(
                 inner.config.request_timeout,
@@ -295,9 +258,7 @@ pub(crate) async fn lessor_loop(node: Weak<NodeInner>) {
             if !matches!(confirmed, Ok(Ok(_))) {
                 continue;
             }
-            let inherited = live_leases(&inner);
-            let lease = inner.config.leader_lease();
-            inner.lessor.lead(term, promoted, &inherited, lease);
+            inner.lessor.lead(term);
         }
         let leases = live_leases(&inner);
         for lease in inner.lessor.due(term, &leases) {
@@ -330,9 +291,8 @@ mod tests {
     async fn new_term_grants_fresh_ttls_and_expiry_is_marked_once() {
         let lessor = Lessor::default();
         let ttl = Duration::from_secs(2);
-        let lease = Duration::from_millis(500);
         assert!(!renew(&lessor, 1, 7, ttl), "not leading yet");
-        lessor.lead(1, Instant::now(), &[], lease);
+        lessor.lead(1);
         assert!(lessor.due(1, &[(7, ttl)]).is_empty());
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert!(renew(&lessor, 1, 7, ttl));
@@ -351,43 +311,10 @@ mod tests {
             "expiring leases are not renewed"
         );
         // A new term forgets it all: fresh TTL.
-        lessor.lead(2, Instant::now(), &[], lease);
+        lessor.lead(2);
         assert!(lessor.due(2, &[(7, ttl)]).is_empty());
         assert!(renew(&lessor, 2, 7, ttl));
         assert!(!renew(&lessor, 1, 7, ttl), "stale term");
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn inherited_leases_get_their_ttl_less_the_leader_lease_from_the_promotion() {
-        let lessor = Lessor::default();
-        let ttl = Duration::from_secs(2);
-        let lease = Duration::from_millis(500);
-        assert_eq!(inherited_grant(ttl, lease), Duration::from_millis(1550));
-        assert_eq!(
-            inherited_grant(Duration::from_millis(300), lease),
-            Duration::ZERO
-        );
-        let promoted = Instant::now();
-        // The ensure_linearizable round took 100 ms: the grant still counts from the
-        // promotion.
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        lessor.lead(3, promoted, &[(7, ttl)], lease);
-        assert_eq!(
-            lessor.next_deadline(),
-            Some(promoted + Duration::from_millis(1550))
-        );
-        tokio::time::sleep(Duration::from_millis(1400)).await;
-        // Lease 8 registered in this term: first seen now, full TTL.
-        assert!(lessor.due(3, &[(7, ttl), (8, ttl)]).is_empty());
-        tokio::time::sleep(Duration::from_millis(60)).await;
-        assert_eq!(lessor.due(3, &[(7, ttl), (8, ttl)]), vec![7]);
-        tokio::time::sleep(Duration::from_millis(2000)).await;
-        assert_eq!(lessor.due(3, &[(7, ttl), (8, ttl)]), vec![8]);
-        // Renewed in the term: a full TTL, as before.
-        lessor.lead(4, Instant::now(), &[(9, ttl)], lease);
-        assert!(renew(&lessor, 4, 9, ttl));
-        tokio::time::sleep(Duration::from_millis(1900)).await;
-        assert!(lessor.due(4, &[(9, ttl)]).is_empty());
     }
 
     #[tokio::test]

@@ -27,7 +27,7 @@ use crate::wire::{
     key_from_proto, key_to_proto, kv_outcome_to_proto, kv_read_to_proto, kv_write_from_proto,
     leader_to_proto, member_from_proto, member_to_proto, required, to_status,
 };
-use crate::wire::{member_update_to_event, update_to_event};
+use crate::wire::{member_update_to_event, update_to_event, WireError};
 
 /// Serves both services on `listener` until `shutdown`.
 pub(crate) async fn serve(
@@ -188,11 +188,6 @@ impl Peer for PeerService {
     async fn vote(&self, request: Request<PeerRequest>) -> Result<Response<PeerReply>, Status> {
         let (node, from, rpc): (_, _, VoteRequest<NodeId>) = self.open(request)?;
         own_vote(from, &rpc.vote)?;
-        if node.holds_votes() {
-            return Err(Status::unavailable(
-                "this node restarted less than a leader lease ago and votes for no one yet",
-            ));
-        }
         reply(&node.raft().vote(rpc).await)
     }
 
@@ -347,15 +342,20 @@ impl Coordination for ClientService {
                 .keep_alive_batch(&leases)
                 .await
                 .map_err(status)?;
-            let outcomes = leases
-                .iter()
-                .zip(renewals)
-                .map(|(lease, renewal)| proto::KeepAliveOutcome {
+            let mut outcomes = Vec::with_capacity(leases.len());
+            for (lease, renewal) in leases.iter().zip(renewals) {
+                let (ttl_ms, expired) = match renewal {
+                    Ok(ttl_ms) => (ttl_ms, false),
+                    Err(WireError::LeaseExpired(_)) => (0, true),
+                    // Only an expiry ends one session: anything else fails the call.
+                    Err(other) => return Err(status(other.into())),
+                };
+                outcomes.push(proto::KeepAliveOutcome {
                     lease: *lease,
-                    ttl_ms: renewal.as_ref().map_or(0, |ttl| *ttl),
-                    expired: renewal.is_err(),
-                })
-                .collect();
+                    ttl_ms,
+                    expired,
+                });
+            }
             Ok(Response::new(proto::KeepAliveBatchReply { outcomes }))
         }
         .await;

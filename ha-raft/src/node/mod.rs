@@ -65,9 +65,6 @@ pub(crate) struct NodeInner {
     pub(crate) leave: CancellationToken,
     /// Whether the node's owner follows [`RaftNode::leave_requested`].
     pub(crate) leave_handled: std::sync::atomic::AtomicBool,
-    /// When this process opened the node: it refuses votes for a leader lease from
-    /// then (see [`NodeInner::holds_votes`]).
-    started: Instant,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -166,7 +163,6 @@ impl RaftNode {
             log_store_alive,
             db: Mutex::new(Some(db)),
             shutdown: CancellationToken::new(),
-            started: Instant::now(),
             membership_lock: tokio::sync::Mutex::new(()),
             leave: CancellationToken::new(),
             leave_handled: std::sync::atomic::AtomicBool::new(false),
@@ -568,14 +564,6 @@ impl RaftNode {
 impl NodeInner {
     pub(crate) fn cluster_id(&self) -> &str {
         &self.config.cluster_id
-    }
-
-    /// Whether this node still refuses votes because it started less than a leader
-    /// lease ago: before it stopped it may have heard from a leader, and openraft's
-    /// refusal to vote within the lease (which the lessor's shortened grant rests on)
-    /// does not survive a restart.
-    pub(crate) fn holds_votes(&self) -> bool {
-        self.started.elapsed() < self.config.leader_lease()
     }
 
     /// Whether peers must prove their node id with a certificate.
