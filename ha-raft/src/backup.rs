@@ -3,8 +3,9 @@
 //! (`ha snapshot restore`); and a member that survived the loss of its quorum becomes a
 //! single-voter group from its own data (`ha node --force-new-group`). All three end in
 //! the same place: a data dir whose snapshot is the state, whose log is empty up to the
-//! state's last entry, and whose membership is the new voters. New entries, and so new
-//! lease ids and fencing tokens, take indexes after that entry: tokens never go back.
+//! state's last entry, and whose membership is the new voters. New entries take indexes
+//! after that entry, and new lease ids and fencing tokens are above both it and the
+//! state's last id: tokens never go back.
 //!
 //! The file: one JSON line, the [`SnapshotHeader`], then the state's bytes, which the
 //! header's length and CRC-32 cover.
@@ -61,7 +62,8 @@ pub struct SnapshotHeader {
 }
 
 impl SnapshotHeader {
-    /// The log index the state is as of: new tokens start above it.
+    /// The log index the state is as of: new tokens start above it (and above every
+    /// token in the state).
     pub fn index(&self) -> u64 {
         self.last_log_id.index
     }

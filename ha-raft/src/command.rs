@@ -66,7 +66,7 @@ impl MemberRecord {
 /// deadlines live in the leader's lessor, which proposes `Expire` when one passes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
-    /// Start a session; the lease id is the entry's log index.
+    /// Start a session; the lease id is the entry's log index (see `State::last_id`).
     Register {
         /// The member record bound to the lease.
         member: MemberRecord,
@@ -84,7 +84,7 @@ pub enum Command {
         lease: u64,
     },
     /// Enqueue a candidacy (or resume the lease's existing one); the token is the entry's
-    /// log index.
+    /// log index (see `State::last_id`).
     Campaign {
         /// The candidate's lease.
         lease: u64,
@@ -131,6 +131,52 @@ pub enum Command {
     /// before it, so the followers apply the leader's last writes (a resign) without
     /// waiting for the next Raft leader.
     Handover,
+    /// Commands proposed concurrently, packed into one entry by the leader's proposer
+    /// (one flush and one replication for all of them), applied in order. Every lease id
+    /// and token they create is unique and above all before it (`State::last_id`).
+    Batch(Vec<Command>),
+}
+
+impl Command {
+    /// About how many bytes the command takes in the log, for cutting batches.
+    pub(crate) fn approx_bytes(&self) -> usize {
+        const FIXED: usize = 96;
+        // Byte fields are base64 in the log.
+        let blob = |bytes: &[u8]| bytes.len() / 3 * 4 + 4;
+        FIXED
+            + match self {
+                Self::Register { member, .. } => {
+                    member.role.len()
+                        + member.address.len()
+                        + member
+                            .metadata
+                            .iter()
+                            .map(|(k, v)| k.len() + v.len() + 8)
+                            .sum::<usize>()
+                }
+                Self::Campaign {
+                    election, value, ..
+                }
+                | Self::Proclaim {
+                    election, value, ..
+                } => election.len() + blob(value),
+                Self::KvWrite { election, op, .. } => {
+                    let value = |v: &Option<Blob>| v.as_ref().map_or(0, |b| blob(&b.0));
+                    election.len()
+                        + op.key().len()
+                        + match op {
+                            KvOp::Put { value: v, .. } => blob(&v.0),
+                            KvOp::Delete { .. } => 0,
+                            KvOp::CompareAndSet { expected, new, .. } => {
+                                value(expected) + value(new)
+                            }
+                        }
+                }
+                Self::Resign { election, .. } => election.len(),
+                Self::Batch(commands) => commands.iter().map(Self::approx_bytes).sum(),
+                Self::Revoke { .. } | Self::Expire { .. } | Self::Handover => 0,
+            }
+    }
 }
 
 /// Bytes that the log, the peer messages and the snapshots (all JSON) carry as base64
@@ -312,6 +358,8 @@ pub enum CommandResult {
         /// The current leader's token.
         current: Option<u64>,
     },
+    /// The results of a [`Command::Batch`], in its order.
+    Batch(Vec<CommandResult>),
 }
 
 #[cfg(test)]

@@ -16,7 +16,6 @@ mod failure;
 mod heartbeat;
 mod hub;
 mod image;
-mod keepalives;
 mod lessor;
 mod membership;
 mod network;

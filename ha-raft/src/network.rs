@@ -162,8 +162,6 @@ pub enum PeerRpc {
     InstallSnapshot,
     /// A forwarded command.
     Propose,
-    /// A forwarded keepalive.
-    KeepAlive,
     /// A forwarded batch of keepalives.
     KeepAliveBatch,
     /// A read index request.
@@ -283,7 +281,6 @@ impl PeerPool {
                 PeerRpc::AppendEntries => client.append_entries(request).await,
                 PeerRpc::InstallSnapshot => client.install_snapshot(request).await,
                 PeerRpc::Propose => client.propose(request).await,
-                PeerRpc::KeepAlive => client.keep_alive(request).await,
                 PeerRpc::KeepAliveBatch => client.keep_alive_batch(request).await,
                 PeerRpc::ReadIndex => client.read_index(request).await,
             }

@@ -214,14 +214,6 @@ impl Peer for PeerService {
         reply(&node.propose_local(command).await)
     }
 
-    async fn keep_alive(
-        &self,
-        request: Request<PeerRequest>,
-    ) -> Result<Response<PeerReply>, Status> {
-        let (node, _, lease): (_, _, u64) = self.open(request)?;
-        reply(&node.keep_alive_local(lease).await)
-    }
-
     async fn keep_alive_batch(
         &self,
         request: Request<PeerRequest>,

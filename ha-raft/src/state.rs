@@ -71,6 +71,20 @@ pub struct State {
     /// the guarded store existed, hence the default.
     #[serde(default)]
     pub kv: BTreeMap<String, BTreeMap<String, Blob>>,
+    /// The last lease id or token handed out. Absent (0) from snapshots written before
+    /// batches, whose ids were all log indexes at or below the snapshot's.
+    #[serde(default)]
+    pub last_id: u64,
+}
+
+/// A new lease id or token for a command of the entry at `index`: the entry's index, or
+/// one past the last id if a batch at an earlier index (or earlier in this one) reached
+/// it. Strictly increasing and unique; in a log without batches, the index itself, as
+/// before batches existed.
+fn next_id(last_id: &mut u64, index: u64) -> u64 {
+    let id = index.max(last_id.saturating_add(1));
+    *last_id = id;
+    id
 }
 
 impl State {
@@ -98,10 +112,30 @@ impl State {
             .collect()
     }
 
-    /// Applies one command at log index `index`.
+    /// Applies the command of the entry at log index `index`.
     pub fn apply(&mut self, index: u64, command: &Command) -> (CommandResult, Vec<Change>) {
         let mut changes = Vec::new();
-        let result = match command {
+        let result = self.apply_one(index, command, &mut changes);
+        (result, changes)
+    }
+
+    fn apply_one(
+        &mut self,
+        index: u64,
+        command: &Command,
+        changes: &mut Vec<Change>,
+    ) -> CommandResult {
+        match command {
+            Command::Batch(commands) => CommandResult::Batch(
+                commands
+                    .iter()
+                    .map(|command| match command {
+                        // Only the proposer builds batches, and never nested ones.
+                        Command::Batch(_) => CommandResult::None,
+                        command => self.apply_one(index, command, changes),
+                    })
+                    .collect(),
+            ),
             Command::Register { member, ttl_ms } => {
                 let ids = self.members.entry(member.role.clone()).or_default();
                 match ids.entry(member.server_id) {
@@ -109,9 +143,10 @@ impl State {
                         CommandResult::AlreadyRegistered
                     }
                     std::collections::btree_map::Entry::Vacant(slot) => {
-                        slot.insert(index);
+                        let lease = next_id(&mut self.last_id, index);
+                        slot.insert(lease);
                         self.leases.insert(
-                            index,
+                            lease,
                             LeaseRecord {
                                 ttl_ms: *ttl_ms,
                                 member: member.clone(),
@@ -120,14 +155,14 @@ impl State {
                         );
                         changes.push(Change::Joined(member.clone()));
                         CommandResult::Registered {
-                            lease: index,
+                            lease,
                             ttl_ms: *ttl_ms,
                         }
                     }
                 }
             }
             Command::Revoke { lease } | Command::Expire { lease } => {
-                self.remove_lease(*lease, &mut changes);
+                self.remove_lease(*lease, changes);
                 CommandResult::Ok
             }
             Command::Handover => CommandResult::Ok,
@@ -138,7 +173,11 @@ impl State {
             } => match self.leases.get_mut(lease) {
                 None => CommandResult::LeaseExpired,
                 Some(record) => {
-                    let token = *record.candidacies.entry(election.clone()).or_insert(index);
+                    let last_id = &mut self.last_id;
+                    let token = *record
+                        .candidacies
+                        .entry(election.clone())
+                        .or_insert_with(|| next_id(last_id, index));
                     let before = self.head(election);
                     self.elections.entry(election.clone()).or_default().insert(
                         token,
@@ -147,7 +186,7 @@ impl State {
                             value: value.clone(),
                         },
                     );
-                    self.note_head_change(election, before, &mut changes);
+                    self.note_head_change(election, before, changes);
                     CommandResult::Campaigned { token }
                 }
             },
@@ -156,7 +195,7 @@ impl State {
                 lease,
                 token,
             } => {
-                self.remove_candidacy(election, *lease, *token, &mut changes);
+                self.remove_candidacy(election, *lease, *token, changes);
                 CommandResult::Ok
             }
             Command::Proclaim {
@@ -175,7 +214,7 @@ impl State {
                         {
                             candidate.value = value.clone();
                         }
-                        self.note_head_change(election, before, &mut changes);
+                        self.note_head_change(election, before, changes);
                         CommandResult::Ok
                     }
                     other => CommandResult::NotLeader {
@@ -212,8 +251,7 @@ impl State {
                     current: other.as_ref().map(|h| h.token),
                 },
             },
-        };
-        (result, changes)
+        }
     }
 
     fn remove_lease(&mut self, lease: u64, changes: &mut Vec<Change>) {
@@ -378,6 +416,79 @@ mod tests {
         );
         assert_eq!(s.head("e").map(|h| h.token), Some(5));
         assert!(matches!(&changes[..], [Change::Leader { head: Some(h), .. }] if h.token == 5));
+    }
+
+    #[test]
+    fn ids_in_a_batch_are_unique_and_above_every_earlier_one() {
+        let mut s = State::default();
+        let a = register(&mut s, 1, 1);
+        let batch = Command::Batch(vec![
+            Command::Register {
+                member: member(2),
+                ttl_ms: 2000,
+            },
+            Command::Campaign {
+                lease: a,
+                election: "e".into(),
+                value: b"a".to_vec(),
+            },
+            Command::Register {
+                member: member(3),
+                ttl_ms: 2000,
+            },
+            Command::Register {
+                member: member(2),
+                ttl_ms: 2000,
+            },
+        ]);
+        let (result, changes) = s.apply(2, &batch);
+        assert_eq!(
+            result,
+            CommandResult::Batch(vec![
+                CommandResult::Registered {
+                    lease: 2,
+                    ttl_ms: 2000
+                },
+                CommandResult::Campaigned { token: 3 },
+                CommandResult::Registered {
+                    lease: 4,
+                    ttl_ms: 2000
+                },
+                CommandResult::AlreadyRegistered,
+            ])
+        );
+        assert_eq!(
+            changes.len(),
+            3,
+            "two joins and a leader, in order: {changes:?}"
+        );
+        assert!(matches!(changes[1], Change::Leader { .. }));
+        // The entries after it: above the batch's ids, not at their own index.
+        assert_eq!(register(&mut s, 3, 4), 5);
+        assert_eq!(
+            campaign(&mut s, 4, 5, "b").0,
+            CommandResult::Campaigned { token: 6 }
+        );
+        // Past the batch's reach, ids are indexes again.
+        assert_eq!(register(&mut s, 10, 5), 10);
+        // A nested batch applies nothing.
+        assert_eq!(
+            s.apply(11, &Command::Batch(vec![Command::Batch(vec![])])).0,
+            CommandResult::Batch(vec![CommandResult::None])
+        );
+    }
+
+    #[test]
+    fn a_snapshot_from_before_batches_hands_out_indexes() {
+        let mut s = State::default();
+        register(&mut s, 1, 1);
+        let mut json = serde_json::to_value(&s).unwrap_or_default();
+        if let Some(map) = json.as_object_mut() {
+            map.remove("last_id");
+        }
+        let mut old: State = serde_json::from_value(json).unwrap_or_default();
+        assert_eq!(old.last_id, 0);
+        assert_eq!(register(&mut old, 5, 2), 5);
     }
 
     #[test]

@@ -19,9 +19,7 @@ use crate::command::{Command, CommandResult, KvOp, MemberRecord};
 use crate::config::MIN_TTL;
 use crate::error::RaftBackendError;
 use crate::hub::LeaderUpdate;
-use crate::network::PeerRpc;
 
-use super::routing::{Attempt, PeerFailure, Target};
 use super::RaftNode;
 use crate::wire::{head_to_leader, member_update_to_event, update_to_event};
 
@@ -122,27 +120,13 @@ impl Backend for RaftNode {
     }
 
     async fn keep_alive(&self, lease: LeaseId) -> Result<Duration> {
-        let inner = &self.inner;
-        let ttl_ms = inner
-            .with_leader("keep_alive", |target| async move {
-                match target {
-                    Target::Me { .. } => match inner.keep_alive_local(lease.get()).await {
-                        Ok(ttl) => Attempt::Done(Ok(ttl)),
-                        Err(PeerFailure::Error(e)) => Attempt::Done(Err(e.into())),
-                        Err(PeerFailure::NotLeader) => {
-                            Attempt::Retry("leadership not confirmed".into())
-                        }
-                    },
-                    Target::Peer { id, addr } => {
-                        inner
-                            .forward(id, &addr, PeerRpc::KeepAlive, &lease.get(), true)
-                            .await
-                    }
-                    Target::Unknown => Attempt::Retry("no leader known".into()),
-                }
-            })
-            .await?;
-        Ok(Duration::from_millis(ttl_ms))
+        match self.inner.keep_alive_batch(&[lease.get()]).await?.pop() {
+            Some(Ok(ttl_ms)) => Ok(Duration::from_millis(ttl_ms)),
+            Some(Err(error)) => Err(error.into()),
+            None => {
+                Err(RaftBackendError::Corrupt("a keepalive answered with nothing".into()).into())
+            }
+        }
     }
 
     async fn revoke(&self, lease: LeaseId) -> Result<()> {

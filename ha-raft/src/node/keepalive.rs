@@ -56,15 +56,13 @@ impl NodeInner {
             .zip(&known)
             .filter_map(|(lease, ttl)| ttl.map(|t| (*lease, ms(t))))
             .collect();
-        let recorded = self
+        // Refused now (being expired) stays refused: `expire_failed` may clear the mark
+        // before the answer, and such a lease has no deadline recorded.
+        let mut refused: HashSet<u64> = self
             .lessor
             .renew_all(term, &live)
-            .ok_or(PeerFailure::NotLeader)?;
-        let mut refused: HashSet<u64> = live
-            .iter()
-            .zip(recorded)
-            .filter(|(_, renewed)| !renewed)
-            .map(|((lease, _), _)| *lease)
+            .ok_or(PeerFailure::NotLeader)?
+            .into_iter()
             .collect();
         // A quorum round that starts after the renewals were recorded: a deposed leader
         // fails here and none of them is acknowledged.
@@ -82,15 +80,10 @@ impl NodeInner {
                 _ => None,
             })
             .collect();
-        let recorded = self
-            .lessor
-            .renew_all(term, &late)
-            .ok_or(PeerFailure::NotLeader)?;
         refused.extend(
-            late.iter()
-                .zip(recorded)
-                .filter(|(_, renewed)| !renewed)
-                .map(|((lease, _), _)| *lease),
+            self.lessor
+                .renew_all(term, &late)
+                .ok_or(PeerFailure::NotLeader)?,
         );
         Ok(leases
             .iter()
@@ -104,42 +97,26 @@ impl NodeInner {
             .collect())
     }
 
-    /// A keepalive of one lease on this node, which believes it leads.
-    pub(crate) async fn keep_alive_local(
-        &self,
-        lease: u64,
-    ) -> std::result::Result<u64, PeerFailure> {
-        match self.keep_alive_batch_local(&[lease]).await?.pop() {
-            Some(Ok(ttl)) => Ok(ttl),
-            Some(Err(error)) => Err(PeerFailure::Error(error)),
-            None => Err(PeerFailure::NotLeader),
-        }
-    }
-
     /// Keepalives of `leases` on the leader, wherever it is; a result per lease.
     pub(crate) async fn keep_alive_batch(&self, leases: &[u64]) -> Result<Vec<Renewal>> {
         check_batch_size(leases.len())?;
         if leases.is_empty() {
             return Ok(Vec::new());
         }
-        let forwarded = leases.to_vec();
-        self.with_leader("keep_alive", |target| {
-            let forwarded = &forwarded;
-            async move {
-                match target {
-                    Target::Me { .. } => match self.keep_alive_batch_local(leases).await {
-                        Ok(renewals) => Attempt::Done(Ok(renewals)),
-                        Err(PeerFailure::Error(e)) => Attempt::Done(Err(e.into())),
-                        Err(PeerFailure::NotLeader) => {
-                            Attempt::Retry("leadership not confirmed".into())
-                        }
-                    },
-                    Target::Peer { id, addr } => {
-                        self.forward(id, &addr, PeerRpc::KeepAliveBatch, forwarded, true)
-                            .await
+        self.with_leader("keep_alive", |target| async move {
+            match target {
+                Target::Me { .. } => match self.keep_alive_batch_local(leases).await {
+                    Ok(renewals) => Attempt::Done(Ok(renewals)),
+                    Err(PeerFailure::Error(e)) => Attempt::Done(Err(e.into())),
+                    Err(PeerFailure::NotLeader) => {
+                        Attempt::Retry("leadership not confirmed".into())
                     }
-                    Target::Unknown => Attempt::Retry("no leader known".into()),
+                },
+                Target::Peer { id, addr } => {
+                    self.forward(id, &addr, PeerRpc::KeepAliveBatch, &leases, true)
+                        .await
                 }
+                Target::Unknown => Attempt::Retry("no leader known".into()),
             }
         })
         .await

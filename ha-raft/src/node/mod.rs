@@ -7,6 +7,7 @@
 
 mod backend;
 mod keepalive;
+mod proposer;
 mod routing;
 
 use std::collections::BTreeMap;
@@ -52,6 +53,7 @@ pub(crate) struct NodeInner {
     pub(crate) pool: Arc<PeerPool>,
     pub(crate) lessor: Lessor,
     confirmer: Confirmer,
+    proposer: proposer::Proposer,
     /// Gone once openraft has dropped every handle to the log store.
     log_store_alive: std::sync::Weak<()>,
     /// The node's own handle to its database, released last by `shutdown`, so the final
@@ -153,6 +155,8 @@ impl RaftNode {
                 }
             }
         });
+        let (proposer, propose_task) =
+            proposer::Proposer::spawn(raft.clone(), config.request_timeout);
         let inner = Arc::new(NodeInner {
             config,
             raft,
@@ -160,13 +164,14 @@ impl RaftNode {
             pool,
             lessor: Lessor::default(),
             confirmer,
+            proposer,
             log_store_alive,
             db: Mutex::new(Some(db)),
             shutdown: CancellationToken::new(),
             membership_lock: tokio::sync::Mutex::new(()),
             leave: CancellationToken::new(),
             leave_handled: std::sync::atomic::AtomicBool::new(false),
-            tasks: Mutex::new(vec![confirm_task]),
+            tasks: Mutex::new(vec![confirm_task, propose_task]),
         });
         let node = Self { inner };
         node.spawn(crate::service::serve(

@@ -6,7 +6,6 @@ use std::future::Future;
 use std::time::Duration;
 
 use ha_core::{Error, Result};
-use openraft::error::{ClientWriteError, RaftError};
 use openraft::ServerState;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -168,25 +167,20 @@ impl NodeInner {
         }
     }
 
-    /// Appends a command on this node, which believes it leads.
+    /// Appends a command on this node, which believes it leads, in an entry of its own
+    /// or batched with others proposed meanwhile.
     pub(crate) async fn propose_local(
         &self,
         command: Command,
     ) -> std::result::Result<(u64, CommandResult), PeerFailure> {
-        // A leader cut off from its quorum accepts the entry but can never commit it:
-        // bound the wait, and report the outcome as unknown.
-        let timeout = self.config.request_timeout;
-        match tokio::time::timeout(timeout, self.raft.client_write(command)).await {
-            Ok(Ok(response)) => Ok((response.log_id.index, response.data)),
-            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => {
-                Err(PeerFailure::NotLeader)
-            }
-            Ok(Err(e)) => Err(PeerFailure::Error(WireError::Unavailable(e.to_string()))),
-            Err(_) => Err(PeerFailure::Error(WireError::Timeout {
-                operation: "propose".into(),
-                after_ms: timeout.as_millis() as u64,
-            })),
+        if matches!(command, Command::Batch(_)) {
+            // Batches are the proposer's own; one from a peer is refused, not nested.
+            return Err(PeerFailure::Error(WireError::InvalidArgument {
+                what: "command".into(),
+                reason: "a batch cannot be proposed, only its commands".into(),
+            }));
         }
+        self.proposer.propose(command).await
     }
 
     /// The leader's read index, on this node, which believes it leads.

@@ -4,15 +4,17 @@
 //! and one quorum round each; a lone keepalive goes out at once.
 
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
-use ha_core::{Error, LeaseId, Result};
+use ha_core::{Error, KvLimits, LeaseId, Result};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::time::{sleep_until, Instant};
+use tonic::Status;
 
+use super::RaftClient;
 use crate::node::MAX_KEEPALIVE_BATCH;
-use crate::proto::KeepAliveOutcome;
+use crate::proto::{self, KeepAliveOutcome};
 use crate::wire::from_status;
 
 /// Least time between the starts of two batches of one client.
@@ -29,7 +31,7 @@ pub(crate) type Waiter = (u64, oneshot::Sender<Result<Duration>>);
 #[derive(Debug)]
 pub(crate) enum CallFailure {
     /// The last status a node answered.
-    Status(tonic::Status),
+    Status(Status),
     /// No answer within the client's request timeout.
     Timeout(Duration),
 }
@@ -119,6 +121,55 @@ fn deliver(batch: Vec<Waiter>, reply: std::result::Result<Vec<KeepAliveOutcome>,
             Ok(Duration::from_millis(outcome.ttl_ms))
         };
         let _ = waiter.send(result);
+    }
+}
+
+impl RaftClient {
+    /// Queues a keepalive of `lease` for this client's next batch, starting the
+    /// batching task on first use (or again, when the runtime that ran it has stopped).
+    pub(super) fn queue_keep_alive(
+        &self,
+        lease: u64,
+    ) -> tokio::sync::oneshot::Receiver<Result<Duration>> {
+        let (result, received) = tokio::sync::oneshot::channel();
+        let mut queue = self
+            .inner
+            .keepalives
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut waiter = (lease, result);
+        if let Some(running) = queue.as_ref() {
+            match running.send(waiter) {
+                Ok(()) => return received,
+                Err(tokio::sync::mpsc::error::SendError(back)) => waiter = back,
+            }
+        }
+        let weak = Arc::downgrade(&self.inner);
+        let started = start(move |leases: Vec<u64>| {
+            let inner = weak.upgrade();
+            async move {
+                let Some(inner) = inner else {
+                    return Err(CallFailure::Status(Status::cancelled(
+                        "the client was dropped",
+                    )));
+                };
+                let client = RaftClient {
+                    inner,
+                    kv_limits: KvLimits::default(),
+                };
+                let request = proto::KeepAliveBatchRequest { leases };
+                let reply = client
+                    .call_status(|mut c| {
+                        let request = request.clone();
+                        async move { c.keep_alive_batch(request).await }
+                    })
+                    .await?;
+                Ok(reply.into_inner().outcomes)
+            }
+        });
+        let _ = started.send(waiter);
+        *queue = Some(started);
+        received
     }
 }
 

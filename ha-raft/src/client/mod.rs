@@ -3,19 +3,17 @@
 //! leader and the client sends its next calls there; on failures endpoints are tried in
 //! turn; watches reconnect and resume after the last revision they saw.
 
-use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use ha_core::watch_buffer::{self, WatchSender, WATCH_BUFFER};
+use ha_core::watch_buffer::{self, WATCH_BUFFER};
 use ha_core::{
     Backend, Capabilities, ElectionName, Error, KvKey, KvLimits, KvWrite, KvWriteOutcome, Leader,
-    LeaderEvent, LeaderKey, LeaderStream, Lease, LeaseId, Member, MemberEvent, MemberStream,
-    RecordLimits, Result, Role, ServerId,
+    LeaderKey, LeaderStream, Lease, LeaseId, Member, MemberStream, RecordLimits, Result, Role,
 };
 use tokio::time::{sleep, Instant};
 use tonic::service::interceptor::InterceptedService;
@@ -24,14 +22,19 @@ use tonic::{Code, Status};
 
 use crate::channel::{channel, BearerToken};
 use crate::config::MIN_TTL;
-use crate::keepalives::{self, CallFailure};
+use crate::proto;
 use crate::proto::coordination_client::CoordinationClient;
-use crate::proto::{self, member_event::Kind};
 use crate::wire::{
     from_status, key_from_proto, key_to_proto, kv_outcome_from_proto, kv_read_from_proto,
     kv_write_to_proto, leader_from_proto, member_from_proto, member_to_proto,
 };
 use ha_core::ClientTls;
+
+mod keepalives;
+use keepalives::CallFailure;
+mod watch;
+
+use watch::{follow_leader, follow_members};
 
 /// The client API over one channel, with the bearer token (if any) on every call.
 type Api = CoordinationClient<InterceptedService<Channel, BearerToken>>;
@@ -260,50 +263,6 @@ impl RaftClient {
             sleep(Duration::from_millis(50)).await;
         }
     }
-
-    /// Queues a keepalive of `lease` for this client's next batch, starting the
-    /// batching task on first use (or again, when the runtime that ran it has stopped).
-    fn queue_keep_alive(&self, lease: u64) -> tokio::sync::oneshot::Receiver<Result<Duration>> {
-        let (result, received) = tokio::sync::oneshot::channel();
-        let mut queue = self
-            .inner
-            .keepalives
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        let mut waiter = (lease, result);
-        if let Some(running) = queue.as_ref() {
-            match running.send(waiter) {
-                Ok(()) => return received,
-                Err(tokio::sync::mpsc::error::SendError(back)) => waiter = back,
-            }
-        }
-        let weak = Arc::downgrade(&self.inner);
-        let started = keepalives::start(move |leases: Vec<u64>| {
-            let inner = weak.upgrade();
-            async move {
-                let Some(inner) = inner else {
-                    return Err(CallFailure::Status(Status::cancelled(
-                        "the client was dropped",
-                    )));
-                };
-                let client = RaftClient {
-                    inner,
-                    kv_limits: KvLimits::default(),
-                };
-                let request = proto::KeepAliveBatchRequest { leases };
-                let reply = client
-                    .call_status(|mut c| {
-                        let request = request.clone();
-                        async move { c.keep_alive_batch(request).await }
-                    })
-                    .await?;
-                Ok(reply.into_inner().outcomes)
-            }
-        });
-        let _ = started.send(waiter);
-        *queue = Some(started);
-        received
-    }
 }
 
 #[async_trait]
@@ -496,170 +455,5 @@ impl Backend for RaftClient {
         let (tx, rx) = watch_buffer::channel(WATCH_BUFFER);
         tokio::spawn(follow_members(self.clone(), role.clone(), tx));
         rx.into_flat_stream()
-    }
-}
-
-/// Opens a server stream on the current endpoint, moving to the next after a transient
-/// failure (at most 100 in a row). `None` once the consumer is gone or a final error was
-/// sent to it.
-async fn open_stream<T, E, F, Fut>(
-    client: &RaftClient,
-    tx: &WatchSender<Result<E>>,
-    mut open: F,
-) -> Option<(usize, tonic::Streaming<T>)>
-where
-    F: FnMut(Api) -> Fut,
-    Fut: Future<Output = std::result::Result<tonic::Response<tonic::Streaming<T>>, Status>>,
-{
-    let mut failures = 0u32;
-    loop {
-        let (index, c) = client.client();
-        let opened = tokio::select! {
-            _ = tx.closed() => return None,
-            opened = open(c) => opened,
-        };
-        match opened {
-            Ok(stream) => return Some((index, stream.into_inner())),
-            Err(status) if transient(&status) && failures < 100 => {
-                failures += 1;
-                client.rotate(index);
-                sleep(Duration::from_millis(100)).await;
-            }
-            Err(status) => {
-                let _ = tx.offer(Err(from_status(&status)));
-                return None;
-            }
-        }
-    }
-}
-
-/// Feeds a leader watch, reconnecting after failures and resuming after the last
-/// revision seen, so no change is lost or repeated.
-async fn follow_leader(
-    client: RaftClient,
-    election: ElectionName,
-    tx: WatchSender<Result<LeaderEvent>>,
-) {
-    let mut after = 0u64;
-    let mut last: Option<Option<(u64, Vec<u8>)>> = None;
-    loop {
-        let request = proto::WatchRequest {
-            election: election.as_str().to_owned(),
-            after_revision: after,
-        };
-        let Some((index, mut stream)) = open_stream(&client, &tx, |mut c| {
-            let request = request.clone();
-            async move { c.watch(request).await }
-        })
-        .await
-        else {
-            return;
-        };
-        loop {
-            let message = tokio::select! {
-                _ = tx.closed() => return,
-                message = stream.message() => message,
-            };
-            match message {
-                Ok(Some(event)) => {
-                    if event.revision <= after && last.is_some() {
-                        continue;
-                    }
-                    after = after.max(event.revision);
-                    let state = event
-                        .leader
-                        .as_ref()
-                        .map(|l| (l.key.as_ref().map_or(0, |k| k.token), l.value.clone()));
-                    if last.as_ref() == Some(&state) {
-                        continue; // the same state again after a reconnect
-                    }
-                    last = Some(state);
-                    let item = match event.leader {
-                        Some(leader) => leader_from_proto(leader).map(LeaderEvent::Elected),
-                        None => Ok(LeaderEvent::Vacant),
-                    };
-                    if !tx.offer(item) {
-                        return;
-                    }
-                }
-                Ok(None) | Err(_) => break,
-            }
-        }
-        client.rotate(index);
-        sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// Feeds a member watch; after a reconnect, the difference between the old and new
-/// snapshots is reported as joins and leaves.
-async fn follow_members(client: RaftClient, role: Role, tx: WatchSender<Result<MemberEvent>>) {
-    let mut known: Option<BTreeMap<ServerId, Member>> = None;
-    loop {
-        let request = proto::RoleRequest {
-            role: role.as_str().to_owned(),
-        };
-        let Some((index, mut stream)) = open_stream(&client, &tx, |mut c| {
-            let request = request.clone();
-            async move { c.watch_members(request).await }
-        })
-        .await
-        else {
-            return;
-        };
-        loop {
-            let message = tokio::select! {
-                _ = tx.closed() => return,
-                message = stream.message() => message,
-            };
-            let event = match message {
-                Ok(Some(event)) => event,
-                Ok(None) | Err(_) => break,
-            };
-            let members: Result<Vec<Member>> =
-                event.members.into_iter().map(member_from_proto).collect();
-            let members = match members {
-                Ok(members) => members,
-                Err(e) => {
-                    let _ = tx.offer(Err(e));
-                    return;
-                }
-            };
-            let mut out = Vec::new();
-            match (
-                Kind::try_from(event.kind).unwrap_or(Kind::Snapshot),
-                known.as_mut(),
-            ) {
-                (Kind::Snapshot, None) => {
-                    known = Some(members.iter().map(|m| (m.server_id, m.clone())).collect());
-                    out.push(MemberEvent::Snapshot(members));
-                }
-                (Kind::Snapshot, Some(known)) => {
-                    let fresh: BTreeMap<ServerId, Member> =
-                        members.into_iter().map(|m| (m.server_id, m)).collect();
-                    out.extend(MemberEvent::changes(known, &fresh));
-                    *known = fresh;
-                }
-                (Kind::Joined, Some(known)) => {
-                    for member in members {
-                        known.insert(member.server_id, member.clone());
-                        out.push(MemberEvent::Joined(member));
-                    }
-                }
-                (Kind::Left, Some(known)) => {
-                    for member in members {
-                        known.remove(&member.server_id);
-                        out.push(MemberEvent::Left(member));
-                    }
-                }
-                (_, None) => {} // a change before the snapshot cannot happen; ignore it
-            }
-            for event in out {
-                if !tx.offer(Ok(event)) {
-                    return;
-                }
-            }
-        }
-        client.rotate(index);
-        sleep(Duration::from_millis(100)).await;
     }
 }
