@@ -27,8 +27,13 @@ use crate::image::{write_image, GroupImage};
 use crate::state::State;
 use crate::storage::{open_db, Identity, LogStore, StateMachineStore};
 
-/// The format name a snapshot file's header carries.
-pub const SNAPSHOT_FORMAT: &str = "ha-raft-snapshot/1";
+/// The format name a snapshot file's header carries. `/2` states carry `last_id`, which
+/// a version reading only `/1` would drop (and then hand out ids again).
+pub const SNAPSHOT_FORMAT: &str = "ha-raft-snapshot/2";
+
+/// The formats this version reads: `/1` states have no `last_id`, and every id in them
+/// is at most their last log index.
+const READABLE_FORMATS: [&str; 2] = ["ha-raft-snapshot/1", SNAPSHOT_FORMAT];
 /// The largest state a snapshot file may hold.
 pub const MAX_SNAPSHOT_BYTES: u64 = 1 << 30;
 /// The longest header line read.
@@ -191,7 +196,7 @@ pub(crate) struct SnapshotWriter {
 
 impl SnapshotWriter {
     pub(crate) fn create(path: &Path, header: SnapshotHeader) -> Result<Self, BackupError> {
-        if header.format != SNAPSHOT_FORMAT {
+        if !READABLE_FORMATS.contains(&header.format.as_str()) {
             return Err(BackupError::NotASnapshot {
                 path: path.to_path_buf(),
                 reason: format!("the group sent format {:?}", header.format),
@@ -295,9 +300,9 @@ pub fn read_snapshot_file(path: &Path) -> Result<(SnapshotHeader, Vec<u8>), Back
     }
     let header: SnapshotHeader =
         serde_json::from_slice(&line).map_err(|e| not_a_snapshot(format!("header: {e}")))?;
-    if header.format != SNAPSHOT_FORMAT {
+    if !READABLE_FORMATS.contains(&header.format.as_str()) {
         return Err(not_a_snapshot(format!(
-            "format {:?}, this version reads {SNAPSHOT_FORMAT:?}",
+            "format {:?}, this version reads {READABLE_FORMATS:?}",
             header.format
         )));
     }

@@ -2,7 +2,7 @@
 //! in log order, so a watcher never sees them skipped or reordered, and a bounded history
 //! lets a reconnecting watcher resume after the last revision it saw.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 
 use ha_core::watch_buffer::WatchSender;
 
@@ -54,10 +54,14 @@ impl Hub {
         self.history.retain(|update| update.revision > revision);
     }
 
-    /// Sends what one applied entry changed to the watchers concerned.
+    /// Sends what one applied entry changed to the watchers concerned. An election's
+    /// leader changes once per revision at most: a batch entry that moved it several
+    /// times is reported as where it ended, since watchers resume and skip by revision.
     pub fn publish(&mut self, revision: u64, changes: Vec<Change>) {
-        for change in changes {
+        let superseded = superseded(&changes);
+        for (change, superseded) in changes.into_iter().zip(superseded) {
             match change {
+                Change::Leader { .. } if superseded => {}
                 Change::Leader { election, head } => {
                     let update = LeaderUpdate {
                         revision,
@@ -146,6 +150,19 @@ impl Hub {
     }
 }
 
+/// For each change, whether a later one of the same list changes the same election's
+/// leader.
+fn superseded(changes: &[Change]) -> Vec<bool> {
+    let mut later: HashSet<&str> = HashSet::new();
+    let mut out = vec![false; changes.len()];
+    for (position, change) in changes.iter().enumerate().rev() {
+        if let Change::Leader { election, .. } = change {
+            out[position] = !later.insert(election.as_str());
+        }
+    }
+    out
+}
+
 /// The changes that turn `old` into `new`, for a node that installs a snapshot: every
 /// election whose head differs, every member that appeared or vanished.
 pub fn diff(old: &State, new: &State) -> Vec<Change> {
@@ -177,4 +194,100 @@ pub fn diff(old: &State, new: &State) -> Vec<Change> {
         }
     }
     changes
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use ha_core::watch_buffer;
+
+    use super::*;
+    use crate::command::{Command, MemberRecord};
+
+    fn register(state: &mut State, index: u64, id: u64) -> u64 {
+        let member = MemberRecord {
+            server_id: id,
+            role: "coord".into(),
+            address: String::new(),
+            metadata: BTreeMap::new(),
+        };
+        match state
+            .apply(
+                index,
+                &Command::Register {
+                    member,
+                    ttl_ms: 2000,
+                },
+            )
+            .0
+        {
+            crate::command::CommandResult::Registered { lease, .. } => lease,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn campaign(lease: u64) -> Command {
+        Command::Campaign {
+            lease,
+            election: "e".into(),
+            value: b"v".to_vec(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_batch_that_moves_a_leader_twice_is_one_update_at_its_revision() {
+        let mut state = State::default();
+        let mut hub = Hub::default();
+        let a = register(&mut state, 1, 1);
+        let b = register(&mut state, 2, 2);
+        let (_, changes) = state.apply(3, &campaign(a));
+        hub.publish(3, changes);
+        let (tx, mut rx) = watch_buffer::channel(16);
+        hub.subscribe_leader(&state, 3, "e", 3, tx);
+
+        // The leader resigns and another candidate campaigns, in one entry: vacant, then
+        // b leads, both at revision 4.
+        let batch = Command::Batch(vec![
+            Command::Resign {
+                election: "e".into(),
+                lease: a,
+                token: 3,
+            },
+            campaign(b),
+        ]);
+        let (_, changes) = state.apply(4, &batch);
+        assert_eq!(changes.len(), 2, "{changes:?}");
+        hub.publish(4, changes);
+        let update = rx.recv().await.unwrap_or_else(|| panic!("no update"));
+        assert_eq!(update.revision, 4);
+        assert_eq!(update.head.map(|h| h.lease), Some(b));
+        drop(hub);
+        assert!(rx.recv().await.is_none(), "a second update at revision 4");
+
+        // The same again at revision 5; a watcher resuming after 4 gets one update.
+        let mut hub = Hub::default();
+        hub.publish(
+            5,
+            state
+                .apply(
+                    5,
+                    &Command::Batch(vec![
+                        Command::Resign {
+                            election: "e".into(),
+                            lease: b,
+                            token: 4,
+                        },
+                        campaign(a),
+                    ]),
+                )
+                .1,
+        );
+        let (tx, mut rx) = watch_buffer::channel(16);
+        hub.subscribe_leader(&state, 5, "e", 4, tx);
+        drop(hub);
+        let update = rx.recv().await.unwrap_or_else(|| panic!("no update"));
+        assert_eq!(update.head.map(|h| h.lease), Some(a));
+        assert!(rx.recv().await.is_none(), "a second update at one revision");
+    }
 }

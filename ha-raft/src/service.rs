@@ -99,7 +99,7 @@ fn lagging_ends_with_status<T: Send + 'static>(
 }
 
 /// Streams one connection may have open at once.
-const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
+pub(crate) const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
 
 /// Runs before a peer message's body is read: with TLS, the sender's certificate must
 /// name a member (`node-<id>`), so a stranger cannot make the node buffer peer-sized

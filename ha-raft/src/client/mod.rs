@@ -30,6 +30,8 @@ use crate::wire::{
 };
 use ha_core::ClientTls;
 
+mod held;
+use held::{HeldChannels, HeldSlot};
 mod keepalives;
 use keepalives::CallFailure;
 mod watch;
@@ -85,6 +87,8 @@ pub struct RaftClient {
 struct ClientInner {
     endpoints: Vec<String>,
     channels: Vec<Channel>,
+    /// Per endpoint, index-aligned with `channels`: the connections of held calls.
+    held: Vec<Arc<HeldChannels>>,
     current: AtomicUsize,
     request_timeout: Duration,
     token: BearerToken,
@@ -155,10 +159,15 @@ impl RaftClient {
             .iter()
             .map(|endpoint| channel(endpoint, options.tls.as_ref()))
             .collect::<Result<Vec<_>>>()?;
+        let held = endpoints
+            .iter()
+            .map(|endpoint| HeldChannels::new(endpoint, options.tls.as_ref()))
+            .collect();
         let client = Self {
             inner: Arc::new(ClientInner {
                 endpoints,
                 channels,
+                held,
                 current: AtomicUsize::new(0),
                 request_timeout,
                 token,
@@ -185,17 +194,28 @@ impl RaftClient {
         self
     }
 
-    fn client(&self) -> (usize, Api) {
-        let index = self.inner.current.load(Ordering::Relaxed) % self.inner.channels.len();
-        (
-            index,
-            CoordinationClient::with_interceptor(
-                self.inner.channels[index].clone(),
-                self.inner.token.clone(),
-            )
+    fn current(&self) -> usize {
+        self.inner.current.load(Ordering::Relaxed) % self.inner.channels.len()
+    }
+
+    fn api(&self, channel: Channel) -> Api {
+        CoordinationClient::with_interceptor(channel, self.inner.token.clone())
             .max_decoding_message_size(64 << 20)
-            .max_encoding_message_size(64 << 20),
-        )
+            .max_encoding_message_size(64 << 20)
+    }
+
+    /// The current endpoint, for a short call.
+    fn client(&self) -> (usize, Api) {
+        let index = self.current();
+        (index, self.api(self.inner.channels[index].clone()))
+    }
+
+    /// The current endpoint, for a call that may stay open (see `held.rs`); the slot
+    /// must live as long as the call.
+    fn held_client(&self) -> Result<(usize, Api, HeldSlot)> {
+        let index = self.current();
+        let (channel, slot) = self.inner.held[index].take()?;
+        Ok((index, self.api(channel), slot))
     }
 
     /// Sends the next calls to the endpoint a reply names as the Raft leader, when the
@@ -337,7 +357,7 @@ impl Backend for RaftClient {
         // lease and election); dropping this future cancels the call, and the serving
         // node withdraws the candidacy.
         loop {
-            let (index, mut client) = self.client();
+            let (index, mut client, _slot) = self.held_client()?;
             match client.campaign(request.clone()).await {
                 Ok(reply) => {
                     self.follow_hint(reply.metadata());

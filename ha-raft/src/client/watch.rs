@@ -10,31 +10,37 @@ use ha_core::{ElectionName, LeaderEvent, Member, MemberEvent, Result, Role, Serv
 use tokio::time::sleep;
 use tonic::Status;
 
-use super::{transient, Api, RaftClient};
+use super::{transient, Api, HeldSlot, RaftClient};
 use crate::proto::{self, member_event::Kind};
 use crate::wire::{from_status, leader_from_proto, member_from_proto};
 
-/// Opens a server stream on the current endpoint, moving to the next after a transient
-/// failure (at most 100 in a row). `None` once the consumer is gone or a final error was
-/// sent to it.
+/// Opens a server stream on the current endpoint (on a held-call connection, the slot
+/// kept as long as the stream), moving to the next after a transient failure (at most
+/// 100 in a row). `None` once the consumer is gone or a final error was sent to it.
 async fn open_stream<T, E, F, Fut>(
     client: &RaftClient,
     tx: &WatchSender<Result<E>>,
     mut open: F,
-) -> Option<(usize, tonic::Streaming<T>)>
+) -> Option<(usize, tonic::Streaming<T>, HeldSlot)>
 where
     F: FnMut(Api) -> Fut,
     Fut: Future<Output = std::result::Result<tonic::Response<tonic::Streaming<T>>, Status>>,
 {
     let mut failures = 0u32;
     loop {
-        let (index, c) = client.client();
+        let (index, c, slot) = match client.held_client() {
+            Ok(held) => held,
+            Err(e) => {
+                let _ = tx.offer(Err(e));
+                return None;
+            }
+        };
         let opened = tokio::select! {
             _ = tx.closed() => return None,
             opened = open(c) => opened,
         };
         match opened {
-            Ok(stream) => return Some((index, stream.into_inner())),
+            Ok(stream) => return Some((index, stream.into_inner(), slot)),
             Err(status) if transient(&status) && failures < 100 => {
                 failures += 1;
                 client.rotate(index);
@@ -62,7 +68,7 @@ pub(super) async fn follow_leader(
             election: election.as_str().to_owned(),
             after_revision: after,
         };
-        let Some((index, mut stream)) = open_stream(&client, &tx, |mut c| {
+        let Some((index, mut stream, _slot)) = open_stream(&client, &tx, |mut c| {
             let request = request.clone();
             async move { c.watch(request).await }
         })
@@ -117,7 +123,7 @@ pub(super) async fn follow_members(
         let request = proto::RoleRequest {
             role: role.as_str().to_owned(),
         };
-        let Some((index, mut stream)) = open_stream(&client, &tx, |mut c| {
+        let Some((index, mut stream, _slot)) = open_stream(&client, &tx, |mut c| {
             let request = request.clone();
             async move { c.watch_members(request).await }
         })

@@ -9,6 +9,7 @@ use std::time::Duration;
 use openraft::error::{ClientWriteError, RaftError};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
 use super::routing::PeerFailure;
 use crate::command::{Command, CommandResult, Raft};
@@ -31,21 +32,24 @@ pub(crate) type Proposed = std::result::Result<(u64, CommandResult), PeerFailure
 struct Pending {
     command: Command,
     reply: oneshot::Sender<Proposed>,
+    /// The request timeout counts from the proposal, time in the queue included.
+    deadline: Instant,
 }
 
 /// Hands commands to the batching loop.
 #[derive(Debug, Clone)]
 pub(crate) struct Proposer {
     requests: mpsc::UnboundedSender<Pending>,
+    timeout: Duration,
 }
 
 impl Proposer {
-    /// Starts the batching loop, writing through `raft`; a write not committed within
-    /// `timeout` is reported as a timeout (its outcome unknown).
+    /// Starts the batching loop, writing through `raft`; a proposal not committed
+    /// within `timeout` is reported as a timeout (its outcome unknown if it was written).
     pub(crate) fn spawn(raft: Raft, timeout: Duration) -> (Self, JoinHandle<()>) {
         let (requests, rx) = mpsc::unbounded_channel();
         let task = tokio::spawn(batching_loop(raft, timeout, rx));
-        (Self { requests }, task)
+        (Self { requests, timeout }, task)
     }
 
     /// Appends `command` (alone or in a batch) on this node, which believes it leads.
@@ -56,8 +60,13 @@ impl Proposer {
                 "the raft node is shutting down".into(),
             ))
         };
+        let deadline = Instant::now() + self.timeout;
         self.requests
-            .send(Pending { command, reply })
+            .send(Pending {
+                command,
+                reply,
+                deadline,
+            })
             .map_err(|_| stopped())?;
         answer.await.map_err(|_| stopped())?
     }
@@ -80,6 +89,10 @@ async fn batching_loop(raft: Raft, timeout: Duration, mut rx: mpsc::UnboundedRec
         };
         let (batch, rest) = gather(first, &mut rx);
         carried = rest;
+        let batch = answer_late(batch, Instant::now(), timeout);
+        if batch.is_empty() {
+            continue;
+        }
         let raft = raft.clone();
         tokio::spawn(async move {
             write(&raft, timeout, batch).await;
@@ -108,27 +121,43 @@ fn gather(
     (batch, None)
 }
 
-/// Writes one entry (the command itself if alone) and answers each of its proposers.
+/// Answers the commands whose deadline passed while they were queued with a timeout:
+/// they are not written, so their outcome is known. The rest come back.
+fn answer_late(batch: Vec<Pending>, now: Instant, timeout: Duration) -> Vec<Pending> {
+    let (batch, late): (Vec<Pending>, Vec<Pending>) =
+        batch.into_iter().partition(|p| p.deadline > now);
+    for pending in late {
+        let _ = pending.reply.send(Err(timed_out(timeout)));
+    }
+    batch
+}
+
+/// Writes one entry (the command itself if alone) and answers each of its proposers;
+/// the write waits until the earliest of their deadlines.
 async fn write(raft: &Raft, timeout: Duration, mut batch: Vec<Pending>) {
+    let Some(deadline) = batch.iter().map(|p| p.deadline).min() else {
+        return;
+    };
     if batch.len() == 1 {
-        if let Some(Pending { command, reply }) = batch.pop() {
-            let _ = reply.send(client_write(raft, timeout, command).await);
+        if let Some(Pending { command, reply, .. }) = batch.pop() {
+            let _ = reply.send(client_write(raft, deadline, timeout, command).await);
         }
         return;
     }
     let (commands, replies): (Vec<Command>, Vec<oneshot::Sender<Proposed>>) = batch
         .into_iter()
-        .map(|Pending { command, reply }| (command, reply))
+        .map(|Pending { command, reply, .. }| (command, reply))
         .unzip();
     let expected = commands.len();
-    match client_write(raft, timeout, Command::Batch(commands)).await {
+    match client_write(raft, deadline, timeout, Command::Batch(commands)).await {
         Ok((index, CommandResult::Batch(results))) if results.len() == expected => {
             for (reply, result) in replies.into_iter().zip(results) {
                 let _ = reply.send(Ok((index, result)));
             }
         }
         Ok((index, other)) => {
-            let failure = WireError::Unavailable(format!(
+            // Committed, so not worth retrying: an internal error, not an unavailable node.
+            let failure = WireError::Other(format!(
                 "the batch of {expected} commands at index {index} was answered {other:?}"
             ));
             for reply in replies {
@@ -143,19 +172,28 @@ async fn write(raft: &Raft, timeout: Duration, mut batch: Vec<Pending>) {
     }
 }
 
-async fn client_write(raft: &Raft, timeout: Duration, command: Command) -> Proposed {
+fn timed_out(timeout: Duration) -> PeerFailure {
+    PeerFailure::Error(WireError::Timeout {
+        operation: "propose".into(),
+        after_ms: timeout.as_millis() as u64,
+    })
+}
+
+async fn client_write(
+    raft: &Raft,
+    deadline: Instant,
+    timeout: Duration,
+    command: Command,
+) -> Proposed {
     // A leader cut off from its quorum accepts the entry but can never commit it: bound
     // the wait, and report the outcome as unknown.
-    match tokio::time::timeout(timeout, raft.client_write(command)).await {
+    match tokio::time::timeout_at(deadline, raft.client_write(command)).await {
         Ok(Ok(response)) => Ok((response.log_id.index, response.data)),
         Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => {
             Err(PeerFailure::NotLeader)
         }
         Ok(Err(e)) => Err(PeerFailure::Error(WireError::Unavailable(e.to_string()))),
-        Err(_) => Err(PeerFailure::Error(WireError::Timeout {
-            operation: "propose".into(),
-            after_ms: timeout.as_millis() as u64,
-        })),
+        Err(_) => Err(timed_out(timeout)),
     }
 }
 
@@ -171,6 +209,7 @@ mod tests {
                 value: vec![7; value_bytes],
             },
             reply: oneshot::channel().0,
+            deadline: Instant::now() + Duration::from_secs(5),
         }
     }
 
@@ -180,6 +219,25 @@ mod tests {
             let _ = tx.send(item);
         }
         rx
+    }
+
+    #[test]
+    fn a_command_queued_past_its_deadline_is_answered_a_timeout_and_not_written() {
+        let now = Instant::now();
+        let (reply, answer) = oneshot::channel();
+        let late = Pending {
+            reply,
+            deadline: now,
+            ..pending(10)
+        };
+        let kept = answer_late(vec![pending(10), late], now, Duration::from_secs(5));
+        assert_eq!(kept.len(), 1, "only the command still in time is written");
+        match answer.blocking_recv() {
+            Ok(Err(PeerFailure::Error(WireError::Timeout { after_ms, .. }))) => {
+                assert_eq!(after_ms, 5000)
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
