@@ -3,7 +3,8 @@
 //! many: on the connection shared with short calls, enough waiting campaigns would take
 //! every stream, and the resigns that would let them win would queue behind them. So held
 //! calls go on connections of their own, at most [`HELD_PER_CONNECTION`] to each, opened
-//! as needed and closed when their last call ends.
+//! as needed and closed when their last call ends (but one per endpoint, kept open so a
+//! lone campaign does not pay a handshake).
 
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -22,7 +23,13 @@ pub(super) const HELD_PER_CONNECTION: usize =
 pub(super) struct HeldChannels {
     endpoint: String,
     tls: Option<ClientTls>,
-    open: Mutex<Vec<Held>>,
+    open: Mutex<Open>,
+}
+
+#[derive(Debug, Default)]
+struct Open {
+    connections: Vec<Held>,
+    next_id: u64,
 }
 
 #[derive(Debug)]
@@ -44,31 +51,39 @@ impl HeldChannels {
         Arc::new(Self {
             endpoint: endpoint.to_owned(),
             tls: tls.cloned(),
-            open: Mutex::new(Vec::new()),
+            open: Mutex::new(Open::default()),
         })
     }
 
-    /// A connection with room for one more held call, opened if none has.
+    /// A connection with room for one more held call, opened if none has (which needs a
+    /// Tokio runtime: the channel's connection task is spawned on it).
     ///
     /// # Errors
     /// `InvalidArgument` if the endpoint cannot make a channel (checked at connect, so
     /// only if that check and this one disagree).
     pub(super) fn take(self: &Arc<Self>) -> Result<(Channel, HeldSlot)> {
         let mut open = self.lock();
-        let held = match open.iter_mut().find(|h| h.calls < HELD_PER_CONNECTION) {
-            Some(held) => held,
+        let Open {
+            connections,
+            next_id,
+        } = &mut *open;
+        let at = match connections
+            .iter()
+            .position(|h| h.calls < HELD_PER_CONNECTION)
+        {
+            Some(at) => at,
             None => {
-                let id = open.last().map_or(0, |h| h.id + 1);
                 let channel = channel(&self.endpoint, self.tls.as_ref())?;
-                open.push(Held {
-                    id,
+                connections.push(Held {
+                    id: *next_id,
                     channel,
                     calls: 0,
                 });
-                let last = open.len() - 1;
-                &mut open[last]
+                *next_id += 1;
+                connections.len() - 1
             }
         };
+        let held = &mut connections[at];
         held.calls += 1;
         let slot = HeldSlot {
             pool: Arc::clone(self),
@@ -80,10 +95,10 @@ impl HeldChannels {
     /// Connections open and the held calls on each, in order.
     #[cfg(test)]
     fn calls(&self) -> Vec<usize> {
-        self.lock().iter().map(|h| h.calls).collect()
+        self.lock().connections.iter().map(|h| h.calls).collect()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Held>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Open> {
         self.open.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
@@ -91,12 +106,14 @@ impl HeldChannels {
 impl Drop for HeldSlot {
     fn drop(&mut self) {
         let mut open = self.pool.lock();
-        if let Some(at) = open.iter().position(|h| h.id == self.id) {
-            open[at].calls -= 1;
-            // The connection closes once the calls using its channel are gone too.
-            if open[at].calls == 0 {
-                open.remove(at);
-            }
+        let connections = &mut open.connections;
+        let Some(at) = connections.iter().position(|h| h.id == self.id) else {
+            return;
+        };
+        connections[at].calls -= 1;
+        // A connection closes once the calls using its channel are gone too.
+        if connections[at].calls == 0 && connections.len() > 1 {
+            connections.remove(at);
         }
     }
 }
@@ -120,12 +137,19 @@ mod tests {
             vec![HELD_PER_CONNECTION, HELD_PER_CONNECTION, 1]
         );
         // The first connection empties and closes; a new call fills the gap elsewhere.
-        let second: Vec<HeldSlot> = slots.drain(HELD_PER_CONNECTION..).collect();
+        let mut second: Vec<HeldSlot> = slots.drain(HELD_PER_CONNECTION..).collect();
         drop(slots);
         assert_eq!(pool.calls(), vec![HELD_PER_CONNECTION, 1]);
         let again = take(&pool);
         assert_eq!(pool.calls(), vec![HELD_PER_CONNECTION, 2]);
-        drop((second, again));
-        assert!(pool.calls().is_empty());
+        // The last connection empties and closes; a new one opens when one is full.
+        drop(second.pop());
+        drop(again);
+        assert_eq!(pool.calls(), vec![HELD_PER_CONNECTION]);
+        let more: Vec<HeldSlot> = (0..2).map(|_| take(&pool)).collect();
+        assert_eq!(pool.calls(), vec![HELD_PER_CONNECTION, 2]);
+        // The one connection left stays open, empty, for the next lone call.
+        drop((second, more));
+        assert_eq!(pool.calls(), vec![0]);
     }
 }
