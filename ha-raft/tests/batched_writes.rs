@@ -15,6 +15,23 @@ use ha_raft::RaftClient;
 
 const WRITERS: u64 = 64;
 
+/// The token of one member's campaign in an election of its own, alone.
+async fn lone_campaign(client: &RaftClient, role: &Role, id: u64) -> ha_core::FencingToken {
+    let lease = client
+        .register(
+            &Member::new(ServerId::new(id), role.clone(), ""),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let election = ElectionName::new(format!("e{id}")).unwrap_or_else(|e| panic!("{e}"));
+    client
+        .campaign(lease.id, &election, Bytes::from_static(b"alone"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .token
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_campaigns_share_entries_and_keep_tokens_unique_and_increasing() {
     let group = Group::start(3).await;
@@ -27,15 +44,7 @@ async fn concurrent_campaigns_share_entries_and_keep_tokens_unique_and_increasin
     let election = |i: u64| ElectionName::new(format!("e{i}")).unwrap_or_else(|e| panic!("{e}"));
 
     // One lease and one token before the burst: every token after it must be above.
-    let first = client
-        .register(&Member::new(ServerId::new(1000), role.clone(), ""), ttl)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    let before = client
-        .campaign(first.id, &election(1000), Bytes::from_static(b"first"))
-        .await
-        .unwrap_or_else(|e| panic!("{e}"))
-        .token;
+    let before = lone_campaign(&client, &role, 1000).await;
 
     let leases = futures::future::join_all((0..WRITERS).map(|i| {
         let client = client.clone();
@@ -105,15 +114,7 @@ async fn concurrent_campaigns_share_entries_and_keep_tokens_unique_and_increasin
     );
 
     // After the burst, a new campaign is still above every token before it.
-    let last = client
-        .register(&Member::new(ServerId::new(2000), role.clone(), ""), ttl)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    let after = client
-        .campaign(last.id, &election(2000), Bytes::from_static(b"last"))
-        .await
-        .unwrap_or_else(|e| panic!("{e}"))
-        .token;
+    let after = lone_campaign(&client, &role, 2000).await;
     assert!(
         tokens.iter().all(|t| *t < after.get()),
         "{after:?} vs {tokens:?}"
