@@ -439,8 +439,8 @@ impl RaftNetwork<TypeConfig> for Connection {
 
     /// After an unreachable peer: 20 ms, doubling to 50 ms. openraft's default waits
     /// 500 ms from the first failure, so a follower that restarts in milliseconds heard
-    /// from its leader only half a second later; a cap of 100 ms still put 3 of 90
-    /// restarts over 100 ms to STANDBY. A retry is one connect attempt.
+    /// from its leader only half a second later; the cap is how late a restarted
+    /// follower can hear from it. A retry is one connect attempt.
     fn backoff(&self) -> openraft::network::Backoff {
         openraft::network::Backoff::new(retry_intervals())
     }

@@ -16,12 +16,14 @@ use ha_raft::RaftClient;
 const WRITERS: u64 = 64;
 
 /// The token of one member's campaign in an election of its own, alone.
-async fn lone_campaign(client: &RaftClient, role: &Role, id: u64) -> ha_core::FencingToken {
+async fn lone_campaign(
+    client: &RaftClient,
+    role: &Role,
+    ttl: Duration,
+    id: u64,
+) -> ha_core::FencingToken {
     let lease = client
-        .register(
-            &Member::new(ServerId::new(id), role.clone(), ""),
-            Duration::from_secs(10),
-        )
+        .register(&Member::new(ServerId::new(id), role.clone(), ""), ttl)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     let election = ElectionName::new(format!("e{id}")).unwrap_or_else(|e| panic!("{e}"));
@@ -44,7 +46,7 @@ async fn concurrent_campaigns_share_entries_and_keep_tokens_unique_and_increasin
     let election = |i: u64| ElectionName::new(format!("e{i}")).unwrap_or_else(|e| panic!("{e}"));
 
     // One lease and one token before the burst: every token after it must be above.
-    let before = lone_campaign(&client, &role, 1000).await;
+    let before = lone_campaign(&client, &role, ttl, 1000).await;
 
     let leases = futures::future::join_all((0..WRITERS).map(|i| {
         let client = client.clone();
@@ -114,7 +116,7 @@ async fn concurrent_campaigns_share_entries_and_keep_tokens_unique_and_increasin
     );
 
     // After the burst, a new campaign is still above every token before it.
-    let after = lone_campaign(&client, &role, 2000).await;
+    let after = lone_campaign(&client, &role, ttl, 2000).await;
     assert!(
         tokens.iter().all(|t| *t < after.get()),
         "{after:?} vs {tokens:?}"

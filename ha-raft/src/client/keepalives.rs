@@ -17,10 +17,10 @@ use crate::node::MAX_KEEPALIVE_BATCH;
 use crate::proto::{self, KeepAliveOutcome};
 use crate::wire::from_status;
 
-/// Least time between the starts of two batches of one client. A session measures its
-/// lease from before it queues the keepalive, so this wait costs margin (2.5 % of the
-/// shortest TTL), never safety; at 10 ms the leader spent 6-9 % of a core on 10,000
-/// sessions, mostly waking up for calls and quorum rounds.
+/// Least time between the starts of two batches of one client: each batch is a call and
+/// a quorum round on the leader, its main cost. A session measures its lease from before
+/// it queues the keepalive, so this wait costs margin (2.5 % of the shortest TTL), never
+/// safety.
 pub(crate) const PACE: Duration = Duration::from_millis(50);
 
 /// Most batches of one client in flight at once: behind a slow leader the next batch
