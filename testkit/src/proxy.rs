@@ -9,7 +9,7 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -75,6 +75,8 @@ struct Control {
     forwarded: [AtomicU64; 2],
     dropped: [AtomicU64; 2],
     connections: AtomicU64,
+    /// The host behind the proxy is dead: new connections wait unaccepted.
+    dead: AtomicBool,
 }
 
 impl Control {
@@ -158,6 +160,7 @@ impl Proxy {
             forwarded: Default::default(),
             dropped: Default::default(),
             connections: AtomicU64::new(0),
+            dead: AtomicBool::new(false),
         });
         let tasks: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
         let accept = tokio::spawn(accept_loop(
@@ -242,6 +245,28 @@ impl Proxy {
         tasks.truncate(1);
     }
 
+    /// The host behind the proxy dies silently, as one that lost power or its cable:
+    /// open connections stay open and pass nothing either way (no RST, no FIN), and new
+    /// ones complete the kernel's handshake but are never served, so a client learns
+    /// nothing but silence.
+    pub fn die(&self) {
+        self.control.dead.store(true, Ordering::SeqCst);
+        self.set_both(Fault::Drop);
+    }
+
+    /// The host comes back as one that rebooted: the connections open before are closed
+    /// (its TCP state is gone), and new ones pass, the ones that waited unaccepted too.
+    pub fn revive(&self) {
+        self.reset();
+        self.control.dead.store(false, Ordering::SeqCst);
+        self.set_both(Fault::Pass);
+    }
+
+    /// Whether [`Proxy::die`] is in force.
+    pub fn is_dead(&self) -> bool {
+        self.control.dead.load(Ordering::SeqCst)
+    }
+
     /// Connections accepted so far.
     pub fn connections(&self) -> u64 {
         self.control.connections.load(Ordering::Relaxed)
@@ -267,8 +292,20 @@ async fn accept_loop(
     control: Arc<Control>,
     tasks: Arc<Mutex<Vec<JoinHandle<()>>>>,
 ) {
+    let mut changed = control.changed.subscribe();
     loop {
-        let Ok((client, _)) = listener.accept().await else {
+        // A dead host accepts nothing: connections wait in the kernel's backlog.
+        while control.dead.load(Ordering::SeqCst) {
+            if changed.changed().await.is_err() {
+                return;
+            }
+        }
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            // Re-check `dead` when a fault changes while waiting for a connection.
+            _ = changed.changed() => continue,
+        };
+        let Ok((client, _)) = accepted else {
             continue;
         };
         control.connections.fetch_add(1, Ordering::Relaxed);
@@ -500,6 +537,48 @@ mod tests {
         assert_eq!(
             read_some(&mut client, Duration::from_millis(300)).await,
             None
+        );
+    }
+
+    #[tokio::test]
+    async fn a_dead_host_is_silent_to_old_and_new_connections_until_it_revives() {
+        let proxy = Proxy::start(echo_server().await)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut old = TcpStream::connect(proxy.addr())
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        old.write_all(b"a").await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            read_some(&mut old, Duration::from_secs(5)).await,
+            Some(b"a".to_vec())
+        );
+        let accepted = proxy.connections();
+
+        proxy.die();
+        old.write_all(b"b").await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(read_some(&mut old, Duration::from_millis(300)).await, None);
+        // The kernel completes the handshake; nobody serves the connection.
+        let mut waiting = TcpStream::connect(proxy.addr())
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        waiting
+            .write_all(b"c")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            read_some(&mut waiting, Duration::from_millis(300)).await,
+            None
+        );
+        assert_eq!(proxy.connections(), accepted);
+
+        proxy.revive();
+        assert!(!proxy.is_dead());
+        // The old connection is gone (a rebooted host), the waiting one is served.
+        assert_eq!(read_some(&mut old, Duration::from_secs(5)).await, None);
+        assert_eq!(
+            read_some(&mut waiting, Duration::from_secs(5)).await,
+            Some(b"c".to_vec())
         );
     }
 }

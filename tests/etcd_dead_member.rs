@@ -1,0 +1,241 @@
+//! One member of a 3-member etcd cluster dies silently under an ACTIVE and a STANDBY
+//! that were given every member (issue 28, scenarios 1 and 2). The dead member is a
+//! proxy in front of its client port that passes nothing either way and serves no new
+//! connection, with no RST and no FIN: a host that lost power or its cable. The cluster
+//! survives a dead minority, so the role must neither stay vacant nor fail over.
+
+#![cfg(all(feature = "cli", feature = "etcd"))]
+
+use std::time::{Duration, Instant};
+
+use ha_testkit::etcd::EtcdCluster;
+use ha_testkit::{Direction, Processes, Proxy, Signal};
+use tokio::process::Command;
+use tokio::time::sleep;
+
+const HA: &str = env!("CARGO_BIN_EXE_ha");
+
+/// A cluster, a proxy in front of each member's client port, and the `ha` processes.
+struct Fixture {
+    cluster: EtcdCluster,
+    proxies: Vec<Proxy>,
+    procs: Processes,
+    prefix: String,
+}
+
+impl Fixture {
+    async fn start(name: &str) -> Option<Self> {
+        let cluster = tokio::task::spawn_blocking(|| EtcdCluster::start(3))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))?;
+        let mut proxies = Vec::new();
+        for endpoint in cluster.endpoints() {
+            let upstream = endpoint.parse().unwrap_or_else(|e| panic!("{e}"));
+            proxies.push(
+                Proxy::start(upstream)
+                    .await
+                    .unwrap_or_else(|e| panic!("proxy: {e}")),
+            );
+        }
+        Some(Self {
+            cluster,
+            proxies,
+            procs: Processes::new(),
+            prefix: format!("{name}-{}", std::process::id()),
+        })
+    }
+
+    /// The backend URL of every member, directly or through the proxies.
+    fn url(&self, through_proxies: bool) -> String {
+        let endpoints: Vec<String> = if through_proxies {
+            self.proxies.iter().map(|p| p.addr().to_string()).collect()
+        } else {
+            self.cluster.endpoints()
+        };
+        format!("etcd://{}/{}", endpoints.join(","), self.prefix)
+    }
+
+    /// `ha elect rootcoord <value>` as process `id`.
+    fn elect(&mut self, id: u64, value: &str, ttl: Duration, through_proxies: bool) {
+        let mut command = Command::new(HA);
+        command
+            .args([
+                "elect",
+                "rootcoord",
+                value,
+                "--json",
+                "--print-every-ms",
+                "100",
+            ])
+            .args(["--id", &id.to_string()])
+            .args(["--ttl", &ttl.as_secs().to_string()])
+            .args(["--backend", &self.url(through_proxies)])
+            .env("RUST_LOG", "ha=debug,ha_etcd=debug");
+        self.procs
+            .spawn(id, command)
+            .unwrap_or_else(|e| panic!("spawn {value}: {e}"));
+    }
+
+    /// What each proxy forwarded in `direction` so far.
+    fn forwarded(&self, direction: Direction) -> Vec<u64> {
+        self.proxies
+            .iter()
+            .map(|p| p.traffic(direction).forwarded)
+            .collect()
+    }
+
+    /// The live proxy that forwards the most in `direction` while `during` runs, and
+    /// how much it forwarded.
+    async fn busiest(
+        &self,
+        direction: Direction,
+        during: impl std::future::Future,
+    ) -> (usize, u64) {
+        let before = self.forwarded(direction);
+        during.await;
+        let after = self.forwarded(direction);
+        (0..self.proxies.len())
+            .filter(|&i| !self.proxies[i].is_dead())
+            .map(|i| (i, after[i] - before[i]))
+            .max_by_key(|&(_, bytes)| bytes)
+            .unwrap_or((0, 0))
+    }
+
+    /// Puts `value` at `key` under this test's prefix, on member 0 directly.
+    async fn put(&self, key: &str, value: &str) {
+        let output = Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={}", self.cluster.endpoint(0)))
+            .args(["--command-timeout=5s", "put"])
+            .arg(format!("{}/{key}", self.prefix))
+            .arg(value)
+            .kill_on_drop(true)
+            .output();
+        match tokio::time::timeout(Duration::from_secs(10), output).await {
+            Ok(Ok(out)) if out.status.success() => {}
+            other => panic!("etcdctl put: {other:?}"),
+        }
+    }
+
+    async fn stop(mut self) {
+        self.procs.stop_all(Duration::from_secs(10)).await;
+        drop(self.cluster);
+    }
+}
+
+/// Scenario 1: the member carrying the STANDBY's wait for its turn dies; a second later
+/// the ACTIVE resigns. The standby's session lives on through the other members, so
+/// only the wait can miss the resign, and it must not: the standby takes over within
+/// TTL/3 of the resign (asserted with a TTL of margin).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_whose_member_died_takes_over_when_the_active_resigns() {
+    let ttl = Duration::from_secs(6);
+    let Some(mut f) = Fixture::start("dead-standby-member").await else {
+        return;
+    };
+    f.elect(1, "A", ttl, false);
+    f.procs
+        .expect("A elected", Duration::from_secs(30), |l| {
+            l.from == 1 && l.is("elected")
+        })
+        .await;
+    f.elect(2, "B", ttl, true);
+    f.procs
+        .expect("B registered", Duration::from_secs(30), |l| {
+            l.from == 2 && l.is("registered")
+        })
+        .await;
+    // B settles into its wait: a watch of the election on one member.
+    sleep(Duration::from_secs(2)).await;
+    // Find the member that carries the wait: a large key put under the election (it
+    // queues behind B, so it never leads here) reaches B only on that watch.
+    let big = "x".repeat(8 * 1024);
+    let probe = async {
+        f.put("election/rootcoord/~probe", &big).await;
+        sleep(Duration::from_millis(500)).await;
+    };
+    let (member, delivered) = f.busiest(Direction::ToClient, probe).await;
+    assert!(delivered > 8 * 1024, "the probe reached B on no watch");
+
+    f.proxies[member].die();
+    sleep(Duration::from_secs(1)).await;
+    let resigned_at = Instant::now();
+    f.procs
+        .signal(1, Signal::TERM)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let wait = f
+        .procs
+        .wait_for("B elected", Duration::from_secs(30), |l| {
+            l.from == 2 && l.is("elected")
+        })
+        .await;
+    let took = resigned_at.elapsed();
+    if let Err(error) = wait {
+        panic!("B was not elected within 30 s of A's resign with member {member} dead:\n{error}");
+    }
+    eprintln!("B took over {took:?} after the resign, member {member} dead");
+    assert!(
+        took <= ttl,
+        "B took over {took:?} after the resign (bound TTL/3 = {:?})",
+        ttl / 3
+    );
+    f.stop().await;
+}
+
+/// Scenario 2: the member carrying the ACTIVE's keepalives dies. Two members live, so
+/// the ACTIVE must keep its role: no loss, and the standby never elected, for two TTLs
+/// after each cut. Three cuts, one member at a time (the last revived first), each on
+/// the member the ACTIVE uses then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_active_whose_member_died_keeps_its_role() {
+    let ttl = Duration::from_secs(4);
+    let Some(mut f) = Fixture::start("dead-active-member").await else {
+        return;
+    };
+    f.elect(1, "A", ttl, true);
+    f.procs
+        .expect("A elected", Duration::from_secs(30), |l| {
+            l.from == 1 && l.is("elected")
+        })
+        .await;
+    f.elect(2, "B", ttl, false);
+    f.procs
+        .expect("B registered", Duration::from_secs(30), |l| {
+            l.from == 2 && l.is("registered")
+        })
+        .await;
+    let mut dead: Option<usize> = None;
+    for cut in 1..=3 {
+        // A's keepalives (every TTL/3) are the only requests it sends while it leads.
+        let (member, _) = f
+            .busiest(
+                Direction::ToServer,
+                sleep(ttl / 3 + Duration::from_millis(700)),
+            )
+            .await;
+        if let Some(previous) = dead.take() {
+            f.proxies[previous].revive();
+        }
+        f.proxies[member].die();
+        dead = Some(member);
+        let failover = f
+            .procs
+            .wait_for("A lost or B elected", ttl * 2, |l| {
+                (l.from == 1 && l.is("lost")) || (l.from == 2 && l.is("elected"))
+            })
+            .await;
+        if let Ok(line) = failover {
+            panic!(
+                "cut {cut} (member {member} dead): a needless failover: {}\nA's stderr:\n{}",
+                line.text,
+                f.procs.stderr_tail(1)
+            );
+        }
+        let leading = f.procs.last(1, |l| l.is("leading"));
+        assert!(
+            leading.is_some_and(|l| l.seen.elapsed() < Duration::from_secs(1)),
+            "cut {cut}: A stopped saying it leads"
+        );
+    }
+    f.stop().await;
+}
