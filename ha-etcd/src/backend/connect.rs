@@ -3,20 +3,22 @@
 
 use std::sync::Arc;
 
-use etcd_client::{Client, ConnectOptions};
+use etcd_client::ConnectOptions;
 use ha_core::{Error, Result};
-use tokio::time::timeout;
 
 use crate::config::EtcdConfig;
-use crate::error::map;
 
+use super::endpoints::Endpoints;
 use super::EtcdBackend;
 
 /// etcd-client's options for `config`: timeouts, user, TLS.
 pub(crate) fn connect_options(config: &EtcdConfig) -> ConnectOptions {
     let mut options = ConnectOptions::new()
         .with_connect_timeout(config.connect_timeout)
-        .with_timeout(config.request_timeout);
+        .with_timeout(config.request_timeout)
+        // A member without a leader refuses requests at once and ends its streams, so
+        // a member cut off from its peers is left like a dead one.
+        .with_require_leader(true);
     if let Some((user, password)) = &config.user {
         // etcd's auth tokens do not survive an etcd restart (simple tokens) or expire
         // (JWT): fetch a new one instead of failing every call after that.
@@ -74,6 +76,7 @@ impl EtcdBackend {
             });
         }
         let options = connect_options(&config);
+        let config = Arc::new(config);
         // etcd (Go) checks a client certificate after the TLS 1.3 handshake and then just
         // closes the connection; the client sees "connection closed", not an alert. With
         // TLS on, a connection closed (not refused) during connect means the certificate.
@@ -95,31 +98,13 @@ impl EtcdBackend {
             }
             other => other,
         };
-        let connect = Client::connect(config.endpoints.clone(), Some(options));
-        let mut client = match timeout(config.connect_timeout, connect).await {
-            Ok(client) => client.map_err(map).map_err(tls_refusal)?,
-            Err(_) => {
-                return Err(Error::Unavailable(format!(
-                    "etcd at {:?} did not answer within {:?}",
-                    config.endpoints, config.connect_timeout
-                )))
-            }
-        };
-        // etcd-client connects lazily; prove the cluster answers.
-        match timeout(config.connect_timeout, client.status()).await {
-            Ok(status) => {
-                status.map_err(map).map_err(tls_refusal)?;
-            }
-            Err(_) => {
-                return Err(Error::Unavailable(format!(
-                    "etcd at {:?} did not answer within {:?}",
-                    config.endpoints, config.connect_timeout
-                )))
-            }
-        }
+        // Every member is asked at once; the first to answer is used first.
+        let endpoints = Endpoints::connect(Arc::clone(&config), options)
+            .await
+            .map_err(tls_refusal)?;
         Ok(Self {
-            client,
-            config: Arc::new(config),
+            endpoints,
+            config,
             keepers: Arc::default(),
             reuse_abandoned_streams: false,
         })

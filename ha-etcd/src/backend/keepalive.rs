@@ -1,5 +1,7 @@
 //! Lease renewals on one cached keepalive stream per lease, and what makes them safe:
-//! a round that does not complete poisons its stream.
+//! a round that does not complete poisons its stream. A stream lives on the endpoint in
+//! use when it was opened; once the backend leaves that endpoint, the next renewal opens
+//! a new one where the backend went.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -9,12 +11,21 @@ use etcd_client::{LeaseKeepAliveStream, LeaseKeeper};
 use ha_core::{Error, LeaseId, Result};
 use tokio::time::timeout;
 
+use super::endpoints::is_endpoint_failure;
+
 use crate::error::{is_lease_not_found, map};
 
+use super::endpoints::Conn;
 use super::{lease_i64, EtcdBackend};
 
 /// One lease's keepalive stream; `None` once a round on it was abandoned or failed.
-pub(super) type Keeper = Arc<tokio::sync::Mutex<Option<(LeaseKeeper, LeaseKeepAliveStream)>>>;
+type Stream = tokio::sync::Mutex<Option<(LeaseKeeper, LeaseKeepAliveStream)>>;
+
+/// One lease's keepalive stream and the endpoint it was opened on.
+pub(super) struct Keeper {
+    stream: Stream,
+    conn: Conn,
+}
 
 /// One request and its reply on a lease's keepalive stream. etcd's replies carry no
 /// request id, so a reply belongs to the oldest unanswered request: a round dropped
@@ -23,8 +34,8 @@ pub(super) type Keeper = Arc<tokio::sync::Mutex<Option<(LeaseKeeper, LeaseKeepAl
 /// round completes, dropping it poisons the stream (the next call opens a new one).
 struct KeepAliveRound<'a> {
     slot: &'a mut Option<(LeaseKeeper, LeaseKeepAliveStream)>,
-    keeper: &'a Keeper,
-    keepers: &'a Mutex<HashMap<i64, Keeper>>,
+    keeper: &'a Arc<Keeper>,
+    keepers: &'a Mutex<HashMap<i64, Arc<Keeper>>>,
     id: i64,
     /// The round got its reply (or its error) instead of being dropped mid-way.
     answered: bool,
@@ -86,30 +97,37 @@ impl EtcdBackend {
         self
     }
 
-    /// The lease's cached keepalive stream, opened if there is none.
-    async fn keeper(&self, id: i64, lease: LeaseId) -> Result<Keeper> {
+    /// The lease's cached keepalive stream if it is on the endpoint in use, else a new
+    /// one opened there (which renews the lease once on its own).
+    async fn keeper(&self, id: i64, lease: LeaseId) -> Result<Arc<Keeper>> {
         let cached = self
             .keepers
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .get(&id)
             .cloned();
-        if let Some(keeper) = cached {
+        if let Some(keeper) = cached.filter(|k| self.endpoints.is_current(&k.conn)) {
             return Ok(keeper);
         }
-        let mut client = self.client.clone();
-        let opened = match timeout(self.config.request_timeout, client.lease_keep_alive(id)).await {
-            Ok(Ok(opened)) => opened,
+        let conn = self.endpoints.current().await?;
+        let mut client = conn.client.clone();
+        let within = self.endpoints.attempt_timeout();
+        let opened = match timeout(within, client.lease_keep_alive(id)).await {
+            Ok(Ok(opened)) => Ok(opened),
             Ok(Err(e)) if is_lease_not_found(&e) => return Err(Error::LeaseExpired { lease }),
-            Ok(Err(e)) => return Err(map(e)),
-            Err(_) => {
-                return Err(Error::Timeout {
-                    operation: "keep_alive",
-                    after: self.config.request_timeout,
-                })
-            }
-        };
-        let keeper = Arc::new(tokio::sync::Mutex::new(Some(opened)));
+            Ok(Err(e)) => Err(map(e)),
+            Err(_) => Err(Error::Timeout {
+                operation: "keep_alive",
+                after: within,
+            }),
+        }
+        .inspect_err(|error| {
+            self.endpoints.failed(&conn, error);
+        })?;
+        let keeper = Arc::new(Keeper {
+            stream: tokio::sync::Mutex::new(Some(opened)),
+            conn,
+        });
         self.keepers
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -117,14 +135,23 @@ impl EtcdBackend {
         Ok(keeper)
     }
 
-    /// One renewal: `keep_alive` of the contract.
+    /// One renewal: `keep_alive` of the contract. A round that fails on a dead endpoint
+    /// is tried once more on the endpoint the backend moved to.
     pub(super) async fn renew(&self, lease: LeaseId) -> Result<Duration> {
         let id = lease_i64(lease)?;
+        let mut endpoint_failures = 0;
         // A stream poisoned by an abandoned round while this call waited for it is
-        // replaced once; the replacement is fresh, so a second pass always has a stream.
-        for _ in 0..2 {
-            let keeper = self.keeper(id, lease).await?;
-            let mut slot = keeper.lock().await;
+        // replaced once; the replacement is fresh, so a later pass always has a stream.
+        for _ in 0..3 {
+            let keeper = match self.keeper(id, lease).await {
+                Ok(keeper) => keeper,
+                Err(e) if is_endpoint_failure(&e) && endpoint_failures == 0 => {
+                    endpoint_failures += 1;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let mut slot = keeper.stream.lock().await;
             if slot.is_none() {
                 continue;
             }
@@ -137,10 +164,16 @@ impl EtcdBackend {
                 completed: false,
                 reuse_when_abandoned: self.reuse_abandoned_streams,
             };
-            let result = round.run(self.config.request_timeout, lease).await;
+            let result = round.run(self.endpoints.attempt_timeout(), lease).await;
             round.answered = true;
             round.completed = result.is_ok();
-            return result;
+            drop(round);
+            match result {
+                Err(e) if self.endpoints.failed(&keeper.conn, &e) && endpoint_failures == 0 => {
+                    endpoint_failures += 1;
+                }
+                other => return other,
+            }
         }
         Err(Error::Unavailable(
             "the keepalive stream was reset twice while waiting for it".into(),

@@ -7,7 +7,6 @@ use etcd_client::{
     TxnOpResponse,
 };
 use ha_core::{Error, FencingToken, KvWrite, KvWriteOutcome, LeaderKey, Result};
-use tokio::time::timeout;
 
 use crate::error::map;
 use crate::keys;
@@ -78,17 +77,18 @@ impl EtcdBackend {
             .when(guard_holds)
             .and_then(vec![write_op])
             .or_else(vec![current_head]);
-        let mut client = self.client.clone();
-        let response = match timeout(self.config.request_timeout, client.txn(txn)).await {
-            Ok(Ok(response)) => response,
-            Ok(Err(error)) => return Err(kv_error(error, &write)),
-            Err(_) => {
-                return Err(Error::Timeout {
-                    operation: "kv_write",
-                    after: self.config.request_timeout,
-                })
-            }
-        };
+        // Never repeated: a repeat of an applied compare-and-set would read as a mismatch.
+        let response = self
+            .request_once("kv_write", |mut client| {
+                let write = &write;
+                async move {
+                    client
+                        .txn(txn)
+                        .await
+                        .map_err(|error| kv_error(error, write))
+                }
+            })
+            .await?;
         let mut results = response.op_responses().into_iter();
         if !response.succeeded() {
             let current = match results.next() {

@@ -1,8 +1,11 @@
 //! `EtcdBackend`: the contract on etcd leases, transactions and watches.
 
+mod campaign;
 pub(crate) mod connect;
+mod endpoints;
 mod keepalive;
 mod kv;
+mod request;
 mod watch;
 
 use std::collections::{BTreeMap, HashMap};
@@ -12,8 +15,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use etcd_client::{
-    Client, Compare, CompareOp, EventType, GetOptions, KeyValue, PutOptions, SortOrder, SortTarget,
-    Txn, TxnOp, WatchOptions,
+    Compare, CompareOp, GetOptions, KeyValue, PutOptions, SortOrder, SortTarget, Txn, TxnOp,
 };
 use ha_core::watch_buffer::{self, WATCH_BUFFER};
 use ha_core::{
@@ -22,13 +24,13 @@ use ha_core::{
     Role, ServerId, WithdrawOnDrop,
 };
 use serde::{Deserialize, Serialize};
-use tokio::time::{sleep, timeout};
-use tracing::{debug, warn};
+use tracing::warn;
 
 use crate::config::{EtcdConfig, MIN_TTL};
 use crate::error::{is_lease_not_found, map, EtcdBackendError};
 use crate::keys;
 
+use endpoints::Endpoints;
 use keepalive::Keeper;
 use watch::{follow_election, follow_members};
 
@@ -76,9 +78,9 @@ impl MemberRecord {
 /// The etcd backend. Cheap to clone.
 #[derive(Clone)]
 pub struct EtcdBackend {
-    client: Client,
+    endpoints: Arc<Endpoints>,
     config: Arc<EtcdConfig>,
-    keepers: Arc<Mutex<HashMap<i64, Keeper>>>,
+    keepers: Arc<Mutex<HashMap<i64, Arc<Keeper>>>>,
     /// Test-only mutant: keep a keepalive stream whose round was abandoned.
     reuse_abandoned_streams: bool,
 }
@@ -87,6 +89,7 @@ impl std::fmt::Debug for EtcdBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EtcdBackend")
             .field("config", &self.config)
+            .field("endpoints", &self.endpoints)
             .finish_non_exhaustive()
     }
 }
@@ -119,52 +122,47 @@ impl EtcdBackend {
         &self.config.prefix
     }
 
-    /// Runs one request with the configured timeout.
-    async fn bounded<T>(
-        &self,
-        operation: &'static str,
-        request: impl std::future::Future<Output = std::result::Result<T, etcd_client::Error>>,
-    ) -> Result<T> {
-        match timeout(self.config.request_timeout, request).await {
-            Ok(result) => result.map_err(map),
-            Err(_) => Err(Error::Timeout {
-                operation,
-                after: self.config.request_timeout,
-            }),
-        }
-    }
-
     /// The candidates of an election, in queue (create revision) order, and the revision
     /// the read was taken at.
     async fn candidates(&self, election: &ElectionName) -> Result<(i64, Vec<KeyValue>)> {
         let options = GetOptions::new()
             .with_prefix()
             .with_sort(SortTarget::Create, SortOrder::Ascend);
-        let mut client = self.client.clone();
+        let prefix = keys::election_prefix(self.prefix(), election);
         let response = self
-            .bounded(
-                "get",
-                client.get(
-                    keys::election_prefix(self.prefix(), election),
-                    Some(options),
-                ),
-            )
+            .request("get", |mut client| {
+                let (prefix, options) = (prefix.clone(), options.clone());
+                async move { client.get(prefix, Some(options)).await.map_err(map) }
+            })
             .await?;
         let revision = response.header().map_or(0, |h| h.revision());
         Ok((revision, response.kvs().to_vec()))
     }
 
+    /// The longest the member this backend talks to can be dead, paused or cut off
+    /// from its peers before the backend notices and moves every call and stream to
+    /// another: TTL/4 for the shortest TTL granted through it (at least 0.6 s, at most
+    /// 1 s plus the request timeout), 3 s before any.
+    pub fn dead_member_bound(&self) -> Duration {
+        self.endpoints.detection_bound()
+    }
+
+    /// Every key under `prefix` (a linearizable read).
+    async fn read_prefix(&self, prefix: String) -> Result<etcd_client::GetResponse> {
+        self.request("get", |mut client| {
+            let prefix = prefix.clone();
+            async move {
+                let options = GetOptions::new().with_prefix();
+                client.get(prefix, Some(options)).await.map_err(map)
+            }
+        })
+        .await
+    }
+
     /// The server id registered with `lease`, if it has a member record.
     async fn server_id_of(&self, lease: i64) -> Result<Option<ServerId>> {
-        let mut client = self.client.clone();
         let response = self
-            .bounded(
-                "get",
-                client.get(
-                    keys::members_prefix(self.prefix()),
-                    Some(GetOptions::new().with_prefix()),
-                ),
-            )
+            .read_prefix(keys::members_prefix(self.prefix()))
             .await?;
         Ok(response
             .kvs()
@@ -187,12 +185,11 @@ impl EtcdBackend {
     }
 
     async fn lease_alive(&self, lease: LeaseId) -> Result<bool> {
-        let mut client = self.client.clone();
+        let id = lease_i64(lease)?;
         let response = self
-            .bounded(
-                "lease_time_to_live",
-                client.lease_time_to_live(lease_i64(lease)?, None),
-            )
+            .request("lease_time_to_live", |mut client| async move {
+                client.lease_time_to_live(id, None).await.map_err(map)
+            })
             .await?;
         Ok(response.ttl() > 0)
     }
@@ -202,98 +199,12 @@ impl EtcdBackend {
         let txn = Txn::new()
             .when(vec![Compare::create_revision(key, CompareOp::Equal, token)])
             .and_then(vec![TxnOp::delete(key, None)]);
-        let mut client = self.client.clone();
-        self.bounded("txn", client.txn(txn)).await?;
+        self.request("txn", |mut client| {
+            let txn = txn.clone();
+            async move { client.txn(txn).await.map_err(map) }
+        })
+        .await?;
         Ok(())
-    }
-
-    /// Waits until the candidacy `token` heads the election.
-    async fn wait_for_turn(
-        &self,
-        lease: LeaseId,
-        election: &ElectionName,
-        own: &str,
-        token: i64,
-    ) -> Result<()> {
-        // Ride out a short etcd outage (a restart); give up after this long without an answer.
-        const OUTAGE: Duration = Duration::from_secs(30);
-        let mut unreachable_since: Option<tokio::time::Instant> = None;
-        loop {
-            let (revision, candidates) = match self.candidates(election).await {
-                Ok(read) => {
-                    unreachable_since = None;
-                    read
-                }
-                Err(e) if e.is_retryable() => {
-                    let since = *unreachable_since.get_or_insert_with(tokio::time::Instant::now);
-                    if since.elapsed() > OUTAGE {
-                        return Err(e);
-                    }
-                    debug!(election = %election, error = %e, "etcd unreachable while campaigning, retrying");
-                    sleep(Duration::from_millis(200)).await;
-                    continue;
-                }
-                Err(e) => return Err(e),
-            };
-            if !candidates.iter().any(|kv| kv.key() == own.as_bytes()) {
-                return if self.lease_alive(lease).await? {
-                    Err(Error::NotLeader {
-                        election: election.clone(),
-                        current: candidates
-                            .first()
-                            .map(|kv| FencingToken::new(kv.create_revision() as u64)),
-                    })
-                } else {
-                    Err(Error::LeaseExpired { lease })
-                };
-            }
-            if candidates
-                .first()
-                .is_some_and(|kv| kv.create_revision() == token)
-            {
-                return Ok(());
-            }
-            // Wait for any deletion in the election after the read: our predecessor's (our
-            // turn may have come) or our own (our lease died).
-            let options = WatchOptions::new()
-                .with_prefix()
-                .with_start_revision(revision + 1);
-            let mut client = self.client.clone();
-            let mut watch = match client
-                .watch(
-                    keys::election_prefix(self.prefix(), election),
-                    Some(options),
-                )
-                .await
-            {
-                Ok(watch) => watch,
-                Err(e) => {
-                    debug!(error = %e, "campaign watch failed, retrying");
-                    sleep(Duration::from_millis(200)).await;
-                    continue;
-                }
-            };
-            loop {
-                match watch.message().await {
-                    Ok(Some(response)) => {
-                        if response.canceled() || response.compact_revision() > 0 {
-                            break;
-                        }
-                        if response
-                            .events()
-                            .iter()
-                            .any(|e| e.event_type() == EventType::Delete)
-                        {
-                            break;
-                        }
-                    }
-                    Ok(None) | Err(_) => {
-                        sleep(Duration::from_millis(200)).await;
-                        break;
-                    }
-                }
-            }
-        }
     }
 }
 
@@ -310,10 +221,13 @@ impl Backend for EtcdBackend {
     async fn register(&self, member: &Member, ttl: Duration) -> Result<Lease> {
         self.capabilities().check_ttl(ttl)?;
         RecordLimits::DEFAULT.check_member(member)?;
-        let seconds = ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0);
-        let mut client = self.client.clone();
+        self.endpoints.note_ttl(ttl);
+        let seconds = (ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0)) as i64;
+        // Granted twice, the spare lease holds nothing and ends with its TTL.
         let grant = self
-            .bounded("lease_grant", client.lease_grant(seconds as i64, None))
+            .request("lease_grant", |mut client| async move {
+                client.lease_grant(seconds, None).await.map_err(map)
+            })
             .await?;
         let lease = grant.id();
         let key = keys::member_key(self.prefix(), &member.role, member.server_id);
@@ -333,9 +247,14 @@ impl Backend for EtcdBackend {
                 record,
                 Some(PutOptions::new().with_lease(lease)),
             )]);
-        let created = self.bounded("txn", client.txn(txn)).await?;
+        // Not repeated: a repeat of an applied put would say the id is taken.
+        let created = self
+            .request_once("txn", |mut client| async move {
+                client.txn(txn).await.map_err(map)
+            })
+            .await?;
         if !created.succeeded() {
-            let _ = client.lease_revoke(lease).await;
+            let _ = self.revoke(lease_id(lease)).await;
             return Err(Error::AlreadyRegistered {
                 role: member.role.clone(),
                 server_id: member.server_id,
@@ -356,21 +275,15 @@ impl Backend for EtcdBackend {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(&lease_i64(lease)?);
-        let mut client = self.client.clone();
-        match timeout(
-            self.config.request_timeout,
-            client.lease_revoke(lease_i64(lease)?),
-        )
+        let id = lease_i64(lease)?;
+        self.request("revoke", |mut client| async move {
+            match client.lease_revoke(id).await {
+                Ok(_) => Ok(()),
+                Err(e) if is_lease_not_found(&e) => Ok(()),
+                Err(e) => Err(map(e)),
+            }
+        })
         .await
-        {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) if is_lease_not_found(&e) => Ok(()),
-            Ok(Err(e)) => Err(map(e)),
-            Err(_) => Err(Error::Timeout {
-                operation: "revoke",
-                after: self.config.request_timeout,
-            }),
-        }
     }
 
     async fn campaign(
@@ -390,18 +303,21 @@ impl Backend for EtcdBackend {
             )])
             .and_then(vec![TxnOp::put(key.as_str(), value.to_vec(), Some(put))])
             .or_else(vec![TxnOp::get(key.as_str(), None)]);
-        let mut client = self.client.clone();
-        let response = match timeout(self.config.request_timeout, client.txn(txn)).await {
-            Ok(Ok(response)) => response,
-            Ok(Err(e)) if is_lease_not_found(&e) => return Err(Error::LeaseExpired { lease }),
-            Ok(Err(e)) => return Err(map(e)),
-            Err(_) => {
-                return Err(Error::Timeout {
-                    operation: "campaign",
-                    after: self.config.request_timeout,
-                })
-            }
-        };
+        // Create-if-absent, else read: a repeat finds the key the first attempt made.
+        let response = self
+            .request("campaign", |mut client| {
+                let txn = txn.clone();
+                async move {
+                    client
+                        .txn(txn)
+                        .await
+                        .map_err(|e| match is_lease_not_found(&e) {
+                            true => Error::LeaseExpired { lease },
+                            false => map(e),
+                        })
+                }
+            })
+            .await?;
         let token = if response.succeeded() {
             response.header().map_or(0, |h| h.revision())
         } else {
@@ -428,7 +344,11 @@ impl Backend for EtcdBackend {
                     value.to_vec(),
                     Some(PutOptions::new().with_ignore_lease()),
                 )]);
-            self.bounded("txn", client.txn(update)).await?;
+            self.request("txn", |mut client| {
+                let update = update.clone();
+                async move { client.txn(update).await.map_err(map) }
+            })
+            .await?;
             token
         };
         let mut guard = {
@@ -487,8 +407,13 @@ impl Backend for EtcdBackend {
                 value.to_vec(),
                 Some(PutOptions::new().with_ignore_lease()),
             )]);
-        let mut client = self.client.clone();
-        if self.bounded("txn", client.txn(txn)).await?.succeeded() {
+        let applied = self
+            .request("txn", |mut client| {
+                let txn = txn.clone();
+                async move { client.txn(txn).await.map_err(map) }
+            })
+            .await?;
+        if applied.succeeded() {
             Ok(())
         } else {
             Err(not_leader())
@@ -510,15 +435,8 @@ impl Backend for EtcdBackend {
     }
 
     async fn members(&self, role: &Role) -> Result<Vec<Member>> {
-        let mut client = self.client.clone();
         let response = self
-            .bounded(
-                "get",
-                client.get(
-                    keys::role_prefix(self.prefix(), role),
-                    Some(GetOptions::new().with_prefix()),
-                ),
-            )
+            .read_prefix(keys::role_prefix(self.prefix(), role))
             .await?;
         let mut members = response
             .kvs()
@@ -535,13 +453,13 @@ impl Backend for EtcdBackend {
 
     async fn kv_read(&self, election: &ElectionName, key: &KvKey) -> Result<Option<Bytes>> {
         self.config.kv_limits.check_key(key)?;
-        let mut client = self.client.clone();
+        let key = keys::kv_key(self.prefix(), election, key);
         // etcd's default read is linearizable (a quorum read), which clause 10 asks for.
         let response = self
-            .bounded(
-                "get",
-                client.get(keys::kv_key(self.prefix(), election, key), None),
-            )
+            .request("get", |mut client| {
+                let key = key.clone();
+                async move { client.get(key, None).await.map_err(map) }
+            })
             .await?;
         Ok(response
             .kvs()

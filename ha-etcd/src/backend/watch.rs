@@ -1,17 +1,21 @@
 //! Watch followers: an election's head and a role's members, followed through etcd
-//! watches that resume after their last revision.
+//! watches that resume after their last revision, on whichever endpoint the backend
+//! uses: a watch on an endpoint the backend left is abandoned and resumed on the next.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use etcd_client::{Client, EventType, GetOptions, KeyValue, WatchOptions};
+use etcd_client::{EventType, KeyValue, WatchOptions};
 use ha_core::watch_buffer::WatchSender;
+use ha_core::Error;
 use ha_core::{ElectionName, LeaderEvent, Member, MemberEvent, Result, Role};
-use tokio::time::sleep;
+use tokio::time::{sleep, timeout};
 use tracing::debug;
 
+use crate::error::map;
 use crate::keys;
 
+use super::endpoints::Conn;
 use super::{EtcdBackend, MemberRecord};
 
 /// The head of a set of candidate keys: (token, value, lease).
@@ -29,58 +33,90 @@ enum Feed {
     Closed,
 }
 
-/// A watch of a key prefix from a revision on that reconnects after a broken stream,
-/// resuming after the last event it delivered, so nothing is lost or repeated.
+/// A watch of a key prefix from a revision on that reconnects after a broken stream or
+/// a move to another endpoint, resuming after the last event it delivered, so nothing
+/// is lost or repeated.
 struct EventFeed {
-    client: Client,
+    backend: EtcdBackend,
     prefix: String,
     next: i64,
-    watch: Option<etcd_client::WatchStream>,
+    watch: Option<(Conn, etcd_client::WatchStream)>,
 }
+
+/// The pause before a watch is opened again after it failed.
+const RETRY: Duration = Duration::from_millis(200);
 
 impl EventFeed {
     /// A feed of every change after revision `after`.
-    fn new(client: Client, prefix: String, after: i64) -> Self {
+    fn new(backend: EtcdBackend, prefix: String, after: i64) -> Self {
         Self {
-            client,
+            backend,
             prefix,
             next: after + 1,
             watch: None,
         }
     }
 
+    /// A watch from `next` on the endpoint in use; `None` (after a pause) if it failed.
+    async fn open(&self) -> Option<(Conn, etcd_client::WatchStream)> {
+        let endpoints = &self.backend.endpoints;
+        let Ok(conn) = endpoints.current().await else {
+            sleep(RETRY).await;
+            return None;
+        };
+        let options = WatchOptions::new()
+            .with_prefix()
+            .with_prev_key()
+            .with_start_revision(self.next);
+        let mut client = conn.client.clone();
+        let within = endpoints.attempt_timeout();
+        let opened = match timeout(within, client.watch(self.prefix.as_str(), Some(options))).await
+        {
+            Ok(opened) => opened.map_err(map),
+            Err(_) => Err(Error::Timeout {
+                operation: "watch",
+                after: within,
+            }),
+        };
+        match opened {
+            Ok(watch) => Some((conn, watch)),
+            Err(e) => {
+                if !endpoints.failed(&conn, &e) {
+                    sleep(RETRY).await;
+                }
+                None
+            }
+        }
+    }
+
     /// The next batch of events; gives up only when the consumer of `tx` is gone.
     async fn next<T>(&mut self, tx: &WatchSender<T>) -> Feed {
         loop {
-            let mut watch = match self.watch.take() {
-                Some(watch) => watch,
+            let (conn, mut watch) = match self.watch.take() {
+                Some(open) => open,
                 None => {
-                    let options = WatchOptions::new()
-                        .with_prefix()
-                        .with_prev_key()
-                        .with_start_revision(self.next);
                     let opened = tokio::select! {
                         _ = tx.closed() => return Feed::Closed,
-                        opened = self.client.watch(self.prefix.as_str(), Some(options)) => opened,
+                        opened = self.open() => opened,
                     };
                     match opened {
-                        Ok(watch) => watch,
-                        Err(_) => {
-                            sleep(Duration::from_millis(200)).await;
-                            continue;
-                        }
+                        Some(open) => open,
+                        None => continue,
                     }
                 }
             };
             let message = tokio::select! {
+                biased;
                 _ = tx.closed() => return Feed::Closed,
+                // The endpoint was left (dead, paused, cut off): resume on the next.
+                () = self.backend.endpoints.moved(&conn) => continue,
                 message = watch.message() => message,
             };
             match message {
                 Ok(Some(response)) if response.compact_revision() > 0 => return Feed::Compacted,
                 Ok(Some(response)) if response.canceled() => {} // reopen from `next`
                 Ok(Some(response)) => {
-                    self.watch = Some(watch);
+                    self.watch = Some((conn, watch));
                     let events = response.events().to_vec();
                     if let Some(last) = events
                         .iter()
@@ -94,7 +130,12 @@ impl EventFeed {
                         return Feed::Events(events);
                     }
                 }
-                Ok(None) | Err(_) => sleep(Duration::from_millis(200)).await,
+                Ok(None) => sleep(RETRY).await,
+                Err(e) => {
+                    if !self.backend.endpoints.failed(&conn, &map(e)) {
+                        sleep(RETRY).await;
+                    }
+                }
             }
         }
     }
@@ -127,7 +168,7 @@ pub(super) async fn follow_election(
             .into_iter()
             .map(|kv| (kv.create_revision(), kv))
             .collect();
-        let mut feed = EventFeed::new(backend.client.clone(), prefix.clone(), revision);
+        let mut feed = EventFeed::new(backend.clone(), prefix.clone(), revision);
         if !report(&backend, &election, &candidates, &mut reported, &tx).await {
             return;
         }
@@ -192,13 +233,7 @@ pub(super) async fn follow_members(
     let prefix = keys::role_prefix(backend.prefix(), &role);
     let mut known: Option<BTreeMap<Vec<u8>, Member>> = None;
     'reread: loop {
-        let mut client = backend.client.clone();
-        let read = backend
-            .bounded(
-                "get",
-                client.get(prefix.as_str(), Some(GetOptions::new().with_prefix())),
-            )
-            .await;
+        let read = backend.read_prefix(prefix.clone()).await;
         let response = match read {
             Ok(response) => response,
             Err(e) => {
@@ -238,7 +273,7 @@ pub(super) async fn follow_members(
             }
         }
         let mut members = fresh;
-        let mut feed = EventFeed::new(backend.client.clone(), prefix.clone(), revision);
+        let mut feed = EventFeed::new(backend.clone(), prefix.clone(), revision);
         loop {
             let events = match feed.next(&tx).await {
                 Feed::Events(events) => events,
