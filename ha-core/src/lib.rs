@@ -5,6 +5,7 @@ mod active_standby;
 mod backend;
 mod clock;
 mod endpoint;
+pub mod endpoints;
 mod error;
 mod kv;
 mod leadership;

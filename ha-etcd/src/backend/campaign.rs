@@ -100,7 +100,7 @@ impl EtcdBackend {
                 let message = tokio::select! {
                     biased;
                     // The endpoint was left (dead, paused, cut off): read again elsewhere.
-                    () = self.endpoints.moved(&conn) => break,
+                    () = self.endpoints.failed_since(&conn) => break,
                     message = watch.message() => message,
                 };
                 match message {

@@ -2,6 +2,7 @@
 //! certificate from an unreachable server.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use etcd_client::ConnectOptions;
 use ha_core::{Error, Result};
@@ -11,6 +12,10 @@ use crate::config::EtcdConfig;
 use super::endpoints::Endpoints;
 use super::EtcdBackend;
 
+/// HTTP/2 pings on a connection with a stream open and nothing read for this long.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// etcd-client's options for `config`: timeouts, user, TLS.
 pub(crate) fn connect_options(config: &EtcdConfig) -> ConnectOptions {
     let mut options = ConnectOptions::new()
@@ -18,7 +23,13 @@ pub(crate) fn connect_options(config: &EtcdConfig) -> ConnectOptions {
         .with_timeout(config.request_timeout)
         // A member without a leader refuses requests at once and ends its streams, so
         // a member cut off from its peers is left like a dead one.
-        .with_require_leader(true);
+        .with_require_leader(true)
+        // A backstop for a connection the probe does not cover. etcd (grpc-go) closes a
+        // connection pinged more often than its --grpc-keepalive-min-time (5 s by
+        // default) with GOAWAY "too_many_pings", or pinged at all without a stream, so
+        // dead members are found by the probe (ha_core::endpoints), not by pings.
+        .with_keep_alive(KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT)
+        .with_keep_alive_while_idle(false);
     if let Some((user, password)) = &config.user {
         // etcd's auth tokens do not survive an etcd restart (simple tokens) or expire
         // (JWT): fetch a new one instead of failing every call after that.

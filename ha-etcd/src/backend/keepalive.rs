@@ -11,7 +11,7 @@ use etcd_client::{LeaseKeepAliveStream, LeaseKeeper};
 use ha_core::{Error, LeaseId, Result};
 use tokio::time::timeout;
 
-use super::endpoints::is_endpoint_failure;
+use ha_core::endpoints::is_endpoint_failure;
 
 use crate::error::{is_lease_not_found, map};
 
@@ -106,7 +106,7 @@ impl EtcdBackend {
             .unwrap_or_else(PoisonError::into_inner)
             .get(&id)
             .cloned();
-        if let Some(keeper) = cached.filter(|k| self.endpoints.is_current(&k.conn)) {
+        if let Some(keeper) = cached.filter(|k| self.endpoints.is_live(&k.conn)) {
             return Ok(keeper);
         }
         let conn = self.endpoints.current().await?;

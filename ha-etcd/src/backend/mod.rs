@@ -144,7 +144,7 @@ impl EtcdBackend {
     /// another: TTL/4 for the shortest TTL granted through it (at least 0.6 s, at most
     /// 1 s plus the request timeout), 3 s before any.
     pub fn dead_member_bound(&self) -> Duration {
-        self.endpoints.detection_bound()
+        self.endpoints.set().detection_bound()
     }
 
     /// Every key under `prefix` (a linearizable read).
@@ -221,7 +221,7 @@ impl Backend for EtcdBackend {
     async fn register(&self, member: &Member, ttl: Duration) -> Result<Lease> {
         self.capabilities().check_ttl(ttl)?;
         RecordLimits::DEFAULT.check_member(member)?;
-        self.endpoints.note_ttl(ttl);
+        self.endpoints.set().note_ttl(ttl);
         let seconds = (ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0)) as i64;
         // Granted twice, the spare lease holds nothing and ends with its TTL.
         let grant = self

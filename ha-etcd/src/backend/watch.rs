@@ -109,7 +109,7 @@ impl EventFeed {
                 biased;
                 _ = tx.closed() => return Feed::Closed,
                 // The endpoint was left (dead, paused, cut off): resume on the next.
-                () = self.backend.endpoints.moved(&conn) => continue,
+                () = self.backend.endpoints.failed_since(&conn) => continue,
                 message = watch.message() => message,
             };
             match message {
