@@ -102,6 +102,12 @@ pub enum Command {
         lease: u64,
         /// Candidacy's token.
         token: u64,
+        /// Set by the withdrawal of a dropped campaign call: remove the candidacy only
+        /// if no later campaign call resumed it (a client that abandoned a stalled call
+        /// campaigns again elsewhere, and the late withdrawal of the first call must not
+        /// undo that). Absent from entries written before it existed: unconditional.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        attempt: Option<u64>,
     },
     /// Replace the leader's value, if the key leads.
     Proclaim {
@@ -345,6 +351,9 @@ pub enum CommandResult {
     Campaigned {
         /// Its token.
         token: u64,
+        /// How many campaign calls made or resumed it, this one included.
+        #[serde(default)]
+        attempt: u64,
     },
     /// A guarded write was applied (or its comparison failed).
     KvWritten {

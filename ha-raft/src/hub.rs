@@ -253,6 +253,7 @@ mod tests {
                 election: "e".into(),
                 lease: a,
                 token: 3,
+                attempt: None,
             },
             campaign(b),
         ]);
@@ -277,6 +278,7 @@ mod tests {
                             election: "e".into(),
                             lease: b,
                             token: 4,
+                            attempt: None,
                         },
                         campaign(a),
                     ]),

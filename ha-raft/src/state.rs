@@ -27,6 +27,10 @@ pub struct CandidateRecord {
     /// Its published value.
     #[serde(with = "crate::command::compact_bytes")]
     pub value: Vec<u8>,
+    /// Campaign calls that made or resumed it (0 in snapshots written before this was
+    /// counted); see `Command::Resign::attempt`.
+    #[serde(default)]
+    pub campaigns: u64,
 }
 
 /// The head of an election's queue, as watchers see it.
@@ -179,23 +183,35 @@ impl State {
                         .entry(election.clone())
                         .or_insert_with(|| next_id(last_id, index));
                     let before = self.head(election);
-                    self.elections.entry(election.clone()).or_default().insert(
+                    let queue = self.elections.entry(election.clone()).or_default();
+                    let attempt = queue.get(&token).map_or(0, |c| c.campaigns) + 1;
+                    queue.insert(
                         token,
                         CandidateRecord {
                             lease: *lease,
                             value: value.clone(),
+                            campaigns: attempt,
                         },
                     );
                     self.note_head_change(election, before, changes);
-                    CommandResult::Campaigned { token }
+                    CommandResult::Campaigned { token, attempt }
                 }
             },
             Command::Resign {
                 election,
                 lease,
                 token,
+                attempt,
             } => {
-                self.remove_candidacy(election, *lease, *token, changes);
+                let resumed = attempt.is_some_and(|attempt| {
+                    self.elections
+                        .get(election)
+                        .and_then(|queue| queue.get(token))
+                        .is_some_and(|c| c.campaigns != attempt)
+                });
+                if !resumed {
+                    self.remove_candidacy(election, *lease, *token, changes);
+                }
                 CommandResult::Ok
             }
             Command::Proclaim {
@@ -394,26 +410,41 @@ mod tests {
         );
         assert_eq!(
             campaign(&mut s, 4, a, "a").0,
-            CommandResult::Campaigned { token: 4 }
+            CommandResult::Campaigned {
+                token: 4,
+                attempt: 1
+            }
         );
         let (result, changes) = campaign(&mut s, 5, b, "b");
-        assert_eq!(result, CommandResult::Campaigned { token: 5 });
+        assert_eq!(
+            result,
+            CommandResult::Campaigned {
+                token: 5,
+                attempt: 1
+            }
+        );
         assert!(changes.is_empty(), "a queued candidate changes no leader");
         assert_eq!(s.head("e").map(|h| h.token), Some(4));
         // Resuming keeps the token and replaces the value.
         assert_eq!(
             campaign(&mut s, 6, a, "a2").0,
-            CommandResult::Campaigned { token: 4 }
+            CommandResult::Campaigned {
+                token: 4,
+                attempt: 2
+            }
         );
         assert_eq!(s.head("e").map(|h| h.value), Some(b"a2".to_vec()));
-        let (_, changes) = s.apply(
-            7,
-            &Command::Resign {
-                election: "e".into(),
-                lease: a,
-                token: 4,
-            },
-        );
+        // The late withdrawal of the first call does not undo the second.
+        let withdraw = |attempt| Command::Resign {
+            election: "e".into(),
+            lease: a,
+            token: 4,
+            attempt: Some(attempt),
+        };
+        let (_, changes) = s.apply(7, &withdraw(1));
+        assert!(changes.is_empty());
+        assert_eq!(s.head("e").map(|h| h.token), Some(4));
+        let (_, changes) = s.apply(8, &withdraw(2));
         assert_eq!(s.head("e").map(|h| h.token), Some(5));
         assert!(matches!(&changes[..], [Change::Leader { head: Some(h), .. }] if h.token == 5));
     }
@@ -449,7 +480,10 @@ mod tests {
                     lease: 2,
                     ttl_ms: 2000
                 },
-                CommandResult::Campaigned { token: 3 },
+                CommandResult::Campaigned {
+                    token: 3,
+                    attempt: 1
+                },
                 CommandResult::Registered {
                     lease: 4,
                     ttl_ms: 2000
@@ -467,7 +501,10 @@ mod tests {
         assert_eq!(register(&mut s, 3, 4), 5);
         assert_eq!(
             campaign(&mut s, 4, 5, "b").0,
-            CommandResult::Campaigned { token: 6 }
+            CommandResult::Campaigned {
+                token: 6,
+                attempt: 1
+            }
         );
         // Past the batch's reach, ids are indexes again.
         assert_eq!(register(&mut s, 10, 5), 10);

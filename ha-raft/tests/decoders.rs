@@ -34,6 +34,7 @@ fn valid_entries() -> Vec<Vec<u8>> {
             election: "rootcoord".into(),
             lease: 42,
             token: 43,
+            attempt: None,
         },
         Command::Proclaim {
             election: "rootcoord".into(),
@@ -136,7 +137,7 @@ proptest! {
                 (any::<u64>(), ".{0,300}", proptest::collection::vec(any::<u8>(), 0..64))
                     .prop_map(|(lease, election, value)| Command::Campaign { lease, election, value }),
                 (".{0,20}", any::<u64>(), any::<u64>())
-                    .prop_map(|(election, lease, token)| Command::Resign { election, lease, token }),
+                    .prop_map(|(election, lease, token)| Command::Resign { election, lease, token, attempt: None }),
                 (".{0,20}", any::<u64>(), any::<u64>(), proptest::collection::vec(any::<u8>(), 0..8))
                     .prop_map(|(election, lease, token, value)| Command::Proclaim { election, lease, token, value }),
                 (".{0,4}", 0..8u64, 0..8u64, ".{0,8}", proptest::option::of(proptest::collection::vec(any::<u8>(), 0..8)), any::<bool>())

@@ -148,8 +148,8 @@ impl Backend for RaftNode {
             election: election.as_str().to_owned(),
             value: value.to_vec(),
         };
-        let (index, token) = match self.inner.propose(command).await? {
-            (index, CommandResult::Campaigned { token }) => (index, token),
+        let (index, token, attempt) = match self.inner.propose(command).await? {
+            (index, CommandResult::Campaigned { token, attempt }) => (index, token, attempt),
             (_, CommandResult::LeaseExpired) => return Err(Error::LeaseExpired { lease }),
             (_, other) => return Err(unexpected(other)),
         };
@@ -160,10 +160,13 @@ impl Backend for RaftNode {
         };
         let mut guard = {
             let node = Arc::clone(&self.inner);
+            // Only this call's candidacy: if the client campaigned again elsewhere since
+            // (it gave up on this call), this withdrawal must not undo that.
             let command = Command::Resign {
                 election: election.as_str().to_owned(),
                 lease: lease.get(),
                 token,
+                attempt: (attempt > 0).then_some(attempt),
             };
             WithdrawOnDrop::new(async move {
                 if let Err(e) = node.propose(command).await {
@@ -223,6 +226,7 @@ impl Backend for RaftNode {
                 election: key.election.as_str().to_owned(),
                 lease: key.lease.get(),
                 token: key.token.get(),
+                attempt: None,
             })
             .await?;
         Ok(())
