@@ -60,6 +60,9 @@ pub struct EndpointSet {
     request_timeout: Duration,
     /// The shortest TTL granted through the backend, in ms (0: none yet).
     shortest_ttl_ms: AtomicU64,
+    /// The slowest recent answer, in µs, decaying as faster ones come (see
+    /// [`EndpointSet::observe`]).
+    slowest_us: AtomicU64,
 }
 
 /// Whether an error says the endpoint failed rather than the request: nothing came
@@ -87,6 +90,7 @@ impl EndpointSet {
             moving: Mutex::new(()),
             request_timeout,
             shortest_ttl_ms: AtomicU64::new(0),
+            slowest_us: AtomicU64::new(0),
         }
     }
 
@@ -246,15 +250,31 @@ impl EndpointSet {
         }
     }
 
+    /// Notes how long an answered call took. On slow links (or a slow disk) the attempt
+    /// timeout grows to twice the slowest recent answer, so a member that is merely slow
+    /// is not taken for a dead one.
+    pub fn observe(&self, took: Duration) {
+        let us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        let _ = self
+            .slowest_us
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |slowest| {
+                // A slower answer counts at once; faster ones wear it down by 1/16 each.
+                Some(us.max(slowest - slowest / 16))
+            });
+    }
+
     /// How long one attempt of a call that may go to another endpoint may take: TTL/6
-    /// of the shortest TTL (at least 0.5 s, at most the request timeout), so an attempt
-    /// and its repeat elsewhere fit in a session's TTL/3.
+    /// of the shortest TTL, so an attempt and its repeat elsewhere fit in a session's
+    /// TTL/3, or twice the slowest recent answer if that is longer (at least 0.5 s, at
+    /// most the request timeout).
     pub fn attempt_timeout(&self) -> Duration {
         let cap = self.request_timeout;
-        match self.shortest_ttl() {
-            Some(ttl) => (ttl / 6).clamp(MIN_ATTEMPT_TIMEOUT.min(cap), cap),
-            None => IDLE_ATTEMPT_TIMEOUT.min(cap),
-        }
+        let slow = Duration::from_micros(self.slowest_us.load(Ordering::Relaxed)) * 2;
+        let base = match self.shortest_ttl() {
+            Some(ttl) => (ttl / 6).max(MIN_ATTEMPT_TIMEOUT),
+            None => IDLE_ATTEMPT_TIMEOUT,
+        };
+        base.max(slow).min(cap)
     }
 
     /// How often the probe asks the endpoint in use: TTL/12 (0.1 s to 1 s).
@@ -291,8 +311,12 @@ impl EndpointSet {
                 };
                 let at = set.in_use();
                 let within = set.attempt_timeout();
+                let started = Instant::now();
                 let outcome = match tokio::time::timeout(within, probe(owner, at.slot)).await {
-                    Ok(outcome) => outcome,
+                    Ok(outcome) => {
+                        set.observe(started.elapsed());
+                        outcome
+                    }
                     Err(_) => Err(Error::Timeout {
                         operation: "health probe",
                         after: within,
@@ -373,6 +397,19 @@ mod tests {
         tokio::time::advance(set.detection_bound() * 5).await;
         set.prefer(0);
         assert_eq!(set.in_use().slot, 0);
+    }
+
+    #[test]
+    fn slow_answers_stretch_the_attempt_timeout_and_wear_off() {
+        let set = set(3);
+        set.note_ttl(Duration::from_secs(3));
+        assert_eq!(set.attempt_timeout(), MIN_ATTEMPT_TIMEOUT);
+        set.observe(Duration::from_millis(600));
+        assert_eq!(set.attempt_timeout(), Duration::from_millis(1200));
+        for _ in 0..64 {
+            set.observe(Duration::from_millis(5));
+        }
+        assert_eq!(set.attempt_timeout(), MIN_ATTEMPT_TIMEOUT);
     }
 
     #[test]

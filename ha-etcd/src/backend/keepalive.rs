@@ -164,7 +164,11 @@ impl EtcdBackend {
                 completed: false,
                 reuse_when_abandoned: self.reuse_abandoned_streams,
             };
+            let started = tokio::time::Instant::now();
             let result = round.run(self.endpoints.attempt_timeout(), lease).await;
+            if result.is_ok() {
+                self.endpoints.set().observe(started.elapsed());
+            }
             round.answered = true;
             round.completed = result.is_ok();
             drop(round);

@@ -5,7 +5,7 @@ use std::future::Future;
 
 use etcd_client::Client;
 use ha_core::{Error, Result};
-use tokio::time::timeout;
+use tokio::time::{timeout, Instant};
 
 use super::EtcdBackend;
 
@@ -24,8 +24,12 @@ impl EtcdBackend {
             attempts += 1;
             let conn = self.endpoints.current().await?;
             let within = self.endpoints.attempt_timeout();
+            let started = Instant::now();
             let result = match timeout(within, send(conn.client.clone())).await {
-                Ok(result) => result,
+                Ok(result) => {
+                    self.endpoints.set().observe(started.elapsed());
+                    result
+                }
                 Err(_) => Err(Error::Timeout {
                     operation,
                     after: within,

@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::time::{sleep_until, Instant};
 use tonic::Status;
 
-use super::RaftClient;
+use super::{RaftClient, Repeat};
 use crate::node::MAX_KEEPALIVE_BATCH;
 use crate::proto::{self, KeepAliveOutcome};
 use crate::wire::from_status;
@@ -162,7 +162,7 @@ impl RaftClient {
                 };
                 let request = proto::KeepAliveBatchRequest { leases };
                 let reply = client
-                    .call_status(|mut c| {
+                    .call_status(Repeat::Always, |mut c| {
                         let request = request.clone();
                         async move { c.keep_alive_batch(request).await }
                     })

@@ -1,21 +1,23 @@
 //! `RaftClient`: the contract for a process that is not a member of the group, over the
 //! client API of any member (which forwards to the leader). Replies name the Raft
-//! leader and the client sends its next calls there; on failures endpoints are tried in
-//! turn; watches reconnect and resume after the last revision they saw.
+//! leader and the client sends its next calls there; an endpoint that fails (no answer
+//! within an attempt, a broken connection, a probe unanswered) is left for the one that
+//! failed least recently and every stream on it is opened again there (see
+//! `ha_core::endpoints`); watches resume after the last revision they saw.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use ha_core::endpoints::{At, EndpointSet};
 use ha_core::watch_buffer::{self, WATCH_BUFFER};
 use ha_core::{
     Backend, Capabilities, ElectionName, Error, KvKey, KvLimits, KvWrite, KvWriteOutcome, Leader,
     LeaderKey, LeaderStream, Lease, LeaseId, Member, MemberStream, RecordLimits, Result, Role,
 };
-use tokio::time::{sleep, Instant};
+use tokio::time::{sleep, timeout_at, Instant};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
@@ -89,11 +91,22 @@ struct ClientInner {
     channels: Vec<Channel>,
     /// Per endpoint, index-aligned with `channels`: the connections of held calls.
     held: Vec<Arc<HeldChannels>>,
-    current: AtomicUsize,
+    /// Which endpoint is in use, which failed, and the timing from the TTLs.
+    set: Arc<EndpointSet>,
     request_timeout: Duration,
     token: BearerToken,
     /// Where keepalives wait for their batch (see `keepalives.rs`).
     keepalives: Mutex<Option<tokio::sync::mpsc::UnboundedSender<keepalives::Waiter>>>,
+}
+
+/// Whether an attempt that timed out may be repeated on another endpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Repeat {
+    /// Repeating changes nothing (reads, renewals, idempotent writes).
+    Always,
+    /// The attempt may have been applied and a repeat would report on that instead
+    /// (registering: the repeat would find the id taken by the first).
+    NotAfterTimeout,
 }
 
 /// Whether a failed call may succeed against another endpoint or later.
@@ -163,12 +176,13 @@ impl RaftClient {
             .iter()
             .map(|endpoint| HeldChannels::new(endpoint, options.tls.as_ref()))
             .collect();
+        let set = Arc::new(EndpointSet::new("raft", endpoints.clone(), request_timeout));
         let client = Self {
             inner: Arc::new(ClientInner {
                 endpoints,
                 channels,
                 held,
-                current: AtomicUsize::new(0),
+                set,
                 request_timeout,
                 token,
                 keepalives: Mutex::new(None),
@@ -184,7 +198,32 @@ impl RaftClient {
             )),
             other => other,
         })?;
+        client.inner.set.spawn_probe(
+            Arc::downgrade(&client.inner),
+            |inner: Arc<ClientInner>, slot| {
+                let client = RaftClient {
+                    inner,
+                    kv_limits: KvLimits::default(),
+                };
+                Box::pin(async move { client.probe(slot).await })
+            },
+        );
         Ok(client)
+    }
+
+    /// A linearizable read on endpoint `slot`: a member cut off from the quorum cannot
+    /// answer it, nor one whose connection went silent.
+    async fn probe(&self, slot: usize) -> Result<()> {
+        let mut api = self.api(self.inner.channels[slot].clone());
+        let request = proto::ElectionRequest {
+            election: "ha-probe".to_owned(),
+        };
+        match api.leader(request).await {
+            Ok(_) => Ok(()),
+            Err(status) if transient(&status) => Err(from_status(&status)),
+            // Refused credentials or an odd answer: the member is there; calls will say.
+            Err(_) => Ok(()),
+        }
     }
 
     /// Sets the guarded store's size limits this client checks before sending; they
@@ -194,28 +233,34 @@ impl RaftClient {
         self
     }
 
-    fn current(&self) -> usize {
-        self.inner.current.load(Ordering::Relaxed) % self.inner.channels.len()
-    }
-
     fn api(&self, channel: Channel) -> Api {
         CoordinationClient::with_interceptor(channel, self.inner.token.clone())
             .max_decoding_message_size(64 << 20)
             .max_encoding_message_size(64 << 20)
     }
 
-    /// The current endpoint, for a short call.
-    fn client(&self) -> (usize, Api) {
-        let index = self.current();
-        (index, self.api(self.inner.channels[index].clone()))
+    /// The endpoint in use, for a short call.
+    fn client(&self) -> (At, Api) {
+        let at = self.inner.set.in_use();
+        (at, self.api(self.inner.channels[at.slot].clone()))
     }
 
-    /// The current endpoint, for a call that may stay open (see `held.rs`); the slot
+    /// The endpoint in use, for a call that may stay open (see `held.rs`); the slot
     /// must live as long as the call.
-    fn held_client(&self) -> Result<(usize, Api, HeldSlot)> {
-        let index = self.current();
-        let (channel, slot) = self.inner.held[index].take()?;
-        Ok((index, self.api(channel), slot))
+    fn held_client(&self) -> Result<(At, Api, HeldSlot)> {
+        let at = self.inner.set.in_use();
+        let (channel, slot) = self.inner.held[at.slot].take()?;
+        Ok((at, self.api(channel), slot))
+    }
+
+    /// Resolves once the endpoint of `at` has failed: a held call on it is abandoned.
+    async fn failed_since(&self, at: At) {
+        self.inner.set.failed_since(at).await;
+    }
+
+    /// Leaves the endpoint of `at` for another, `why` saying what it did.
+    fn leave(&self, at: At, why: &str) {
+        self.inner.set.leave(at, why);
     }
 
     /// Sends the next calls to the endpoint a reply names as the Raft leader, when the
@@ -228,34 +273,28 @@ impl RaftClient {
             return;
         };
         if let Some(index) = self.inner.endpoints.iter().position(|e| e == leader) {
-            self.inner.current.store(index, Ordering::Relaxed);
+            self.inner.set.prefer(index);
         }
     }
 
-    fn rotate(&self, from: usize) {
-        let _ = self.inner.current.compare_exchange(
-            from,
-            (from + 1) % self.inner.channels.len(),
-            Ordering::Relaxed,
-            Ordering::Relaxed,
-        );
-    }
-
-    /// Calls the current endpoint, moving to the next on transport failures, until the
-    /// request timeout passes.
+    /// Calls the endpoint in use, each attempt bounded by the attempt timeout, moving
+    /// to another after a failure, until the request timeout passes. For calls that are
+    /// safe to repeat.
     async fn call<T, F, Fut>(&self, call: F) -> Result<tonic::Response<T>>
     where
         F: FnMut(Api) -> Fut,
         Fut: Future<Output = std::result::Result<tonic::Response<T>, Status>>,
     {
-        self.call_status(call)
+        self.call_status(Repeat::Always, call)
             .await
             .map_err(|failure| failure.error("request"))
     }
 
-    /// [`call`](Self::call), failing with the last status itself.
+    /// [`call`](Self::call), failing with the last status itself; `repeat` says whether
+    /// an attempt that timed out (and may have been applied) may be repeated.
     async fn call_status<T, F, Fut>(
         &self,
+        repeat: Repeat,
         mut call: F,
     ) -> std::result::Result<tonic::Response<T>, CallFailure>
     where
@@ -264,9 +303,12 @@ impl RaftClient {
     {
         let deadline = Instant::now() + self.inner.request_timeout;
         loop {
-            let (index, client) = self.client();
-            let status = match tokio::time::timeout_at(deadline, call(client)).await {
+            let (at, client) = self.client();
+            let started = Instant::now();
+            let attempt = deadline.min(started + self.inner.set.attempt_timeout());
+            let status = match timeout_at(attempt, call(client)).await {
                 Ok(Ok(reply)) => {
+                    self.inner.set.observe(started.elapsed());
                     self.follow_hint(reply.metadata());
                     return Ok(reply);
                 }
@@ -274,12 +316,19 @@ impl RaftClient {
                     self.follow_hint(status.metadata());
                     status
                 }
-                Err(_) => return Err(CallFailure::Timeout(self.inner.request_timeout)),
+                Err(_) => {
+                    // No answer in time: a dead, paused or cut-off member.
+                    self.leave(at, "no answer within the attempt timeout");
+                    if repeat == Repeat::Always && Instant::now() < deadline {
+                        continue;
+                    }
+                    return Err(CallFailure::Timeout(self.inner.request_timeout));
+                }
             };
             if !transient(&status) || Instant::now() >= deadline {
                 return Err(CallFailure::Status(status));
             }
-            self.rotate(index);
+            self.leave(at, status.message());
             sleep(Duration::from_millis(50)).await;
         }
     }
@@ -298,16 +347,18 @@ impl Backend for RaftClient {
     async fn register(&self, member: &Member, ttl: Duration) -> Result<Lease> {
         self.capabilities().check_ttl(ttl)?;
         RecordLimits::DEFAULT.check_member(member)?;
+        self.inner.set.note_ttl(ttl);
         let request = proto::RegisterRequest {
             member: Some(member_to_proto(member)),
             ttl_ms: ttl.as_millis() as u64,
         };
         let reply = self
-            .call(|mut c| {
+            .call_status(Repeat::NotAfterTimeout, |mut c| {
                 let request = request.clone();
                 async move { c.register(request).await }
             })
-            .await?
+            .await
+            .map_err(|failure| failure.error("register"))?
             .into_inner();
         Ok(Lease {
             id: LeaseId::new(reply.lease),
@@ -353,18 +404,24 @@ impl Backend for RaftClient {
             value: value.to_vec(),
         };
         // No overall timeout: a campaign waits in line as long as it takes. A broken
-        // connection resumes the same candidacy elsewhere (campaign is idempotent per
-        // lease and election); dropping this future cancels the call, and the serving
-        // node withdraws the candidacy.
+        // connection, or an endpoint found dead while waiting, resumes the same
+        // candidacy elsewhere (campaign is idempotent per lease and election, and the
+        // abandoned call's withdrawal spares a resumed candidacy); dropping this future
+        // cancels the call, and the serving node withdraws the candidacy.
         loop {
-            let (index, mut client, _slot) = self.held_client()?;
-            match client.campaign(request.clone()).await {
+            let (at, mut client, _slot) = self.held_client()?;
+            let reply = tokio::select! {
+                biased;
+                () = self.failed_since(at) => continue,
+                reply = client.campaign(request.clone()) => reply,
+            };
+            match reply {
                 Ok(reply) => {
                     self.follow_hint(reply.metadata());
                     return key_from_proto(reply.into_inner());
                 }
                 Err(status) if transient(&status) => {
-                    self.rotate(index);
+                    self.leave(at, status.message());
                     sleep(Duration::from_millis(100)).await;
                 }
                 Err(status) => return Err(from_status(&status)),
@@ -416,20 +473,23 @@ impl Backend for RaftClient {
         // One attempt: a write that failed in transit may have been applied, and a retry
         // would report on that instead of on itself. The caller learns the outcome is
         // unknown; the next call goes to the next endpoint.
-        let (index, mut client) = self.client();
+        let (at, mut client) = self.client();
         let timeout = self.inner.request_timeout;
         match tokio::time::timeout(timeout, client.kv_write(request)).await {
             Ok(Ok(reply)) => Ok(kv_outcome_from_proto(reply.into_inner())),
             Ok(Err(status)) => {
                 if transient(&status) {
-                    self.rotate(index);
+                    self.leave(at, status.message());
                 }
                 Err(from_status(&status))
             }
-            Err(_) => Err(Error::Timeout {
-                operation: "kv_write",
-                after: timeout,
-            }),
+            Err(_) => {
+                self.leave(at, "no answer to a guarded write");
+                Err(Error::Timeout {
+                    operation: "kv_write",
+                    after: timeout,
+                })
+            }
         }
     }
 

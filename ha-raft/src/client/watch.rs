@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::time::Duration;
 
+use ha_core::endpoints::At;
 use ha_core::watch_buffer::WatchSender;
 use ha_core::{ElectionName, LeaderEvent, Member, MemberEvent, Result, Role, ServerId};
 use tokio::time::sleep;
@@ -14,36 +15,41 @@ use super::{transient, Api, HeldSlot, RaftClient};
 use crate::proto::{self, member_event::Kind};
 use crate::wire::{from_status, leader_from_proto, member_from_proto};
 
-/// Opens a server stream on the current endpoint (on a held-call connection, the slot
-/// kept as long as the stream), moving to the next after a transient failure (at most
+/// Opens a server stream on the endpoint in use (on a held-call connection, the slot
+/// kept as long as the stream), moving to another after a transient failure (at most
 /// 100 in a row). `None` once the consumer is gone or a final error was sent to it.
 async fn open_stream<T, E, F, Fut>(
     client: &RaftClient,
     tx: &WatchSender<Result<E>>,
     mut open: F,
-) -> Option<(usize, tonic::Streaming<T>, HeldSlot)>
+) -> Option<(At, tonic::Streaming<T>, HeldSlot)>
 where
     F: FnMut(Api) -> Fut,
     Fut: Future<Output = std::result::Result<tonic::Response<tonic::Streaming<T>>, Status>>,
 {
     let mut failures = 0u32;
     loop {
-        let (index, c, slot) = match client.held_client() {
+        let (at, c, slot) = match client.held_client() {
             Ok(held) => held,
             Err(e) => {
                 let _ = tx.offer(Err(e));
                 return None;
             }
         };
+        let within = client.inner.set.attempt_timeout();
         let opened = tokio::select! {
             _ = tx.closed() => return None,
-            opened = open(c) => opened,
+            opened = tokio::time::timeout(within, open(c)) => opened,
+        };
+        let opened = match opened {
+            Ok(opened) => opened,
+            Err(_) => Err(Status::unavailable("no answer within the attempt timeout")),
         };
         match opened {
-            Ok(stream) => return Some((index, stream.into_inner(), slot)),
+            Ok(stream) => return Some((at, stream.into_inner(), slot)),
             Err(status) if transient(&status) && failures < 100 => {
                 failures += 1;
-                client.rotate(index);
+                client.leave(at, status.message());
                 sleep(Duration::from_millis(100)).await;
             }
             Err(status) => {
@@ -68,7 +74,7 @@ pub(super) async fn follow_leader(
             election: election.as_str().to_owned(),
             after_revision: after,
         };
-        let Some((index, mut stream, _slot)) = open_stream(&client, &tx, |mut c| {
+        let Some((at, mut stream, _slot)) = open_stream(&client, &tx, |mut c| {
             let request = request.clone();
             async move { c.watch(request).await }
         })
@@ -78,7 +84,10 @@ pub(super) async fn follow_leader(
         };
         loop {
             let message = tokio::select! {
+                biased;
                 _ = tx.closed() => return,
+                // The endpoint was found dead: resume on the one in use.
+                () = client.failed_since(at) => break,
                 message = stream.message() => message,
             };
             match message {
@@ -103,10 +112,15 @@ pub(super) async fn follow_leader(
                         return;
                     }
                 }
-                Ok(None) | Err(_) => break,
+                Ok(None) => break,
+                Err(status) => {
+                    if transient(&status) {
+                        client.leave(at, status.message());
+                    }
+                    break;
+                }
             }
         }
-        client.rotate(index);
         sleep(Duration::from_millis(100)).await;
     }
 }
@@ -123,7 +137,7 @@ pub(super) async fn follow_members(
         let request = proto::RoleRequest {
             role: role.as_str().to_owned(),
         };
-        let Some((index, mut stream, _slot)) = open_stream(&client, &tx, |mut c| {
+        let Some((at, mut stream, _slot)) = open_stream(&client, &tx, |mut c| {
             let request = request.clone();
             async move { c.watch_members(request).await }
         })
@@ -133,12 +147,21 @@ pub(super) async fn follow_members(
         };
         loop {
             let message = tokio::select! {
+                biased;
                 _ = tx.closed() => return,
+                // The endpoint was found dead: resume on the one in use.
+                () = client.failed_since(at) => break,
                 message = stream.message() => message,
             };
             let event = match message {
                 Ok(Some(event)) => event,
-                Ok(None) | Err(_) => break,
+                Ok(None) => break,
+                Err(status) => {
+                    if transient(&status) {
+                        client.leave(at, status.message());
+                    }
+                    break;
+                }
             };
             let members: Result<Vec<Member>> =
                 event.members.into_iter().map(member_from_proto).collect();
@@ -184,7 +207,6 @@ pub(super) async fn follow_members(
                 }
             }
         }
-        client.rotate(index);
         sleep(Duration::from_millis(100)).await;
     }
 }

@@ -1,35 +1,70 @@
-//! One member of a 3-member etcd cluster dies silently under an ACTIVE and a STANDBY
-//! that were given every member (issue 28, scenarios 1 and 2). The dead member is a
-//! proxy in front of its client port that passes nothing either way and serves no new
-//! connection, with no RST and no FIN: a host that lost power or its cable. The cluster
-//! survives a dead minority, so the role must neither stay vacant nor fail over.
+//! One member of a 3-member backend dies silently under an ACTIVE and a STANDBY that
+//! were given every member (issue 28, scenarios 1 and 2): an etcd cluster, and an
+//! embedded Raft group of three `ha node` processes reached with `raft://`. The dead
+//! member is a proxy in front of its client port that passes nothing either way and
+//! serves no new connection, with no RST and no FIN: a host that lost power or its
+//! cable. The backend survives a dead minority, so the role must neither stay vacant
+//! nor fail over.
 
-#![cfg(all(feature = "cli", feature = "etcd"))]
+#![cfg(feature = "cli")]
+
+#[path = "support/group.rs"]
+mod group;
 
 use std::time::{Duration, Instant};
 
-use ha_testkit::etcd::EtcdCluster;
 use ha_testkit::{Direction, Processes, Proxy, Signal};
 use tokio::process::Command;
 use tokio::time::sleep;
 
 const HA: &str = env!("CARGO_BIN_EXE_ha");
 
-/// A cluster, a proxy in front of each member's client port, and the `ha` processes.
+/// The backend's members.
+enum Members {
+    #[cfg(feature = "etcd")]
+    Etcd(ha_testkit::etcd::EtcdCluster),
+    Raft(group::Group),
+}
+
+impl Members {
+    fn endpoints(&self) -> Vec<String> {
+        match self {
+            #[cfg(feature = "etcd")]
+            Self::Etcd(cluster) => cluster.endpoints(),
+            Self::Raft(group) => group.addresses.values().cloned().collect(),
+        }
+    }
+}
+
+/// The members, a proxy in front of each member's client port, and the `ha elect`
+/// processes.
 struct Fixture {
-    cluster: EtcdCluster,
+    members: Members,
     proxies: Vec<Proxy>,
     procs: Processes,
     prefix: String,
 }
 
 impl Fixture {
-    async fn start(name: &str) -> Option<Self> {
-        let cluster = tokio::task::spawn_blocking(|| EtcdCluster::start(3))
+    #[cfg(feature = "etcd")]
+    async fn etcd(name: &str) -> Option<Self> {
+        let cluster = tokio::task::spawn_blocking(|| ha_testkit::etcd::EtcdCluster::start(3))
             .await
             .unwrap_or_else(|e| panic!("{e}"))?;
+        Some(Self::with(Members::Etcd(cluster), name).await)
+    }
+
+    /// Three `ha node` processes, no coordinators on them.
+    async fn raft(name: &str) -> Self {
+        let mut group = group::Group::new(3);
+        group.bootstrap(&[1, 2, 3], &[]);
+        group.leader_known().await;
+        Self::with(Members::Raft(group), name).await
+    }
+
+    async fn with(members: Members, name: &str) -> Self {
         let mut proxies = Vec::new();
-        for endpoint in cluster.endpoints() {
+        for endpoint in members.endpoints() {
             let upstream = endpoint.parse().unwrap_or_else(|e| panic!("{e}"));
             proxies.push(
                 Proxy::start(upstream)
@@ -37,12 +72,12 @@ impl Fixture {
                     .unwrap_or_else(|e| panic!("proxy: {e}")),
             );
         }
-        Some(Self {
-            cluster,
+        Self {
+            members,
             proxies,
             procs: Processes::new(),
             prefix: format!("{name}-{}", std::process::id()),
-        })
+        }
     }
 
     /// The backend URL of every member, directly or through the proxies.
@@ -50,9 +85,13 @@ impl Fixture {
         let endpoints: Vec<String> = if through_proxies {
             self.proxies.iter().map(|p| p.addr().to_string()).collect()
         } else {
-            self.cluster.endpoints()
+            self.members.endpoints()
         };
-        format!("etcd://{}/{}", endpoints.join(","), self.prefix)
+        match &self.members {
+            #[cfg(feature = "etcd")]
+            Members::Etcd(_) => format!("etcd://{}/{}", endpoints.join(","), self.prefix),
+            Members::Raft(_) => format!("raft://{}", endpoints.join(",")),
+        }
     }
 
     /// `ha elect rootcoord <value>` as process `id`.
@@ -101,11 +140,12 @@ impl Fixture {
             .unwrap_or((0, 0))
     }
 
-    /// Puts `value` at `key` under this test's prefix, on member 0 directly.
+    /// Puts `value` at `key` under this test's prefix, on etcd member 0 directly.
+    #[cfg(feature = "etcd")]
     async fn put(&self, key: &str, value: &str) {
         let output = Command::new("etcdctl")
             .env("ETCDCTL_API", "3")
-            .arg(format!("--endpoints={}", self.cluster.endpoint(0)))
+            .arg(format!("--endpoints={}", self.members.endpoints()[0]))
             .args(["--command-timeout=5s", "put"])
             .arg(format!("{}/{key}", self.prefix))
             .arg(value)
@@ -117,9 +157,35 @@ impl Fixture {
         }
     }
 
+    /// The member that carries the standby's wait for its turn. On etcd: a large key
+    /// put under the election (it queues behind the standby, so it never leads here)
+    /// reaches the standby only on that watch. `RaftClient` sends everything to the
+    /// endpoint in use, so that is the busiest.
+    async fn standby_member(&self, ttl: Duration) -> usize {
+        match &self.members {
+            #[cfg(feature = "etcd")]
+            Members::Etcd(_) => {
+                let big = "x".repeat(8 * 1024);
+                let probe = async {
+                    self.put("election/rootcoord/~probe", &big).await;
+                    sleep(Duration::from_millis(500)).await;
+                };
+                let (member, delivered) = self.busiest(Direction::ToClient, probe).await;
+                assert!(delivered > 8 * 1024, "the probe reached B on no watch");
+                member
+            }
+            Members::Raft(_) => {
+                let window = sleep(ttl / 3 + Duration::from_millis(700));
+                self.busiest(Direction::ToServer, window).await.0
+            }
+        }
+    }
+
     async fn stop(mut self) {
         self.procs.stop_all(Duration::from_secs(10)).await;
-        drop(self.cluster);
+        if let Members::Raft(group) = &mut self.members {
+            group.procs.stop_all(Duration::from_secs(10)).await;
+        }
     }
 }
 
@@ -127,12 +193,8 @@ impl Fixture {
 /// the ACTIVE resigns. The standby's session lives on through the other members, so
 /// only the wait can miss the resign, and it must not: the standby takes over within
 /// TTL/3 of the resign (asserted with a TTL of margin).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_standby_whose_member_died_takes_over_when_the_active_resigns() {
+async fn a_standby_whose_member_died_takes_over(mut f: Fixture) {
     let ttl = Duration::from_secs(6);
-    let Some(mut f) = Fixture::start("dead-standby-member").await else {
-        return;
-    };
     f.elect(1, "A", ttl, false);
     f.procs
         .expect("A elected", Duration::from_secs(30), |l| {
@@ -145,17 +207,9 @@ async fn a_standby_whose_member_died_takes_over_when_the_active_resigns() {
             l.from == 2 && l.is("registered")
         })
         .await;
-    // B settles into its wait: a watch of the election on one member.
+    // B settles into its wait on one member.
     sleep(Duration::from_secs(2)).await;
-    // Find the member that carries the wait: a large key put under the election (it
-    // queues behind B, so it never leads here) reaches B only on that watch.
-    let big = "x".repeat(8 * 1024);
-    let probe = async {
-        f.put("election/rootcoord/~probe", &big).await;
-        sleep(Duration::from_millis(500)).await;
-    };
-    let (member, delivered) = f.busiest(Direction::ToClient, probe).await;
-    assert!(delivered > 8 * 1024, "the probe reached B on no watch");
+    let member = f.standby_member(ttl).await;
 
     f.proxies[member].die();
     sleep(Duration::from_secs(1)).await;
@@ -186,12 +240,8 @@ async fn a_standby_whose_member_died_takes_over_when_the_active_resigns() {
 /// the ACTIVE must keep its role: no loss, and the standby never elected, for two TTLs
 /// after each cut. Three cuts, one member at a time (the last revived first), each on
 /// the member the ACTIVE uses then.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_active_whose_member_died_keeps_its_role() {
+async fn an_active_whose_member_died_keeps_its_role(mut f: Fixture) {
     let ttl = Duration::from_secs(4);
-    let Some(mut f) = Fixture::start("dead-active-member").await else {
-        return;
-    };
     f.elect(1, "A", ttl, true);
     f.procs
         .expect("A elected", Duration::from_secs(30), |l| {
@@ -238,4 +288,32 @@ async fn an_active_whose_member_died_keeps_its_role() {
         );
     }
     f.stop().await;
+}
+
+#[cfg(feature = "etcd")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_a_standby_whose_member_died_takes_over_when_the_active_resigns() {
+    if let Some(f) = Fixture::etcd("dead-standby-member").await {
+        a_standby_whose_member_died_takes_over(f).await;
+    }
+}
+
+#[cfg(feature = "etcd")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_an_active_whose_member_died_keeps_its_role() {
+    if let Some(f) = Fixture::etcd("dead-active-member").await {
+        an_active_whose_member_died_keeps_its_role(f).await;
+    }
+}
+
+#[cfg(feature = "raft")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raft_a_standby_whose_member_died_takes_over_when_the_active_resigns() {
+    a_standby_whose_member_died_takes_over(Fixture::raft("dead-standby-member").await).await;
+}
+
+#[cfg(feature = "raft")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raft_an_active_whose_member_died_keeps_its_role() {
+    an_active_whose_member_died_keeps_its_role(Fixture::raft("dead-active-member").await).await;
 }
