@@ -178,6 +178,7 @@ async fn etcd_fault_schedules_never_show_two_leaders() {
         concurrent: CONCURRENT,
         liveness: LIVENESS,
         replay: "--test etcd_schedules etcd_fault",
+        availability: false,
     };
     participant::run_schedules(run, schedule).await;
 }
@@ -262,6 +263,7 @@ async fn etcd_cluster_fault_schedules_never_show_two_leaders() {
         concurrent: 2,
         liveness: CLUSTER_LIVENESS,
         replay: "--test etcd_schedules cluster",
+        availability: false,
     };
     participant::run_schedules(run, cluster_schedule).await;
 }

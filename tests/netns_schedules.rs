@@ -186,7 +186,8 @@ async fn partitions_on_a_real_network_never_show_two_leaders() {
         default_runs: 4,
         concurrent: CONCURRENT,
         liveness: LIVENESS,
-        replay: "--test netns_schedules",
+        replay: "--test netns_schedules partitions",
+        availability: false,
     };
     participant::run_schedules(run, schedule).await;
 }

@@ -19,6 +19,8 @@ pub struct Group {
     pub addresses: BTreeMap<u64, String>,
     pub dirs: BTreeMap<u64, tempfile::TempDir>,
     pub procs: Processes,
+    /// The flags each bootstrap voter was started with, to restart it as itself.
+    pub flags: BTreeMap<u64, Vec<String>>,
 }
 
 impl Group {
@@ -35,6 +37,7 @@ impl Group {
             addresses,
             dirs,
             procs: Processes::new(),
+            flags: BTreeMap::new(),
         }
     }
 
@@ -71,11 +74,19 @@ impl Group {
         for id in ids {
             let mut flags = vec!["--cluster", CLUSTER, "--peers", &peers];
             flags.extend(extra);
-            let command = self.node_command(*id, &flags);
-            self.procs
-                .spawn(*id, command)
-                .unwrap_or_else(|e| panic!("spawn node {id}: {e}"));
+            let flags: Vec<String> = flags.into_iter().map(str::to_owned).collect();
+            self.flags.insert(*id, flags);
+            self.restart(*id);
         }
+    }
+
+    /// Starts bootstrap voter `id` again, as itself (its data dir and flags).
+    pub fn restart(&mut self, id: u64) {
+        let flags: Vec<&str> = self.flags[&id].iter().map(String::as_str).collect();
+        let command = self.node_command(id, &flags);
+        self.procs
+            .spawn(id, command)
+            .unwrap_or_else(|e| panic!("spawn node {id}: {e}"));
     }
 
     /// Starts node `id` joining through `via`, and waits for its `joined` event.

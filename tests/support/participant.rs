@@ -174,6 +174,9 @@ pub struct Run<'a> {
     pub liveness: Duration,
     /// `cargo test` arguments that select the test, for the replay line.
     pub replay: &'a str,
+    /// Every fault of the schedule is one the backend survives and every disruption of
+    /// a participant is recorded: run the availability oracle too.
+    pub availability: bool,
 }
 
 /// Runs `schedule` for every seed, checks each history (panicking with the seed and a
@@ -202,7 +205,12 @@ where
             "HA_FAULT_SEEDS={seed} cargo test --all-features {}",
             run.replay
         );
-        totals.add(&history.assert_ok(Some(run.liveness), *seed, &replay));
+        let report = if run.availability {
+            history.assert_available(Some(run.liveness), *seed, &replay)
+        } else {
+            history.assert_ok(Some(run.liveness), *seed, &replay)
+        };
+        totals.add(&report);
     }
     eprintln!("{}: {totals}, in {:?}", run.name, started.elapsed());
     assert!(

@@ -92,6 +92,24 @@ pub enum Record {
         /// When.
         at: Micros,
     },
+    /// The schedule ended (or may end) a participant's role on purpose: a SIGTERM (it
+    /// resigns), a kill, a pause, its own link cut. For the availability oracle: a
+    /// leadership may end only after one, and the next must be elected within `within`.
+    Disrupt {
+        /// Whose role.
+        participant: u64,
+        /// When.
+        at: Micros,
+        /// What, readably.
+        what: String,
+        /// The bound on the vacancy that follows, if it led.
+        within: Duration,
+    },
+    /// The run stops its participants: what follows is not checked for availability.
+    End {
+        /// When.
+        at: Micros,
+    },
 }
 
 impl Record {
@@ -102,7 +120,9 @@ impl Record {
             | Self::Lost { at, .. }
             | Self::Write { at, .. }
             | Self::Fault { at, .. }
-            | Self::Healed { at } => *at,
+            | Self::Healed { at }
+            | Self::Disrupt { at, .. }
+            | Self::End { at } => *at,
         }
     }
 }
@@ -110,7 +130,8 @@ impl Record {
 /// One broken guarantee.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Violation {
-    /// Which check (1: overlap, 2: tokens, 3: guarded writes, 4: liveness).
+    /// Which check (1: overlap, 2: tokens, 3: guarded writes, 4: liveness after healing,
+    /// 5: a needless failover, 6: a vacancy past its bound).
     pub clause: u8,
     /// What exactly.
     pub what: String,
@@ -131,6 +152,8 @@ pub struct CheckReport {
     pub writes: usize,
     /// Faults injected.
     pub faults: usize,
+    /// What the availability oracle measured, when it ran.
+    pub availability: Option<super::availability::AvailabilityReport>,
 }
 
 /// What the checks of many runs add up to, for one summary line per test.
@@ -148,6 +171,14 @@ pub struct Totals {
     pub writes: usize,
     /// Broken guarantees.
     pub violations: usize,
+    /// Runs the availability oracle checked.
+    pub checked_available: usize,
+    /// Needless failovers it found.
+    pub needless_failovers: usize,
+    /// Vacancies it measured (a disrupted leader replaced).
+    pub vacancies: usize,
+    /// The longest of them.
+    pub longest_vacancy: Option<Duration>,
 }
 
 impl Totals {
@@ -159,6 +190,12 @@ impl Totals {
         self.actions += report.actions;
         self.writes += report.writes;
         self.violations += report.violations.len();
+        if let Some(availability) = &report.availability {
+            self.checked_available += 1;
+            self.needless_failovers += availability.needless_failovers;
+            self.vacancies += availability.vacancies;
+            self.longest_vacancy = self.longest_vacancy.max(availability.longest_vacancy);
+        }
     }
 }
 
@@ -168,7 +205,17 @@ impl std::fmt::Display for Totals {
             f,
             "{} schedules, {} faults, {} leaderships, {} actions, {} accepted writes, {} violations",
             self.runs, self.faults, self.leaderships, self.actions, self.writes, self.violations
-        )
+        )?;
+        if self.checked_available > 0 {
+            write!(
+                f,
+                "; availability: {} needless failovers, {} vacancies measured, the longest {:?}",
+                self.needless_failovers,
+                self.vacancies,
+                self.longest_vacancy.unwrap_or_default()
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -476,6 +523,13 @@ impl History {
                 ),
                 Record::Fault { what, .. } => format!("FAULT {what}"),
                 Record::Healed { .. } => "HEALED: every fault is over".to_owned(),
+                Record::Disrupt {
+                    participant,
+                    what,
+                    within,
+                    ..
+                } => format!("DISRUPT p{participant}: {what} (a successor within {within:?})"),
+                Record::End { .. } => "END: the participants are stopped".to_owned(),
                 Record::Acted { .. } => continue,
             };
             let _ = writeln!(out, "  {:>10}  {line}", secs(record.at()));
@@ -484,10 +538,37 @@ impl History {
         out
     }
 
+    /// [`check`](Self::check), and the availability oracle
+    /// ([`super::availability`]) for a schedule whose faults the backend survives and
+    /// that records every disruption of a participant.
+    pub fn check_available(&self, liveness: Option<Duration>) -> CheckReport {
+        let mut report = self.check(liveness);
+        let availability = super::availability::check(&self.records());
+        report
+            .violations
+            .extend(availability.violations.iter().cloned());
+        report.availability = Some(availability);
+        report
+    }
+
     /// Panics with the seed, the replay command and the timeline when the check found a
     /// violation; returns the report otherwise.
     pub fn assert_ok(&self, liveness: Option<Duration>, seed: u64, replay: &str) -> CheckReport {
-        let report = self.check(liveness);
+        self.assert_report(self.check(liveness), seed, replay)
+    }
+
+    /// [`assert_ok`](Self::assert_ok) with the availability oracle
+    /// ([`check_available`](Self::check_available)).
+    pub fn assert_available(
+        &self,
+        liveness: Option<Duration>,
+        seed: u64,
+        replay: &str,
+    ) -> CheckReport {
+        self.assert_report(self.check_available(liveness), seed, replay)
+    }
+
+    fn assert_report(&self, report: CheckReport, seed: u64, replay: &str) -> CheckReport {
         if !report.violations.is_empty() {
             let mut message =
                 format!("history check failed for seed {seed}\nreplay: {replay}\nviolations:\n");

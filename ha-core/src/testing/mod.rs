@@ -21,6 +21,7 @@
 //! generous margins. Set `HA_CASE=<substring>` to run only matching cases.
 
 mod cases;
+pub mod availability;
 pub mod history;
 pub mod participant;
 #[cfg(feature = "testing")]

@@ -14,6 +14,8 @@ struct Member {
     name: String,
     client_port: u16,
     peer_port: u16,
+    /// The port its peers dial: its own, or a proxy's in front of it.
+    advertised_peer_port: u16,
     dir: tempfile::TempDir,
     child: Option<Child>,
 }
@@ -34,19 +36,35 @@ impl EtcdCluster {
         super::for_test(Self::try_start(size))
     }
 
+    /// [`start`](Self::start), with member `i`'s peers dialing it at
+    /// `advertised_peer_ports[i]` (a proxy the test puts in front of
+    /// [`peer_port`](Self::peer_port)`(i)`, to cut the peer path alone).
+    pub fn start_with_peer_ports(advertised_peer_ports: &[u16]) -> Option<Self> {
+        super::for_test(Self::try_start_with(
+            advertised_peer_ports.len(),
+            Some(advertised_peer_ports),
+        ))
+    }
+
     /// Starts `size` members and waits until each accepts connections.
     ///
     /// # Errors
     /// No etcd binary, no ports or temp dirs, or a member that does not listen in time.
     pub fn try_start(size: usize) -> Result<Self, StartError> {
+        Self::try_start_with(size, None)
+    }
+
+    fn try_start_with(size: usize, advertised: Option<&[u16]>) -> Result<Self, StartError> {
         static NEXT: AtomicU64 = AtomicU64::new(0);
         let binary = find_binary("etcd").ok_or(StartError::NotInstalled)?;
         let mut members = Vec::new();
         for i in 1..=size {
+            let peer_port = free_port()?;
             members.push(Member {
                 name: format!("m{i}"),
                 client_port: free_port()?,
-                peer_port: free_port()?,
+                peer_port,
+                advertised_peer_port: advertised.map_or(peer_port, |ports| ports[i - 1]),
                 dir: tempfile::tempdir()?,
                 child: None,
             });
@@ -85,7 +103,7 @@ impl EtcdCluster {
     fn initial_cluster(&self) -> String {
         self.members
             .iter()
-            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port))
+            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.advertised_peer_port))
             .collect::<Vec<_>>()
             .join(",")
     }
@@ -95,13 +113,14 @@ impl EtcdCluster {
         let member = &self.members[i];
         let client = format!("http://127.0.0.1:{}", member.client_port);
         let peer = format!("http://127.0.0.1:{}", member.peer_port);
+        let advertised = format!("http://127.0.0.1:{}", member.advertised_peer_port);
         let child = Command::new(&self.binary)
             .arg(format!("--name={}", member.name))
             .arg(format!("--data-dir={}", member.dir.path().display()))
             .arg(format!("--listen-client-urls={client}"))
             .arg(format!("--advertise-client-urls={client}"))
             .arg(format!("--listen-peer-urls={peer}"))
-            .arg(format!("--initial-advertise-peer-urls={peer}"))
+            .arg(format!("--initial-advertise-peer-urls={advertised}"))
             .arg(format!("--initial-cluster={initial}"))
             .arg(format!("--initial-cluster-token={}", self.token))
             .arg("--initial-cluster-state=new")
@@ -137,6 +156,11 @@ impl EtcdCluster {
     /// Member `i`'s client endpoint (0-based), `127.0.0.1:port`.
     pub fn endpoint(&self, i: usize) -> String {
         format!("127.0.0.1:{}", self.members[i].client_port)
+    }
+
+    /// The port member `i` listens on for its peers (0-based).
+    pub fn peer_port(&self, i: usize) -> u16 {
+        self.members[i].peer_port
     }
 
     /// Every member's client endpoint.
