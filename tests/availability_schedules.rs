@@ -59,10 +59,9 @@ impl Members {
     fn signal(&self, member: usize, what: Signal) {
         match self {
             #[cfg(feature = "etcd")]
-            Self::Etcd { cluster, .. } => cluster.signal(
-                member,
-                if what == Signal::STOP { "STOP" } else { "CONT" },
-            ),
+            Self::Etcd { cluster, .. } => {
+                cluster.signal(member, if what == Signal::STOP { "STOP" } else { "CONT" })
+            }
             Self::Raft(group) => {
                 let _ = group.procs.signal(member as u64 + 1, what);
             }
@@ -201,9 +200,8 @@ async fn schedule(seed: u64, members: Members, timing: Timing) -> Arc<History> {
     for _ in 0..STEPS {
         sleep(Duration::from_millis(rng.random_range(500..1500))).await;
         let member = rng.random_range(0..3usize);
-        let long = Duration::from_millis(
-            rng.random_range(1000..(timing.ttl.as_millis() as u64 * 2)),
-        );
+        let long =
+            Duration::from_millis(rng.random_range(1000..(timing.ttl.as_millis() as u64 * 2)));
         // Disrupt the ACTIVE during the fault, or not: resign (2 in 4), kill (1 in 4).
         let disruption = rng.random_range(0..4u8);
         let disrupt_after = Duration::from_millis(rng.random_range(200..long.as_millis() as u64));

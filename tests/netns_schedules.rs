@@ -6,8 +6,16 @@
 //! one link between the Raft leader and another host cut (each still reaches the
 //! third), and one direction of such a link. The history checker checks every schedule
 //! (one leader acting at a time, tokens in order, someone acting again after healing).
-//! `HA_FAULT_RUNS=N` / `HA_FAULT_SEEDS=a,b` pick the seeds (CI runs 4). Needs root for
-//! namespaces; under `CI` their absence fails.
+//!
+//! A second family puts the participants on a fourth host that reaches every member
+//! (`raft://` with all three), so each fault is one the group survives: a member cut
+//! off (the Raft leader among them), the link between the Raft leader and a follower,
+//! one direction of such a link. The availability oracle checks those too: the ACTIVE
+//! keeps its role through them, and when the schedule resigns or kills it, the next is
+//! elected within its bound.
+//!
+//! `HA_FAULT_RUNS=N` / `HA_FAULT_SEEDS=a,b` pick the seeds (CI runs 4 of each). Needs
+//! root for namespaces; under `CI` their absence fails.
 
 #![cfg(all(feature = "cli", feature = "raft"))]
 
@@ -42,6 +50,7 @@ struct Nodes {
 }
 
 impl Nodes {
+    /// A member on each of hosts `1..=HOSTS`.
     fn start(lab: &Lab, cluster: &str) -> Self {
         let peers: Vec<String> = (1..=HOSTS)
             .map(|h| format!("{h}={}:{PORT}", lab.addr(h)))
@@ -179,8 +188,13 @@ async fn schedule(seed: u64) -> Option<Arc<History>> {
     Some(history)
 }
 
+/// The two families run one after the other: at once, their processes would starve
+/// each other on a 2-core machine (and a starved ACTIVE misses its keepalives).
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partitions_on_a_real_network_never_show_two_leaders() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     let run = participant::Run {
         name: "raft on a real network",
         default_runs: 4,
@@ -190,4 +204,136 @@ async fn partitions_on_a_real_network_never_show_two_leaders() {
         availability: false,
     };
     participant::run_schedules(run, schedule).await;
+}
+
+/// The host the participants of the availability family run on.
+const CLIENTS: usize = HOSTS + 1;
+
+/// A fault the group survives, on the members' hosts only, with participants on a host
+/// of their own; sometimes the ACTIVE is resigned or killed meanwhile.
+async fn available_schedule(seed: u64) -> Option<Arc<History>> {
+    let lab = ha_testkit::lab_for_test(CLIENTS)?;
+    let mut rng = StdRng::seed_from_u64(seed);
+    let history = Arc::new(History::new());
+    let epoch = unix_us();
+    let now = || unix_us().saturating_sub(epoch);
+    let nodes = Nodes::start(&lab, &format!("netns-available-{seed}"));
+    let lab = Arc::new(lab);
+    let url = format!(
+        "raft://{}",
+        (1..=HOSTS)
+            .map(|h| format!("{}:{PORT}", lab.addr(h)))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let participants: BTreeMap<u64, Supervised> = (1..=3u64)
+        .map(|id| {
+            let (lab, url) = (Arc::clone(&lab), url.clone());
+            let command: participant::MakeCommand = Arc::new(move || {
+                let mut command = lab.tokio_command(CLIENTS, HA);
+                command
+                    .args(["elect", "schedule", &format!("p{id}"), "--json"])
+                    .args(["--print-every-ms", "50", "--backend", &url])
+                    .args(["--id", &id.to_string()])
+                    .args(["--ttl", &TTL.as_secs().to_string()]);
+                command
+            });
+            let supervised = Supervised::start(id, command, epoch, Arc::clone(&history));
+            (id, supervised)
+        })
+        .collect();
+    let fault = |what: String| history.record(Record::Fault { at: now(), what });
+    // A resigned ACTIVE is replaced within TTL/3 (a dead member noticed) plus a Raft
+    // election with room; a killed one within its TTL on top.
+    let handover = TTL / 3 + Duration::from_secs(2);
+    let failover = TTL + handover;
+    sleep(Duration::from_secs(4)).await;
+    for _ in 0..STEPS {
+        sleep(Duration::from_millis(rng.random_range(500..1500))).await;
+        let long = Duration::from_millis(rng.random_range(1000..(TTL.as_millis() as u64 * 2)));
+        let leader = nodes.raft_leader().unwrap_or(1);
+        let other = (leader + rng.random_range(0..HOSTS - 1)) % HOSTS + 1;
+        let heal: Box<dyn Fn(&Lab)> = match rng.random_range(0..4) {
+            0 => {
+                fault(format!("host {other} (a follower) cut off for {long:?}"));
+                lab.cut(other).unwrap_or_else(|e| panic!("{e}"));
+                Box::new(move |lab| lab.heal(other).unwrap_or_else(|e| panic!("{e}")))
+            }
+            1 => {
+                fault(format!(
+                    "host {leader} (the Raft leader) cut off for {long:?}"
+                ));
+                lab.cut(leader).unwrap_or_else(|e| panic!("{e}"));
+                Box::new(move |lab| lab.heal(leader).unwrap_or_else(|e| panic!("{e}")))
+            }
+            2 => {
+                fault(format!("the link between host {leader} (the Raft leader) and host {other} cut for {long:?}"));
+                lab.cut_link(leader, other)
+                    .unwrap_or_else(|e| panic!("{e}"));
+                Box::new(move |lab| {
+                    lab.heal_link(leader, other)
+                        .unwrap_or_else(|e| panic!("{e}"))
+                })
+            }
+            _ => {
+                let (from, to) = if rng.random_bool(0.5) {
+                    (other, leader)
+                } else {
+                    (leader, other)
+                };
+                fault(format!(
+                    "host {from}'s packets to host {to} lost for {long:?} (the Raft leader is {leader})"
+                ));
+                lab.cut_one_way(from, to).unwrap_or_else(|e| panic!("{e}"));
+                Box::new(move |lab| lab.heal_link(from, to).unwrap_or_else(|e| panic!("{e}")))
+            }
+        };
+        let disruption = rng.random_range(0..4u8);
+        let disrupt_after = Duration::from_millis(rng.random_range(200..long.as_millis() as u64));
+        sleep(disrupt_after).await;
+        let active = participants
+            .iter()
+            .find(|(_, p)| p.is_leading())
+            .and_then(|(id, p)| Some((*id, p.pid()?)));
+        if let (Some((id, pid)), 0..=2) = (active, disruption) {
+            let (what, within, sent) = if disruption < 2 {
+                ("resigned (SIGTERM)", handover, "TERM")
+            } else {
+                ("killed (SIGKILL)", failover, "KILL")
+            };
+            history.record(Record::Disrupt {
+                participant: id,
+                at: now(),
+                what: format!("the ACTIVE {what}"),
+                within,
+            });
+            participant::signal(pid, sent);
+        }
+        sleep(long.saturating_sub(disrupt_after)).await;
+        heal(&lab);
+    }
+    lab.heal_all().unwrap_or_else(|e| panic!("{e}"));
+    history.record(Record::Healed { at: now() });
+    sleep(LIVENESS + Duration::from_secs(1)).await;
+    history.record(Record::End { at: now() });
+    for (_, p) in participants {
+        p.stop().await;
+    }
+    nodes.stop().await;
+    drop(lab);
+    Some(history)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn faults_the_group_survives_cost_no_role_on_a_real_network() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let run = participant::Run {
+        name: "raft availability on a real network",
+        default_runs: 4,
+        concurrent: 1,
+        liveness: LIVENESS,
+        replay: "--test netns_schedules faults_the_group_survives",
+        availability: true,
+    };
+    participant::run_schedules(run, available_schedule).await;
 }

@@ -20,8 +20,8 @@
 //! `tokio::time::pause()` they take no real time; on others they wait for real, with
 //! generous margins. Set `HA_CASE=<substring>` to run only matching cases.
 
-mod cases;
 pub mod availability;
+mod cases;
 pub mod history;
 pub mod participant;
 #[cfg(feature = "testing")]
