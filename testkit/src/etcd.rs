@@ -51,6 +51,8 @@ pub struct Etcd {
     child: Child,
     binary: PathBuf,
     tls: Option<ServerTls>,
+    /// Flags given on top of the defaults, kept for restarts.
+    extra: Vec<String>,
     /// The client endpoint, `127.0.0.1:port`.
     pub endpoint: String,
     /// The peer port (kept across restarts).
@@ -94,6 +96,7 @@ fn spawn(
     peer_port: u16,
     dir: &Path,
     tls: Option<&ServerTls>,
+    extra: &[String],
 ) -> std::io::Result<Child> {
     let peer = format!("http://127.0.0.1:{peer_port}");
     let scheme = if tls.is_some() { "https" } else { "http" };
@@ -115,6 +118,7 @@ fn spawn(
         .arg(format!("--initial-cluster=ha-test={peer}"))
         .arg("--logger=zap")
         .arg("--log-level=error")
+        .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -133,12 +137,23 @@ impl Etcd {
         Self::start_for_test(Some(tls))
     }
 
+    /// Like [`Etcd::start`], with `extra` flags (`--auth-token-ttl=2`), kept across
+    /// restarts.
+    pub fn start_with(extra: &[&str]) -> Option<Self> {
+        for_test(Self::try_start_with(None, extra))
+    }
+
     fn start_for_test(tls: Option<ServerTls>) -> Option<Self> {
         for_test(Self::try_start(tls))
     }
 
     /// Starts etcd and waits until it accepts connections.
     pub fn try_start(tls: Option<ServerTls>) -> Result<Self, StartError> {
+        Self::try_start_with(tls, &[])
+    }
+
+    fn try_start_with(tls: Option<ServerTls>, extra: &[&str]) -> Result<Self, StartError> {
+        let extra: Vec<String> = extra.iter().map(|&flag| flag.to_owned()).collect();
         let binary = find_binary("etcd").ok_or(StartError::NotInstalled)?;
         // A free port can be taken again between our probe and etcd's bind (tests start
         // servers in parallel); etcd then exits, and the port we saw answer is another
@@ -150,11 +165,19 @@ impl Etcd {
             let dir = tempfile::tempdir()?;
             let (client_port, peer_port) = (free_port()?, free_port()?);
             let endpoint = format!("127.0.0.1:{client_port}");
-            let child = spawn(&binary, &endpoint, peer_port, dir.path(), tls.as_ref())?;
+            let child = spawn(
+                &binary,
+                &endpoint,
+                peer_port,
+                dir.path(),
+                tls.as_ref(),
+                &extra,
+            )?;
             let mut etcd = Self {
                 child,
                 binary: binary.clone(),
                 tls: tls.clone(),
+                extra: extra.clone(),
                 endpoint,
                 peer_port,
                 dir,
@@ -215,6 +238,7 @@ impl Etcd {
             self.peer_port,
             self.dir.path(),
             tls.as_ref(),
+            &self.extra,
         )
         .unwrap_or_else(|e| panic!("restart etcd: {e}"));
         if let Err(error) = self.wait_listening() {

@@ -11,12 +11,11 @@ use tracing::debug;
 use crate::error::map;
 use crate::keys;
 
+use super::endpoints::RETRY;
 use super::EtcdBackend;
 
 /// How long a wait rides out an etcd that answers nothing (a restart) before failing.
 const OUTAGE: Duration = Duration::from_secs(30);
-/// The pause before a read or a watch is tried again after it failed.
-const RETRY: Duration = Duration::from_millis(200);
 
 impl EtcdBackend {
     /// Waits until the candidacy `token` (key `own`) heads the election.
@@ -79,6 +78,7 @@ impl EtcdBackend {
                 .with_start_revision(revision + 1);
             let mut client = conn.client.clone();
             let within = self.endpoints.attempt_timeout();
+            self.count_watch_opened();
             let opened = match timeout(within, client.watch(prefix.as_str(), Some(options))).await {
                 Ok(opened) => opened.map_err(map),
                 Err(_) => Err(Error::Timeout {
@@ -90,7 +90,7 @@ impl EtcdBackend {
                 Ok(watch) => watch,
                 Err(e) => {
                     debug!(election = %election, error = %e, "campaign watch failed, retrying");
-                    if !self.endpoints.failed(&conn, &e) {
+                    if !self.endpoints.moved_after(&conn, &e) {
                         sleep(RETRY).await;
                     }
                     continue;
@@ -105,7 +105,12 @@ impl EtcdBackend {
                 };
                 match message {
                     Ok(Some(response)) => {
-                        if response.canceled() || response.compact_revision() > 0 {
+                        if response.canceled() {
+                            let reason = response.cancel_reason();
+                            self.endpoints.after_cancel(&conn, reason).await;
+                            break;
+                        }
+                        if response.compact_revision() > 0 {
                             break;
                         }
                         if response
@@ -121,7 +126,7 @@ impl EtcdBackend {
                         break;
                     }
                     Err(e) => {
-                        if !self.endpoints.failed(&conn, &map(e)) {
+                        if !self.endpoints.moved_after(&conn, &map(e)) {
                             sleep(RETRY).await;
                         }
                         break;

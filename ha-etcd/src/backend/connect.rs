@@ -118,6 +118,7 @@ impl EtcdBackend {
             config,
             keepers: Arc::default(),
             reuse_abandoned_streams: false,
+            watches_opened: Arc::default(),
         })
     }
 }

@@ -17,6 +17,9 @@ use tokio::time::timeout;
 use crate::config::EtcdConfig;
 use crate::error::map;
 
+/// The pause before a watch or a read is tried again on an endpoint that failed it.
+pub(crate) const RETRY: std::time::Duration = std::time::Duration::from_millis(200);
+
 /// The client of an endpoint, and the endpoint as it was when picked.
 #[derive(Clone)]
 pub(crate) struct Conn {
@@ -199,6 +202,25 @@ impl Endpoints {
     /// Reports `error` from `conn`'s endpoint; see [`EndpointSet::failed`].
     pub(crate) fn failed(&self, conn: &Conn, error: &Error) -> bool {
         self.set.failed(conn.at, error)
+    }
+
+    /// Reports `error` like [`failed`](Self::failed); whether calls now go to another
+    /// endpoint, so a retry need not wait (with one endpoint, or a failure that is not
+    /// the endpoint's, it must: a member restarting refuses at once, and a retry at
+    /// once would spin).
+    pub(crate) fn moved_after(&self, conn: &Conn, error: &Error) -> bool {
+        self.set.failed(conn.at, error) && self.set.in_use().slot != conn.at.slot
+    }
+
+    /// After etcd cancelled a watch on `conn`: a watch opened with a token etcd no
+    /// longer knows (expired, or dropped by a restart) is cancelled with no error, and
+    /// etcd-client fetches a new token only after an error, so fetch one here; for any
+    /// other reason, pause before the watch is opened again.
+    pub(crate) async fn after_cancel(&self, conn: &Conn, reason: &str) {
+        let auth = reason.contains("auth token") || reason.contains("Unauthenticated");
+        if !(auth && conn.client.refresh_token().await.is_ok()) {
+            tokio::time::sleep(RETRY).await;
+        }
     }
 
     /// How long one attempt of a repeatable call may take.

@@ -83,6 +83,8 @@ pub struct EtcdBackend {
     keepers: Arc<Mutex<HashMap<i64, Arc<Keeper>>>>,
     /// Test-only mutant: keep a keepalive stream whose round was abandoned.
     reuse_abandoned_streams: bool,
+    /// Watches opened (campaign waits and followers), for tests that look for spins.
+    watches_opened: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl std::fmt::Debug for EtcdBackend {
@@ -145,6 +147,20 @@ impl EtcdBackend {
     /// 1 s plus the request timeout), 3 s before any.
     pub fn dead_member_bound(&self) -> Duration {
         self.endpoints.set().detection_bound()
+    }
+
+    fn count_watch_opened(&self) {
+        self.watches_opened
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Test seam: how many watches this backend opened (campaign waits and watch
+    /// followers), so a test can tell a watch reopened once from one that spins.
+    #[cfg(feature = "testing")]
+    #[doc(hidden)]
+    pub fn watches_opened(&self) -> u64 {
+        self.watches_opened
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Every key under `prefix` (a linearizable read).

@@ -15,7 +15,7 @@ use tracing::debug;
 use crate::error::map;
 use crate::keys;
 
-use super::endpoints::Conn;
+use super::endpoints::{Conn, RETRY};
 use super::{EtcdBackend, MemberRecord};
 
 /// The head of a set of candidate keys: (token, value, lease).
@@ -43,9 +43,6 @@ struct EventFeed {
     watch: Option<(Conn, etcd_client::WatchStream)>,
 }
 
-/// The pause before a watch is opened again after it failed.
-const RETRY: Duration = Duration::from_millis(200);
-
 impl EventFeed {
     /// A feed of every change after revision `after`.
     fn new(backend: EtcdBackend, prefix: String, after: i64) -> Self {
@@ -70,6 +67,7 @@ impl EventFeed {
             .with_start_revision(self.next);
         let mut client = conn.client.clone();
         let within = endpoints.attempt_timeout();
+        self.backend.count_watch_opened();
         let opened = match timeout(within, client.watch(self.prefix.as_str(), Some(options))).await
         {
             Ok(opened) => opened.map_err(map),
@@ -81,7 +79,7 @@ impl EventFeed {
         match opened {
             Ok(watch) => Some((conn, watch)),
             Err(e) => {
-                if !endpoints.failed(&conn, &e) {
+                if !endpoints.moved_after(&conn, &e) {
                     sleep(RETRY).await;
                 }
                 None
@@ -114,7 +112,13 @@ impl EventFeed {
             };
             match message {
                 Ok(Some(response)) if response.compact_revision() > 0 => return Feed::Compacted,
-                Ok(Some(response)) if response.canceled() => {} // reopen from `next`
+                Ok(Some(response)) if response.canceled() => {
+                    // Reopened from `next`.
+                    let endpoints = &self.backend.endpoints;
+                    endpoints
+                        .after_cancel(&conn, response.cancel_reason())
+                        .await;
+                }
                 Ok(Some(response)) => {
                     self.watch = Some((conn, watch));
                     let events = response.events().to_vec();
@@ -132,7 +136,7 @@ impl EventFeed {
                 }
                 Ok(None) => sleep(RETRY).await,
                 Err(e) => {
-                    if !self.backend.endpoints.failed(&conn, &map(e)) {
+                    if !self.backend.endpoints.moved_after(&conn, &map(e)) {
                         sleep(RETRY).await;
                     }
                 }
