@@ -10,11 +10,15 @@
 
 #![cfg(all(feature = "cli", feature = "raft"))]
 
+#[path = "support/http.rs"]
+mod http;
+
 use std::collections::BTreeMap;
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
 use ha_testkit::{free_port, Line, Processes, Signal};
+use http::http_get;
 use tokio::process::Command;
 use tokio::time::timeout;
 
@@ -86,47 +90,6 @@ async fn stop_all(procs: &mut Processes) {
         );
     }
     procs.stop_all(Duration::from_secs(10)).await;
-}
-
-/// `GET path` on a local HTTP server: the status code and the body.
-async fn http_get(port: u16, path: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let exchange = async {
-        // The process may still be starting its server: retry a refused connect (bounded).
-        let mut attempts = 0;
-        let mut stream = loop {
-            match tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
-                Ok(stream) => break stream,
-                Err(_) if attempts < 50 => {
-                    attempts += 1;
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                Err(e) => return Err(e),
-            }
-        };
-        stream
-            .write_all(
-                format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
-            )
-            .await?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response).await?;
-        Ok::<_, std::io::Error>(response)
-    };
-    let response = timeout(Duration::from_secs(10), exchange)
-        .await
-        .unwrap_or_else(|_| panic!("GET {path} timed out"))
-        .unwrap_or_else(|e| panic!("GET {path}: {e}"));
-    let status = response
-        .split(' ')
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .unwrap_or_else(|| panic!("no status in {response:?}"));
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_owned())
-        .unwrap_or_default();
-    (status, body)
 }
 
 /// The first ready ACTIVE (seen now or earlier) and its token.
@@ -250,6 +213,9 @@ async fn raft_nodes_fail_over_on_kill_and_hand_over_on_sigterm() {
         "ha_elections_won_total",
         "ha_active{",
         "ha_keepalive_seconds_bucket",
+        "ha_fencing_token{",
+        "ha_self_fence_seconds_left{",
+        "ha_keepalive_failures_total{",
     ] {
         assert!(
             text.contains(metric),

@@ -10,6 +10,8 @@
 
 #[path = "support/group.rs"]
 mod group;
+#[path = "support/http.rs"]
+mod http;
 
 use std::time::{Duration, Instant};
 
@@ -96,6 +98,18 @@ impl Fixture {
 
     /// `ha elect rootcoord <value>` as process `id`.
     fn elect(&mut self, id: u64, value: &str, ttl: Duration, through_proxies: bool) {
+        self.elect_with_metrics(id, value, ttl, through_proxies, None);
+    }
+
+    /// [`elect`](Self::elect), serving `/metrics` on port `metrics` if given.
+    fn elect_with_metrics(
+        &mut self,
+        id: u64,
+        value: &str,
+        ttl: Duration,
+        through_proxies: bool,
+        metrics: Option<u16>,
+    ) {
         let mut command = Command::new(HA);
         command
             .args([
@@ -110,6 +124,9 @@ impl Fixture {
             .args(["--ttl", &ttl.as_secs().to_string()])
             .args(["--backend", &self.url(through_proxies)])
             .env("RUST_LOG", "ha=debug,ha_etcd=debug");
+        if let Some(port) = metrics {
+            command.args(["--metrics-addr", &format!("127.0.0.1:{port}")]);
+        }
         self.procs
             .spawn(id, command)
             .unwrap_or_else(|e| panic!("spawn {value}: {e}"));
@@ -242,12 +259,15 @@ async fn a_standby_whose_member_died_takes_over(mut f: Fixture) {
 /// the member the ACTIVE uses then.
 async fn an_active_whose_member_died_keeps_its_role(mut f: Fixture) {
     let ttl = Duration::from_secs(4);
-    f.elect(1, "A", ttl, true);
-    f.procs
+    let metrics = ha_testkit::free_port();
+    f.elect_with_metrics(1, "A", ttl, true, Some(metrics));
+    let token = f
+        .procs
         .expect("A elected", Duration::from_secs(30), |l| {
             l.from == 1 && l.is("elected")
         })
-        .await;
+        .await
+        .token();
     f.elect(2, "B", ttl, false);
     f.procs
         .expect("B registered", Duration::from_secs(30), |l| {
@@ -287,6 +307,20 @@ async fn an_active_whose_member_died_keeps_its_role(mut f: Fixture) {
             "cut {cut}: A stopped saying it leads"
         );
     }
+    // What warns before a loss, on A's /metrics: the token it leads with, the time left
+    // before it would fence itself, and the endpoints it left and moved to.
+    let text = http::http_get(metrics, "/metrics").await.1;
+    let role = r#"role="rootcoord""#;
+    let value = |metric: &str, labels: &[&str]| {
+        http::sample(&text, metric, labels)
+            .unwrap_or_else(|| panic!("no {metric} {labels:?} in /metrics:\n{text}"))
+    };
+    assert_eq!(value("ha_fencing_token", &[role]), token as f64);
+    let left = value("ha_self_fence_seconds_left", &[role]);
+    assert!(left > 0.0 && left <= ttl.as_secs_f64(), "{left} s left");
+    assert!(value("ha_keepalive_failures_total", &[role]) >= 0.0);
+    assert!(value("ha_backend_endpoint_failures_total", &[]) >= 1.0);
+    assert!(value("ha_backend_reconnects_total", &[]) >= 1.0);
     f.stop().await;
 }
 

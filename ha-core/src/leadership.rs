@@ -56,6 +56,7 @@ impl LeadershipShared {
         });
         if changed {
             self.cancel.cancel();
+            self.token_gauge().set(0.0);
             let member = &self.session.member;
             if reason == LossReason::Resigned {
                 info!(server_id = %member.server_id, role = %member.role,
@@ -86,6 +87,14 @@ impl LeadershipShared {
     fn is_valid(&self) -> bool {
         self.lost.borrow().is_none() && self.session.is_valid()
     }
+
+    /// `ha_fencing_token`: the token this process leads the election with, 0 while it
+    /// does not.
+    fn token_gauge(&self) -> metrics::Gauge {
+        metrics::gauge!("ha_fencing_token",
+            "role" => self.session.member.role.to_string(),
+            "election" => self.key.election.to_string())
+    }
 }
 
 impl Leadership {
@@ -104,6 +113,7 @@ impl Leadership {
             token = %shared.key.token,
             "elected"
         );
+        shared.token_gauge().set(shared.key.token.get() as f64);
         let monitor = tokio::spawn(monitor(Arc::clone(&shared)));
         Self { shared, monitor }
     }

@@ -229,6 +229,22 @@ impl SessionShared {
         *self.deadline.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// `ha_self_fence_seconds_left`: the time left before this process fences itself,
+    /// as of the last keepalive attempt (every TTL/3, every TTL/15 while they fail; 0
+    /// once the session is lost). It falling towards 0 warns of a loss.
+    pub(crate) fn report_time_left(&self) {
+        let left = match *self.state.borrow() {
+            SessionState::Alive => self
+                .fence_at()
+                .saturating_duration_since(Instant::now())
+                .as_secs_f64(),
+            SessionState::Lost(_) => 0.0,
+        };
+        metrics::gauge!("ha_self_fence_seconds_left",
+            "role" => self.member.role.to_string(), "backend" => self.backend.name())
+        .set(left);
+    }
+
     /// Moves the deadline forward after an acknowledged keepalive sent at `sent`.
     /// The server restarted the TTL no earlier than `sent`, so it cannot expire the
     /// lease before `sent + granted` by its clock; ours may run slow by ρ.
@@ -282,6 +298,7 @@ impl SessionShared {
         });
         if changed {
             self.cancel.cancel();
+            self.report_time_left();
             match reason {
                 LossReason::Closed => info!(
                     server_id = %self.member.server_id,
@@ -383,6 +400,11 @@ impl Session {
             backend = shared.backend.name(),
             "registered"
         );
+        shared.report_time_left();
+        // Listed from the start, so a dashboard sees 0 rather than nothing.
+        metrics::counter!("ha_keepalive_failures_total",
+            "role" => shared.member.role.to_string(), "backend" => shared.backend.name())
+        .increment(0);
         let keepalive = tokio::spawn(keepalive_loop(Arc::clone(&shared)));
         Ok(Self {
             shared,
@@ -572,6 +594,11 @@ async fn keepalive_loop(shared: Arc<SessionShared>) {
                 return;
             }
         };
+        let failed = || {
+            metrics::counter!("ha_keepalive_failures_total",
+                "role" => shared.member.role.to_string(), "backend" => shared.backend.name())
+            .increment(1);
+        };
         match outcome {
             Ok(Ok(granted)) => {
                 let granted = granted.min(ttl);
@@ -587,12 +614,15 @@ async fn keepalive_loop(shared: Arc<SessionShared>) {
             }
             Ok(Err(error)) => {
                 debug!(lease = %shared.lease.id, %error, "keepalive failed, retrying");
+                failed();
                 next = Instant::now() + retry_every;
             }
             Err(_) => {
                 debug!(lease = %shared.lease.id, "keepalive timed out, retrying");
+                failed();
                 next = Instant::now() + retry_every;
             }
         }
+        shared.report_time_left();
     }
 }

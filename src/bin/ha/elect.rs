@@ -1,11 +1,13 @@
 //! `ha elect`, `ha elect --listen`, `ha leader`, `ha members`: the etcdctl-style commands,
 //! on any backend.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use ha::{Backend, ElectionName, LeaderEvent, Member, Role, ServerId, Session};
+use ha::{Backend, ElectionName, LeaderEvent, Member, Role, RoleState, ServerId, Session};
+use tokio::sync::watch;
 
 use crate::output::{Event, Printer};
 use crate::{shutdown_signal, Common, Exit};
@@ -31,29 +33,45 @@ fn election_name(name: &str) -> Result<ElectionName, Exit> {
     ElectionName::new(name).map_err(|e| fail("bad election", &e))
 }
 
+/// What `ha elect <election> <value>` campaigns with.
+pub struct Candidate {
+    /// The value published while leading.
+    pub value: String,
+    /// The role to register in (default: the election's name).
+    pub role: Option<String>,
+    /// Print `leading` this often while the leadership is valid.
+    pub print_every: Option<Duration>,
+    /// Where to serve /metrics, /healthz and /role.
+    pub metrics_addr: Option<SocketAddr>,
+}
+
 /// `ha elect <election> <value>`: campaign, hold until a signal, resign.
-pub async fn campaign(
-    election: &str,
-    value: &str,
-    role: Option<&str>,
-    print_every: Option<Duration>,
-    common: &Common,
-) -> Exit {
-    match campaign_inner(election, value, role, print_every, common).await {
-        Ok(exit) | Err(exit) => exit,
+pub async fn campaign(election: &str, candidate: &Candidate, common: &Common) -> Exit {
+    let (role_state, watched) = watch::channel(RoleState::Starting);
+    if let Some(addr) = candidate.metrics_addr {
+        if let Err(e) = crate::http::serve(addr, watched).await {
+            eprintln!("ha: cannot serve metrics on {addr}: {e}");
+            return Exit::Usage;
+        }
     }
+    let exit = match campaign_inner(election, candidate, common, &role_state).await {
+        Ok(exit) | Err(exit) => exit,
+    };
+    role_state.send_replace(RoleState::Stopped);
+    exit
 }
 
 async fn campaign_inner(
     election: &str,
-    value: &str,
-    role: Option<&str>,
-    print_every: Option<Duration>,
+    candidate: &Candidate,
     common: &Common,
+    role_state: &watch::Sender<RoleState>,
 ) -> Result<Exit, Exit> {
+    let (value, print_every) = (candidate.value.as_str(), candidate.print_every);
     let printer = Printer::new(common.json);
     let election = election_name(election)?;
-    let role = Role::new(role.unwrap_or(election.as_str())).map_err(|e| fail("bad role", &e))?;
+    let role = Role::new(candidate.role.as_deref().unwrap_or(election.as_str()))
+        .map_err(|e| fail("bad role", &e))?;
     let backend = connect(common).await?;
     let server_id = ServerId::new(common.server_id());
     let member = Member::new(server_id, role, value);
@@ -68,6 +86,7 @@ async fn campaign_inner(
             .server_id(Some(server_id))
             .lease(session.lease()),
     );
+    role_state.send_replace(RoleState::Standby);
     if let Ok(Some(leader)) = backend.leader(&election).await {
         printer.print(&Event::new("standby").leader(&leader));
     }
@@ -92,6 +111,7 @@ async fn campaign_inner(
             .server_id(Some(server_id)),
     );
     let token = leadership.token();
+    role_state.send_replace(RoleState::Active { token, ready: true });
     let heartbeat = async {
         let Some(every) = print_every.filter(|d| !d.is_zero()) else {
             return std::future::pending().await;

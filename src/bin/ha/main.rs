@@ -289,6 +289,9 @@ enum Command {
         /// while the leadership is valid (a heartbeat for monitors and history checks).
         #[arg(long)]
         print_every_ms: Option<u64>,
+        /// Serve /metrics, /healthz and /role (200 only while elected) on this address.
+        #[arg(long)]
+        metrics_addr: Option<SocketAddr>,
         #[command(flatten)]
         common: Common,
     },
@@ -470,13 +473,19 @@ async fn command(command: Command) -> Exit {
             listen,
             role,
             print_every_ms,
+            metrics_addr,
             common,
         } => {
             if listen {
                 elect::listen(&election, &common).await
             } else if let Some(value) = value {
-                let every = print_every_ms.map(std::time::Duration::from_millis);
-                elect::campaign(&election, &value, role.as_deref(), every, &common).await
+                let candidate = elect::Candidate {
+                    value,
+                    role,
+                    print_every: print_every_ms.map(std::time::Duration::from_millis),
+                    metrics_addr,
+                };
+                elect::campaign(&election, &candidate, &common).await
             } else {
                 eprintln!("ha elect: a value is required unless --listen is given");
                 Exit::Usage
