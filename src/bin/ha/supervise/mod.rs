@@ -10,6 +10,7 @@
 //! is lost (revoked, deposed).
 
 pub mod child;
+pub mod health;
 pub mod ready;
 
 use std::sync::{Arc, Mutex, PoisonError};
@@ -23,6 +24,7 @@ use tokio::time::{sleep_until, Instant};
 
 use crate::output::{Event, Printer};
 use child::{Child, Ended};
+use health::Health;
 use ready::Probe;
 
 /// The default grace between SIGTERM and SIGKILL, when the TTL allows it.
@@ -45,6 +47,21 @@ pub struct ChildArgs {
     /// A command not ready within this is stopped and the role handed on.
     #[arg(long, default_value = "60s", value_parser = parse_grace)]
     pub ready_timeout: f64,
+    /// Once ready, the command must keep accepting TCP connections on this HOST:PORT...
+    #[arg(long, value_name = "HOST:PORT")]
+    pub health_tcp: Option<String>,
+    /// ... or keep answering `GET URL` (http://) with 2xx; after --health-failures
+    /// failed tries in a row it is stopped and the role handed on (--recampaign: back
+    /// in line).
+    #[arg(long, value_name = "URL")]
+    pub health_http: Option<String>,
+    /// Time between health tries (seconds, or 500ms); one try may take as long, at
+    /// most 1 s.
+    #[arg(long, default_value = "1s", value_parser = crate::parse_seconds)]
+    pub health_interval: f64,
+    /// Failed health tries in a row that stop the command.
+    #[arg(long, default_value_t = 3)]
+    pub health_failures: u32,
     /// Give up campaigning after this long with exit code 6; 0 gives up as soon as
     /// another replica is seen holding the role.
     #[arg(long, value_parser = parse_grace)]
@@ -86,9 +103,17 @@ pub fn max_grace(ttl: Duration) -> Duration {
 /// the command to run, `None` without one, or what is wrong.
 pub fn check(args: &ChildArgs, ttl: Duration) -> Result<Option<Checked>, String> {
     let probe = Probe::parse(args.ready_tcp.as_deref(), args.ready_http.as_deref())?;
+    let health = Health::parse(
+        args.health_tcp.as_deref(),
+        args.health_http.as_deref(),
+        args.health_interval,
+        args.health_failures,
+    )?;
     let Some(program) = args.command.first() else {
-        if probe != Probe::Started || args.kill_grace.is_some() {
-            return Err("--kill-grace and --ready-* need a command after --".to_owned());
+        if probe != Probe::Started || health.is_some() || args.kill_grace.is_some() {
+            return Err(
+                "--kill-grace, --ready-* and --health-* need a command after --".to_owned(),
+            );
         }
         return Ok(None);
     };
@@ -111,6 +136,7 @@ pub fn check(args: &ChildArgs, ttl: Duration) -> Result<Option<Checked>, String>
         probe,
         grace,
         ready_timeout: Duration::from_secs_f64(args.ready_timeout),
+        health,
     }))
 }
 
@@ -121,6 +147,7 @@ pub struct Checked {
     probe: Probe,
     grace: Duration,
     ready_timeout: Duration,
+    health: Option<Health>,
 }
 
 /// What to run and how, checked before registering.
@@ -131,6 +158,7 @@ pub struct Plan {
     ttl: Duration,
     probe: Probe,
     ready_timeout: Duration,
+    health: Option<Health>,
     server_id: u64,
     role: String,
     election: String,
@@ -157,6 +185,7 @@ impl Plan {
             ttl,
             probe: command.probe,
             ready_timeout: command.ready_timeout,
+            health: command.health,
             server_id,
             role: role.to_owned(),
             election: election.to_owned(),
@@ -203,6 +232,7 @@ enum Why {
     Lost,
     Deadline,
     NotReady,
+    Unhealthy,
     Exited,
 }
 
@@ -213,6 +243,7 @@ impl Why {
             Self::Lost => "leadership_lost",
             Self::Deadline => "self_fence_deadline",
             Self::NotReady => "not_ready",
+            Self::Unhealthy => "unhealthy",
             Self::Exited => "exited",
         }
     }
@@ -225,6 +256,8 @@ enum Stopped {
     Spawn(String),
     #[error("the command was not ready within {0:?}")]
     NotReady(Duration),
+    #[error("the command failed {0} health checks in a row")]
+    Unhealthy(u32),
     #[error("the command was stopped before the self-fence deadline (the keepalives failed)")]
     Deadline,
 }
@@ -266,6 +299,14 @@ async fn run(active: Active, plan: &Plan) -> Result<(), Stopped> {
     let ready_by = Instant::now() + plan.ready_timeout;
     let probe = plan.probe.wait();
     tokio::pin!(probe);
+    let health = async {
+        match &plan.health {
+            Some(health) => health.failing().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(health);
+    let mut failed_checks = 0;
     let mut ready = false;
     let mut forwarded = Forwarded::new();
     let why = loop {
@@ -294,6 +335,10 @@ async fn run(active: Active, plan: &Plan) -> Result<(), Stopped> {
                 tokio::spawn(async move { active.ready().await });
             }
             () = sleep_until(ready_by), if !ready => break Why::NotReady,
+            failed = &mut health, if ready => {
+                failed_checks = failed;
+                break Why::Unhealthy;
+            }
             signal = forwarded.next() => child.signal(signal),
         }
     };
@@ -312,6 +357,10 @@ async fn run(active: Active, plan: &Plan) -> Result<(), Stopped> {
         Why::NotReady => {
             give_up(&active, plan.ttl).await;
             Err(Stopped::NotReady(plan.ready_timeout))
+        }
+        Why::Unhealthy => {
+            give_up(&active, plan.ttl).await;
+            Err(Stopped::Unhealthy(failed_checks))
         }
         Why::Deadline => {
             give_up(&active, plan.ttl).await;

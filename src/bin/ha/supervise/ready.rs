@@ -1,5 +1,6 @@
 //! When the supervised child counts as ready: once started, or once a TCP port accepts a
-//! connection, or once an HTTP URL answers 2xx.
+//! connection, or once an HTTP URL answers 2xx. The same checks tell, later, whether it
+//! still answers (`health.rs`).
 
 use std::time::Duration;
 
@@ -32,9 +33,14 @@ pub enum Probe {
 impl Probe {
     /// `--ready-tcp HOST:PORT` or `--ready-http http://HOST:PORT/PATH` (at most one).
     pub fn parse(tcp: Option<&str>, http: Option<&str>) -> Result<Self, String> {
+        Self::parse_flags("ready", tcp, http)
+    }
+
+    /// `--{kind}-tcp` or `--{kind}-http` (at most one), errors naming those flags.
+    pub fn parse_flags(kind: &str, tcp: Option<&str>, http: Option<&str>) -> Result<Self, String> {
         match (tcp, http) {
             (None, None) => Ok(Self::Started),
-            (Some(_), Some(_)) => Err("give --ready-tcp or --ready-http, not both".to_owned()),
+            (Some(_), Some(_)) => Err(format!("give --{kind}-tcp or --{kind}-http, not both")),
             (Some(addr), None) => {
                 if addr
                     .rsplit_once(':')
@@ -42,13 +48,13 @@ impl Probe {
                 {
                     Ok(Self::Tcp(addr.to_owned()))
                 } else {
-                    Err(format!("--ready-tcp {addr:?} is not HOST:PORT"))
+                    Err(format!("--{kind}-tcp {addr:?} is not HOST:PORT"))
                 }
             }
             (None, Some(url)) => {
-                let rest = url
-                    .strip_prefix("http://")
-                    .ok_or_else(|| format!("--ready-http {url:?}: only http:// URLs are probed"))?;
+                let rest = url.strip_prefix("http://").ok_or_else(|| {
+                    format!("--{kind}-http {url:?}: only http:// URLs are probed")
+                })?;
                 let (authority, path) = match rest.find('/') {
                     Some(at) => (&rest[..at], &rest[at..]),
                     None => (rest, "/"),
@@ -60,7 +66,7 @@ impl Probe {
                 };
                 if authority.starts_with(':') || path.contains(char::is_whitespace) {
                     return Err(format!(
-                        "--ready-http {url:?} is not http://HOST[:PORT]/PATH"
+                        "--{kind}-http {url:?} is not http://HOST[:PORT]/PATH"
                     ));
                 }
                 Ok(Self::Http {
@@ -73,20 +79,21 @@ impl Probe {
 
     /// Tries until the probe passes (bounded by the caller).
     pub async fn wait(&self) {
-        loop {
-            let passed = match self {
-                Self::Started => return,
-                Self::Tcp(addr) => timeout(ONE_TRY, TcpStream::connect(addr.as_str()))
-                    .await
-                    .is_ok_and(|c| c.is_ok()),
-                Self::Http { authority, path } => timeout(ONE_TRY, http_ok(authority, path))
-                    .await
-                    .unwrap_or(false),
-            };
-            if passed {
-                return;
-            }
+        while !self.passes(ONE_TRY).await {
             sleep(EVERY).await;
+        }
+    }
+
+    /// One try, bounded by `within`: whether the port accepted, or the URL answered 2xx.
+    pub async fn passes(&self, within: Duration) -> bool {
+        match self {
+            Self::Started => true,
+            Self::Tcp(addr) => timeout(within, TcpStream::connect(addr.as_str()))
+                .await
+                .is_ok_and(|c| c.is_ok()),
+            Self::Http { authority, path } => timeout(within, http_ok(authority, path))
+                .await
+                .unwrap_or(false),
         }
     }
 }
