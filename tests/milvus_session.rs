@@ -16,7 +16,10 @@ use tokio::process::Command;
 
 const HA: &str = env!("CARGO_BIN_EXE_ha");
 const HA_TTL: &str = "2s";
-const CHILD: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/milvus/session_child.sh");
+const CHILD: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/examples/milvus/session_child.sh"
+);
 
 /// The unix time (µs) at which server `id`'s command first said it serves.
 fn ready_at(log: &Path, id: u64) -> Option<u64> {
@@ -66,7 +69,10 @@ async fn takeover_after_a_crash(session_ttl: u64) -> Option<Duration> {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(ready_at(&log, active).is_some(), "the first command never served");
+    assert!(
+        ready_at(&log, active).is_some(),
+        "the first command never served"
+    );
     // A session renewed just now: the crash comes one renewal after it started.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let crashed = procs
