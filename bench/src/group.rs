@@ -109,12 +109,15 @@ impl Group {
 
     /// The `raft://` URL of the group's members.
     pub fn raft_url(&self) -> String {
-        let endpoints: Vec<String> = self
-            .ports
+        format!("raft://{}", self.endpoints().join(","))
+    }
+
+    /// The members' client addresses, `host:port`.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.ports
             .values()
             .map(|port| format!("127.0.0.1:{port}"))
-            .collect();
-        format!("raft://{}", endpoints.join(","))
+            .collect()
     }
 
     /// Where node `id` keeps its Raft data.

@@ -15,12 +15,15 @@
 //!    of three candidates each.
 //! 5. **footprint**: idle RSS, start → STANDBY, disk and RSS after a long run of cycles,
 //!    the `ha` binary.
+//! 6. **dead-member**: takeover when the member the STANDBY uses died silently, against
+//!    the same with every member alive, on three `ha node` and on the 3-member etcd.
 //!
 //! etcd scenarios run on a private single member and a private 3-member cluster (the
 //! like-for-like reference for the 3-replica Raft group; every table gives the ratio to
 //! it), or on an external etcd (`--etcd-endpoints`). They need the `etcd` feature and an
 //! `etcd` binary; they are skipped (and said so) without them, and fail when `CI` is set.
 
+mod dead_member;
 #[cfg(feature = "etcd")]
 mod etcd_servers;
 mod group;
@@ -55,6 +58,7 @@ const SCENARIOS: &[&str] = &[
     "sessions",
     "elections",
     "endurance",
+    "dead-member",
 ];
 
 /// Measure failover (SIGKILL) and handoff (SIGTERM) gaps, throughput, scale and
@@ -81,7 +85,7 @@ struct Options {
     handoffs: Option<usize>,
     /// Only these scenarios, comma-separated: memory, processes (failover and handoff
     /// of process groups, with the etcdctl references), throughput, sessions,
-    /// elections, endurance.
+    /// elections, endurance, dead-member.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// The `ha` binary to measure. Default: built now, with this build's profile and
@@ -203,6 +207,27 @@ async fn run(options: &Options) -> Result<()> {
             load_scenarios(&mut report, options, &plan, &backend, &servers).await?;
         }
     }
+    if options.wants("dead-member") {
+        raft_dead_member(&mut report, &plan, &ha).await?;
+        #[cfg(feature = "etcd")]
+        if let Some(cluster) = etcd
+            .iter()
+            .flat_map(|e| &e.targets)
+            .find(|t| t.endpoints.len() >= 3)
+        {
+            let proxies = dead_member::proxies(&cluster.endpoints).await?;
+            let through: Vec<String> = proxies.iter().map(|p| p.addr().to_string()).collect();
+            let members = dead_member::Members {
+                backend: cluster.name,
+                direct: cluster.url("bench-dead-member"),
+                proxied: format!("etcd://{}/bench-dead-member", through.join(",")),
+                proxies: &proxies,
+            };
+            for series in dead_member::trials(&ha, &members, plan.crashes).await? {
+                report.series(series);
+            }
+        }
+    }
     binary_footprint(&mut report, &ha);
     report.print();
     if let Some(path) = &options.out {
@@ -310,6 +335,27 @@ async fn etcd_processes(
             }
         }
     }
+    Ok(())
+}
+
+/// Takeover with the STANDBY's member dead, on three bare `ha node` processes.
+async fn raft_dead_member(report: &mut Report, plan: &Plan, ha: &Path) -> Result<()> {
+    let mut group = Group::new(ha, dead_member::TTL, Launch::RaftMembers)?;
+    for id in NODES {
+        group.start(id)?;
+    }
+    let endpoints = group.endpoints();
+    let proxies = dead_member::proxies(&endpoints).await?;
+    let through: Vec<String> = proxies.iter().map(|p| p.addr().to_string()).collect();
+    let members = dead_member::Members {
+        backend: "raft",
+        direct: group.raft_url(),
+        proxied: format!("raft://{}", through.join(",")),
+        proxies: &proxies,
+    };
+    let series = dead_member::trials(ha, &members, plan.crashes).await;
+    group.stop_all().await;
+    series?.into_iter().for_each(|s| report.series(s));
     Ok(())
 }
 
