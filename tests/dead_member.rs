@@ -65,15 +65,9 @@ impl Fixture {
     }
 
     async fn with(members: Members, name: &str) -> Self {
-        let mut proxies = Vec::new();
-        for endpoint in members.endpoints() {
-            let upstream = endpoint.parse().unwrap_or_else(|e| panic!("{e}"));
-            proxies.push(
-                Proxy::start(upstream)
-                    .await
-                    .unwrap_or_else(|e| panic!("proxy: {e}")),
-            );
-        }
+        let proxies = ha_testkit::proxies_to(&members.endpoints())
+            .await
+            .unwrap_or_else(|e| panic!("proxy: {e}"));
         Self {
             members,
             proxies,

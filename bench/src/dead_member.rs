@@ -146,6 +146,10 @@ async fn one(
         members.proxies[member].die();
         tokio::time::sleep(DEAD_FOR).await;
     }
+    if signal == Signal::KILL {
+        // Anywhere in the ACTIVE's renewal cycle, as real crashes are.
+        tokio::time::sleep(crate::processes::renewal_phase(TTL, trial)).await;
+    }
     let sent = procs.signal(1, signal)?;
     let elected = procs
         .wait_for("the STANDBY elected", TTL * 4, |l| {

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio::time::{sleep, timeout};
+use tokio::time::{sleep, timeout, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -17,8 +17,9 @@ use crate::kv::{CasOutcome, KvKey, KvWrite, KvWriteOutcome};
 use crate::session::{LossReason, SessionShared, SessionState};
 use crate::types::{ElectionName, FencingToken, LeaderEvent, LeaderKey};
 
-/// How often a failed resign is retried before the error is returned.
-const RESIGN_ATTEMPTS: u32 = 3;
+/// The pause after a failed resign, doubling up to the second constant.
+const RESIGN_RETRY_FIRST: Duration = Duration::from_millis(50);
+const RESIGN_RETRY_MAX: Duration = Duration::from_millis(400);
 
 /// The leadership of one election, held by a [`Session`](crate::Session).
 ///
@@ -324,23 +325,32 @@ impl Drop for Leadership {
     }
 }
 
+/// Resigns on the backend, retrying what may pass later (an unreachable member, a
+/// backend electing its own leader, which refuses writes at once) for up to one TTL:
+/// the candidacy would end with the lease by then, and until the resign lands the next
+/// candidate waits for that.
 async fn resign_with_retries(shared: &LeadershipShared) -> Result<()> {
     let session = &shared.session;
+    let give_up_at = Instant::now() + session.lease.ttl;
+    let mut pause = RESIGN_RETRY_FIRST;
     let mut attempt = 0;
     loop {
         attempt += 1;
-        let result =
-            match timeout(session.request_timeout, session.backend.resign(&shared.key)).await {
-                Ok(result) => result,
-                Err(_) => Err(Error::Timeout {
-                    operation: "resign",
-                    after: session.request_timeout,
-                }),
-            };
+        let within = session
+            .request_timeout
+            .min(give_up_at.saturating_duration_since(Instant::now()));
+        let result = match timeout(within, session.backend.resign(&shared.key)).await {
+            Ok(result) => result,
+            Err(_) => Err(Error::Timeout {
+                operation: "resign",
+                after: within,
+            }),
+        };
         match result {
-            Err(error) if error.is_retryable() && attempt < RESIGN_ATTEMPTS => {
+            Err(error) if error.is_retryable() && Instant::now() + pause < give_up_at => {
                 debug!(election = %shared.key.election, %error, attempt, "resign failed, retrying");
-                sleep(Duration::from_millis(50) * attempt).await;
+                sleep(pause).await;
+                pause = (pause * 2).min(RESIGN_RETRY_MAX);
             }
             // A lease that is gone took the candidacy with it: resigned already.
             Err(Error::LeaseExpired { .. }) => return Ok(()),

@@ -15,4 +15,4 @@ pub use disk::{small_disk_for_test, SmallDisk};
 pub use netns::{lab_for_test, Lab, LabError};
 pub use ports::{free_port, free_ports, unix_us};
 pub use procs::{signal_pid, Line, Processes, Signal, WaitError};
-pub use proxy::{Direction, Fault, Proxy};
+pub use proxy::{proxies_to, Direction, Fault, Proxy};

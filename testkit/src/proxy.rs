@@ -273,6 +273,21 @@ impl Proxy {
     }
 }
 
+/// A proxy in front of each of `endpoints` (`host:port`), in their order.
+///
+/// # Errors
+/// An endpoint that is not an address, or a socket that cannot be bound.
+pub async fn proxies_to(endpoints: &[String]) -> io::Result<Vec<Proxy>> {
+    let mut proxies = Vec::new();
+    for endpoint in endpoints {
+        let upstream = endpoint
+            .parse()
+            .map_err(|e| io::Error::other(format!("{endpoint}: {e}")))?;
+        proxies.push(Proxy::start(upstream).await?);
+    }
+    Ok(proxies)
+}
+
 impl Drop for Proxy {
     fn drop(&mut self) {
         for task in self

@@ -1,6 +1,7 @@
 //! One `ha elect --print-every-ms` participant process, restarted whenever it exits
 //! until the run stops, whose JSON lines feed the history checker. Shared by the fault
-//! schedules that run participants as real processes.
+//! schedules that run participants as real processes. `HA_SCHEDULE_LOGS=DIR` keeps each
+//! run's debug log there (`p<id>-<epoch>-<run>.log`), to read what a replayed seed did.
 
 #![allow(dead_code)]
 
@@ -22,6 +23,84 @@ pub fn signal(pid: u32, signal: &str) {
         .arg(format!("-{signal}"))
         .arg(pid.to_string())
         .status();
+}
+
+/// `elect schedule p<id> --json --print-every-ms 50 --backend <backend> --id <id>
+/// --ttl <ttl>`: a participant's arguments after the program.
+pub fn elect_args(id: u64, backend: &str, ttl: Duration) -> Vec<String> {
+    let id = id.to_string();
+    [
+        "elect",
+        "schedule",
+        &format!("p{id}"),
+        "--json",
+        "--print-every-ms",
+        "50",
+        "--backend",
+        backend,
+        "--id",
+        &id,
+        "--ttl",
+        &ttl.as_secs_f64().to_string(),
+    ]
+    .iter()
+    .map(|arg| arg.to_string())
+    .collect()
+}
+
+/// SIGTERMs the participant that leads (it resigns), recorded at `at` as a disruption
+/// whose successor must come `within`; nothing if nobody leads.
+pub fn resign_leader(
+    participants: &std::collections::BTreeMap<u64, Supervised>,
+    history: &History,
+    at: u64,
+    within: Duration,
+) {
+    disrupt_leader(
+        participants,
+        history,
+        at,
+        within,
+        ("resigned (SIGTERM)", "TERM"),
+    );
+}
+
+/// SIGKILLs the participant that leads, as [`resign_leader`] records it.
+pub fn kill_leader(
+    participants: &std::collections::BTreeMap<u64, Supervised>,
+    history: &History,
+    at: u64,
+    within: Duration,
+) {
+    disrupt_leader(
+        participants,
+        history,
+        at,
+        within,
+        ("killed (SIGKILL)", "KILL"),
+    );
+}
+
+fn disrupt_leader(
+    participants: &std::collections::BTreeMap<u64, Supervised>,
+    history: &History,
+    at: u64,
+    within: Duration,
+    (what, sent): (&str, &str),
+) {
+    let leading = participants
+        .iter()
+        .find(|(_, p)| p.is_leading())
+        .and_then(|(id, p)| Some((*id, p.pid()?)));
+    if let Some((id, pid)) = leading {
+        history.record(Record::Disrupt {
+            participant: id,
+            at,
+            what: format!("the ACTIVE {what}"),
+            within,
+        });
+        signal(pid, sent);
+    }
 }
 
 /// Builds the participant's command line, fresh for each restart.
@@ -91,12 +170,27 @@ async fn supervise(
     let set_leading = |token: Option<u64>| {
         *leading.lock().unwrap_or_else(|e| e.into_inner()) = token;
     };
+    let mut runs = 0u32;
     while !stop.is_cancelled() {
-        let spawned = command()
-            .env("RUST_LOG", "off")
+        runs += 1;
+        let mut command = command();
+        // HA_SCHEDULE_LOGS=DIR keeps each run's debug log, to read a replayed seed.
+        match std::env::var_os("HA_SCHEDULE_LOGS") {
+            Some(dir) => {
+                let path = std::path::Path::new(&dir).join(format!("p{id}-{epoch}-{runs}.log"));
+                let log = std::fs::File::create(&path)
+                    .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                command
+                    .env("RUST_LOG", "debug,h2=info,hyper=info,tower=info")
+                    .stderr(log)
+            }
+            None => command
+                .env("RUST_LOG", "off")
+                .stderr(std::process::Stdio::null()),
+        };
+        let spawned = command
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
             .kill_on_drop(true)
             .spawn();
         let mut child: Child = match spawned {

@@ -159,17 +159,8 @@ fn secs(micros: Micros) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::super::history::tests::won;
     use super::*;
-
-    fn won(p: u64, token: u64, at: Micros) -> Record {
-        Record::Campaign {
-            participant: p,
-            lease: p,
-            started: 0,
-            at,
-            outcome: CampaignOutcome::Won(FencingToken::new(token)),
-        }
-    }
 
     fn lost(p: u64, token: u64, at: Micros) -> Record {
         Record::Lost {

@@ -606,10 +606,11 @@ pub fn fault_seeds(default_runs: u64) -> Vec<u64> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn won(p: u64, token: u64, at: Micros) -> Record {
+    /// `p` won `token` at `at` (with lease `p`).
+    pub(crate) fn won(p: u64, token: u64, at: Micros) -> Record {
         Record::Campaign {
             participant: p,
             lease: p,

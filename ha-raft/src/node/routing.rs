@@ -153,10 +153,24 @@ impl NodeInner {
         request: &Req,
         idempotent: bool,
     ) -> Attempt<T> {
-        let reply: std::result::Result<std::result::Result<T, PeerFailure>, PeerError> = self
+        let call = self
             .pool
-            .call(id, addr, rpc, request, self.config.request_timeout)
-            .await;
+            .call(id, addr, rpc, request, self.config.request_timeout);
+        // A leader that went silent holds the call until its timeout; once this node
+        // learns of another leader, the call is given up (asked again there, or its
+        // outcome unknown) instead of waiting it out.
+        let reply: std::result::Result<std::result::Result<T, PeerFailure>, PeerError> = tokio::select! {
+            reply = call => reply,
+            () = self.leader_moved_from(id) => {
+                return if idempotent {
+                    Attempt::Retry(format!("the leader moved from node {id} during the call"))
+                } else {
+                    Attempt::Done(Err(Error::Unavailable(format!(
+                        "the leader moved from node {id} while the request was forwarded to it: it may or may not have been applied"
+                    ))))
+                };
+            }
+        };
         match reply {
             Ok(Ok(value)) => Attempt::Done(Ok(value)),
             Ok(Err(PeerFailure::Error(e))) => Attempt::Done(Err(e.into())),
@@ -164,6 +178,21 @@ impl NodeInner {
             Err(e @ PeerError::Unreachable { .. }) => Attempt::Retry(e.to_string()),
             Err(e @ PeerError::Failed { .. }) if idempotent => Attempt::Retry(e.to_string()),
             Err(e) => Attempt::Done(Err(Error::Unavailable(e.to_string()))),
+        }
+    }
+
+    /// Resolves once this node knows a leader other than `id` (pending while it knows
+    /// none, or `id`).
+    async fn leader_moved_from(&self, id: NodeId) {
+        let mut metrics = self.raft.metrics();
+        loop {
+            let leader = metrics.borrow_and_update().current_leader;
+            if leader.is_some_and(|leader| leader != id) {
+                return;
+            }
+            if metrics.changed().await.is_err() {
+                return std::future::pending().await;
+            }
         }
     }
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio::time::{sleep_until, timeout, Instant};
+use tokio::time::{timeout, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -16,6 +16,9 @@ use crate::clock;
 use crate::error::{Error, Result};
 use crate::leadership::Leadership;
 use crate::types::{ElectionName, Lease, LeaseId, Member};
+
+mod keepalive;
+use keepalive::keepalive_loop;
 
 /// The test-only mutant that turns self-fencing off (see `testing::mutant`).
 pub(crate) mod mutant {
@@ -518,17 +521,27 @@ impl Session {
             let _ = task.await;
         }
         let shared = &self.shared;
-        match timeout(
-            shared.request_timeout,
-            shared.backend.revoke(shared.lease.id),
-        )
-        .await
-        {
-            Ok(result) => result,
-            Err(_) => Err(Error::Timeout {
-                operation: "revoke",
-                after: shared.request_timeout,
-            }),
+        // Retried within the request timeout: a backend electing its own leader refuses
+        // writes at once, and a revoke that lands frees the role sooner than the TTL.
+        let give_up_at = Instant::now() + shared.request_timeout;
+        let mut pause = Duration::from_millis(50);
+        loop {
+            let within = give_up_at.saturating_duration_since(Instant::now());
+            let result = match timeout(within, shared.backend.revoke(shared.lease.id)).await {
+                Ok(result) => result,
+                Err(_) => Err(Error::Timeout {
+                    operation: "revoke",
+                    after: shared.request_timeout,
+                }),
+            };
+            match result {
+                Err(error) if error.is_retryable() && Instant::now() + pause < give_up_at => {
+                    debug!(lease = %shared.lease.id, %error, "revoke failed, retrying");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(400));
+                }
+                other => return other,
+            }
         }
     }
 }
@@ -553,76 +566,5 @@ impl Drop for Session {
                 }
             });
         }
-    }
-}
-
-/// Renews the lease every TTL/3 and fences the session at its deadline. Times sent and
-/// deadlines are on the suspend-aware clock (`clock`); waits are on tokio's, and a
-/// resume from a host suspend wakes every wait so the deadline is checked at once.
-async fn keepalive_loop(shared: Arc<SessionShared>) {
-    let ttl = shared.lease.ttl;
-    let retry_every = (ttl / 15).max(Duration::from_millis(20));
-    let mut resumed = clock::resumed();
-    let mut next = Instant::now() + ttl / 3;
-    loop {
-        tokio::select! {
-            biased;
-            _ = shared.cancel.cancelled() => return,
-            _ = sleep_until(shared.fence_at()) => {}
-            _ = resumed.changed() => {}
-            _ = sleep_until(next) => {}
-        }
-        if shared.past_deadline() && !mutant::no_self_fence() {
-            shared.lose(LossReason::SelfFenced);
-            return;
-        }
-        let sent = clock::now();
-        let mut attempt = std::pin::pin!(timeout(
-            shared.request_timeout,
-            shared.backend.keep_alive(shared.lease.id),
-        ));
-        let outcome = loop {
-            tokio::select! {
-                biased;
-                _ = shared.cancel.cancelled() => return,
-                _ = sleep_until(shared.fence_at()) => {}
-                _ = resumed.changed() => {}
-                outcome = &mut attempt => break outcome,
-            }
-            if shared.past_deadline() && !mutant::no_self_fence() {
-                shared.lose(LossReason::SelfFenced);
-                return;
-            }
-        };
-        let failed = || {
-            metrics::counter!("ha_keepalive_failures_total",
-                "role" => shared.member.role.to_string(), "backend" => shared.backend.name())
-            .increment(1);
-        };
-        match outcome {
-            Ok(Ok(granted)) => {
-                let granted = granted.min(ttl);
-                let took = clock::now().saturating_duration_since(sent);
-                metrics::histogram!("ha_keepalive_seconds", "backend" => shared.backend.name())
-                    .record(took.as_secs_f64());
-                shared.extend(sent, granted);
-                next = clock::to_tokio(sent + granted / 3);
-            }
-            Ok(Err(Error::LeaseExpired { .. })) => {
-                shared.lose(LossReason::LeaseExpired);
-                return;
-            }
-            Ok(Err(error)) => {
-                debug!(lease = %shared.lease.id, %error, "keepalive failed, retrying");
-                failed();
-                next = Instant::now() + retry_every;
-            }
-            Err(_) => {
-                debug!(lease = %shared.lease.id, "keepalive timed out, retrying");
-                failed();
-                next = Instant::now() + retry_every;
-            }
-        }
-        shared.report_time_left();
     }
 }
