@@ -8,9 +8,9 @@
 //! killed and restarted, and on etcd its peer path dies silently (its peers stop hearing
 //! it). Meanwhile the schedule sometimes resigns the ACTIVE (SIGTERM) or kills it
 //! (SIGKILL), and the oracle measures the vacancy that follows. Faults come one at a
-//! time, each after the backend had its recovery time from the last: two at once, or
-//! one on a member still catching up, is a majority impaired, which no backend
-//! survives. Families: a 3-member etcd
+//! time, each once `ha status` shows the backend whole again after the last: two at
+//! once, or one on a member still catching up, is a majority impaired, which no
+//! backend survives. Families: a 3-member etcd
 //! cluster, and a Raft group of three `ha node` processes reached with `raft://`.
 //! `HA_FAULT_RUNS=N` / `HA_FAULT_SEEDS=a,b` pick the seeds (CI runs 4 of each).
 
@@ -38,6 +38,8 @@ const PARTICIPANTS: u64 = 3;
 const STEPS: usize = 4;
 /// After healing: someone acts again within this (a participant restart included).
 const LIVENESS: Duration = Duration::from_secs(15);
+/// A backend whole again within this after a minority fault healed.
+const RECOVERED_WITHIN: Duration = Duration::from_secs(30);
 
 /// The backend's members and what the schedule does to them.
 enum Members {
@@ -68,6 +70,16 @@ impl Members {
             Self::Raft(group) => {
                 let _ = group.procs.signal(member as u64 + 1, what);
             }
+        }
+    }
+
+    /// The URL of every member's own address, for `ha status`.
+    fn direct_url(&self) -> String {
+        let endpoints = self.endpoints().join(",");
+        match self {
+            #[cfg(feature = "etcd")]
+            Self::Etcd { .. } => format!("etcd://{endpoints}"),
+            Self::Raft(_) => format!("raft://{endpoints}"),
         }
     }
 
@@ -193,7 +205,14 @@ async fn schedule(seed: u64, members: Members, timing: Timing) -> Arc<History> {
     for _ in 0..STEPS {
         // One fault at a time: the backend recovers from the last (a restarted member
         // catches up, a member that was cut off rejoins) before the next.
-        sleep(timing.recovery + Duration::from_millis(rng.random_range(0..1000))).await;
+        let direct = members.direct_url();
+        let status = || {
+            let mut command = Command::new(HA);
+            command.args(["status", "--backend", &direct]);
+            command
+        };
+        participant::until_healthy(status, RECOVERED_WITHIN).await;
+        sleep(Duration::from_millis(rng.random_range(500..1500))).await;
         let member = rng.random_range(0..3usize);
         let long =
             Duration::from_millis(rng.random_range(1000..(timing.ttl.as_millis() as u64 * 2)));
@@ -234,6 +253,7 @@ async fn schedule(seed: u64, members: Members, timing: Timing) -> Arc<History> {
             2 => participant::kill_leader(&participants, &history, now(), timing.failover()),
             _ => {}
         }
+        let disrupted = disruption <= 2;
         sleep(long.saturating_sub(disrupt_after)).await;
         match heal {
             Heal::Client => clients[member].revive(),
@@ -245,6 +265,9 @@ async fn schedule(seed: u64, members: Members, timing: Timing) -> Arc<History> {
             }
             Heal::Resume => members.signal(member, Signal::CONT),
             Heal::Restart => members = members.restart(member).await,
+        }
+        if disrupted {
+            participant::until_someone_leads(&participants, timing.failover()).await;
         }
     }
     history.record(Record::Healed { at: now() });

@@ -208,9 +208,6 @@ async fn partitions_on_a_real_network_never_show_two_leaders() {
 
 /// The host the participants of the availability family run on.
 const CLIENTS: usize = HOSTS + 1;
-/// What the group needs after a fault heals before it survives the next: a rejoining
-/// member's election, a lagging one's catch-up.
-const RECOVERY: Duration = Duration::from_secs(2);
 /// The availability family's TTL: the ACTIVE rides out a Raft leader change, which
 /// takes up to 2 s with the default timing (docs/guarantees.md, promise 5).
 const AVAILABLE_TTL: Duration = Duration::from_secs(4);
@@ -252,11 +249,16 @@ async fn available_schedule(seed: u64) -> Option<Arc<History>> {
     sleep(Duration::from_secs(4)).await;
     for _ in 0..STEPS {
         // One fault at a time: a member that was cut off rejoins (its higher term costs
-        // the group an election, openraft 0.9 has no pre-vote) before the next.
-        sleep(RECOVERY + Duration::from_millis(rng.random_range(0..1000))).await;
-        let long = Duration::from_millis(rng.random_range(
-            1000..(AVAILABLE_TTL.as_millis() as u64 * 2),
-        ));
+        // the group an election, openraft 0.9 has no pre-vote) and catches up first.
+        let status = || {
+            let mut command = lab.tokio_command(CLIENTS, HA);
+            command.args(["status", "--backend", &url]);
+            command
+        };
+        participant::until_healthy(status, Duration::from_secs(30)).await;
+        sleep(Duration::from_millis(rng.random_range(500..1500))).await;
+        let long =
+            Duration::from_millis(rng.random_range(1000..(AVAILABLE_TTL.as_millis() as u64 * 2)));
         let leader = nodes.raft_leader().unwrap_or(1);
         let other = (leader + rng.random_range(0..HOSTS - 1)) % HOSTS + 1;
         let heal: Box<dyn Fn(&Lab)> = match rng.random_range(0..4) {
@@ -304,6 +306,9 @@ async fn available_schedule(seed: u64) -> Option<Arc<History>> {
         }
         sleep(long.saturating_sub(disrupt_after)).await;
         heal(&lab);
+        if disruption <= 2 {
+            participant::until_someone_leads(&participants, failover).await;
+        }
     }
     lab.heal_all().unwrap_or_else(|e| panic!("{e}"));
     history.record(Record::Healed { at: now() });

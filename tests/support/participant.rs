@@ -103,6 +103,80 @@ fn disrupt_leader(
     }
 }
 
+/// Waits (at most `within`) until some participant says it leads: the schedule lets a
+/// vacancy it caused end before the next fault (a backend leader change during it
+/// would grant the dead ACTIVE's lease a fresh TTL, as every new leader must).
+pub async fn until_someone_leads(
+    participants: &std::collections::BTreeMap<u64, Supervised>,
+    within: Duration,
+) {
+    let deadline = tokio::time::Instant::now() + within;
+    while tokio::time::Instant::now() < deadline
+        && !participants.values().any(Supervised::is_leading)
+    {
+        sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until `ha status` (the command `status` builds, with `--json`) shows the
+/// backend whole again after a fault: every member answering and caught up with one
+/// leader (Raft: lag ≤ 5 entries, contact within 1 s; etcd: one leader named by every
+/// member, applied indexes within 5). A fault the backend survives assumes the one
+/// before it is over. Panics after `within`: a backend that does not recover from a
+/// minority fault is itself an availability failure.
+pub async fn until_healthy(status: impl Fn() -> Command, within: Duration) {
+    let deadline = tokio::time::Instant::now() + within;
+    let mut last = String::new();
+    while tokio::time::Instant::now() < deadline {
+        let mut command = status();
+        command
+            .arg("--json")
+            .env("RUST_LOG", "off")
+            .kill_on_drop(true);
+        if let Ok(Ok(output)) =
+            tokio::time::timeout(Duration::from_secs(10), command.output()).await
+        {
+            last = String::from_utf8_lossy(&output.stdout).into_owned();
+            let json: Value = serde_json::from_str(&last).unwrap_or(Value::Null);
+            if output.status.success() && healthy(&json) {
+                return;
+            }
+        }
+        sleep(Duration::from_millis(200)).await;
+    }
+    panic!("the backend did not recover within {within:?} after a fault; last status: {last}");
+}
+
+fn healthy(status: &Value) -> bool {
+    let Some(members) = status["members"].as_array() else {
+        return false;
+    };
+    let answering = members.iter().all(|m| m["status"].is_object());
+    // Raft members say what kind they are; etcd's say whether they are learners.
+    let raft = members.iter().any(|m| m.get("kind").is_some());
+    if raft {
+        return answering
+            && status["quorum"] == true
+            && members.iter().all(|m| {
+                m["lag"].as_u64().is_some_and(|lag| lag <= 5)
+                    && m["last_contact_ms"].as_u64().is_none_or(|ms| ms <= 1000)
+            });
+    }
+    let leaders: Vec<&Value> = members.iter().map(|m| &m["status"]["leader"]).collect();
+    let applied: Vec<u64> = members
+        .iter()
+        .filter_map(|m| m["status"]["raft_applied_index"].as_u64())
+        .collect();
+    answering
+        && leaders.windows(2).all(|pair| pair[0] == pair[1])
+        && applied.len() == members.len()
+        && applied
+            .iter()
+            .max()
+            .zip(applied.iter().min())
+            .is_some_and(|(max, min)| max - min <= 5)
+}
+
 /// Builds the participant's command line, fresh for each restart.
 pub type MakeCommand = Arc<dyn Fn() -> Command + Send + Sync>;
 
