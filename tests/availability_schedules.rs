@@ -12,7 +12,7 @@
 //! once, or one on a member still catching up, is a majority impaired, which no
 //! backend survives. Families: a 3-member etcd
 //! cluster, and a Raft group of three `ha node` processes reached with `raft://`.
-//! `HA_FAULT_RUNS=N` / `HA_FAULT_SEEDS=a,b` pick the seeds (CI runs 4 of each).
+//! `HA_FAULT_RUNS=N` / `HA_FAULT_SEEDS=a,b` pick the seeds (CI runs 3 of each).
 
 #![cfg(feature = "cli")]
 
@@ -304,7 +304,7 @@ async fn etcd_keeps_the_role_through_a_minority_fault() {
     };
     let run = participant::Run {
         name: "availability on a 3-member etcd",
-        default_runs: 4,
+        default_runs: 3,
         concurrent: 1,
         liveness: LIVENESS,
         replay: "--test availability_schedules etcd",
@@ -330,7 +330,7 @@ async fn raft_keeps_the_role_through_a_minority_fault() {
     };
     let run = participant::Run {
         name: "availability on a 3-member Raft group",
-        default_runs: 4,
+        default_runs: 3,
         concurrent: 1,
         liveness: LIVENESS,
         replay: "--test availability_schedules raft",

@@ -14,8 +14,8 @@
 //! keeps its role through them, and when the schedule resigns or kills it, the next is
 //! elected within its bound.
 //!
-//! `HA_FAULT_RUNS=N` / `HA_FAULT_SEEDS=a,b` pick the seeds (CI runs 4 of each). Needs
-//! root for namespaces; under `CI` their absence fails.
+//! `HA_FAULT_RUNS=N` / `HA_FAULT_SEEDS=a,b` pick the seeds (CI runs 4 of the first
+//! family, 3 of the second). Needs root for namespaces; under `CI` their absence fails.
 
 #![cfg(all(feature = "cli", feature = "raft"))]
 
@@ -327,7 +327,7 @@ async fn faults_the_group_survives_cost_no_role_on_a_real_network() {
     let _alone = ONE_AT_A_TIME.lock().await;
     let run = participant::Run {
         name: "raft availability on a real network",
-        default_runs: 4,
+        default_runs: 3,
         concurrent: 1,
         liveness: LIVENESS,
         replay: "--test netns_schedules faults_the_group_survives",
