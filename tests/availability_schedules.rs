@@ -27,7 +27,8 @@ use std::time::Duration;
 
 use ha_core::testing::history::{History, Record};
 use ha_testkit::{Proxy, Signal};
-use participant::{unix_us, Supervised};
+use participant::Disruption::{Kill, Resign};
+use participant::{disrupt_leader, unix_us, Supervised};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::process::Command;
@@ -249,8 +250,8 @@ async fn schedule(seed: u64, members: Members, timing: Timing) -> Arc<History> {
         };
         sleep(disrupt_after).await;
         match disruption {
-            0 | 1 => participant::resign_leader(&participants, &history, now(), timing.handover()),
-            2 => participant::kill_leader(&participants, &history, now(), timing.failover()),
+            0 | 1 => disrupt_leader(&participants, &history, now(), timing.handover(), Resign),
+            2 => disrupt_leader(&participants, &history, now(), timing.failover(), Kill),
             _ => {}
         }
         let disrupted = disruption <= 2;

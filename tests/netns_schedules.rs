@@ -28,7 +28,8 @@ use std::time::Duration;
 
 use ha_core::testing::history::{History, Record};
 use ha_testkit::{Lab, Processes};
-use participant::{unix_us, Supervised};
+use participant::Disruption::{Kill, Resign};
+use participant::{disrupt_leader, unix_us, Supervised};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::time::sleep;
@@ -300,8 +301,8 @@ async fn available_schedule(seed: u64) -> Option<Arc<History>> {
         let disrupt_after = Duration::from_millis(rng.random_range(200..long.as_millis() as u64));
         sleep(disrupt_after).await;
         match disruption {
-            0 | 1 => participant::resign_leader(&participants, &history, now(), handover),
-            2 => participant::kill_leader(&participants, &history, now(), failover),
+            0 | 1 => disrupt_leader(&participants, &history, now(), handover, Resign),
+            2 => disrupt_leader(&participants, &history, now(), failover, Kill),
             _ => {}
         }
         sleep(long.saturating_sub(disrupt_after)).await;

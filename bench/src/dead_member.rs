@@ -8,7 +8,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, Result};
 use ha_testkit::{Direction, Processes, Proxy, Signal};
 use tokio::process::Command;
 
@@ -30,18 +30,6 @@ pub struct Members<'a> {
     pub proxied: String,
     /// The proxies, in the URL's order.
     pub proxies: &'a [Proxy],
-}
-
-/// Proxies in front of `endpoints` (`host:port`).
-pub async fn proxies(endpoints: &[String]) -> Result<Vec<Proxy>> {
-    let mut proxies = Vec::new();
-    for endpoint in endpoints {
-        let upstream = endpoint
-            .parse()
-            .with_context(|| format!("endpoint {endpoint}"))?;
-        proxies.push(Proxy::start(upstream).await.context("proxy")?);
-    }
-    Ok(proxies)
 }
 
 /// `trials` of each of the four variants (resign or kill, a member dead or not).

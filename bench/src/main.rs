@@ -215,7 +215,7 @@ async fn run(options: &Options) -> Result<()> {
             .flat_map(|e| &e.targets)
             .find(|t| t.endpoints.len() >= 3)
         {
-            let proxies = dead_member::proxies(&cluster.endpoints).await?;
+            let proxies = ha_testkit::proxies_to(&cluster.endpoints).await?;
             let through: Vec<String> = proxies.iter().map(|p| p.addr().to_string()).collect();
             let members = dead_member::Members {
                 backend: cluster.name,
@@ -345,7 +345,7 @@ async fn raft_dead_member(report: &mut Report, plan: &Plan, ha: &Path) -> Result
         group.start(id)?;
     }
     let endpoints = group.endpoints();
-    let proxies = dead_member::proxies(&endpoints).await?;
+    let proxies = ha_testkit::proxies_to(&endpoints).await?;
     let through: Vec<String> = proxies.iter().map(|p| p.addr().to_string()).collect();
     let members = dead_member::Members {
         backend: "raft",

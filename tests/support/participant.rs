@@ -48,46 +48,28 @@ pub fn elect_args(id: u64, backend: &str, ttl: Duration) -> Vec<String> {
     .collect()
 }
 
-/// SIGTERMs the participant that leads (it resigns), recorded at `at` as a disruption
+/// What the schedule does to the ACTIVE.
+#[derive(Debug, Clone, Copy)]
+pub enum Disruption {
+    /// SIGTERM: it resigns.
+    Resign,
+    /// SIGKILL.
+    Kill,
+}
+
+/// SIGTERMs or SIGKILLs the participant that leads, recorded at `at` as a disruption
 /// whose successor must come `within`; nothing if nobody leads.
-pub fn resign_leader(
+pub fn disrupt_leader(
     participants: &std::collections::BTreeMap<u64, Supervised>,
     history: &History,
     at: u64,
     within: Duration,
+    disruption: Disruption,
 ) {
-    disrupt_leader(
-        participants,
-        history,
-        at,
-        within,
-        ("resigned (SIGTERM)", "TERM"),
-    );
-}
-
-/// SIGKILLs the participant that leads, as [`resign_leader`] records it.
-pub fn kill_leader(
-    participants: &std::collections::BTreeMap<u64, Supervised>,
-    history: &History,
-    at: u64,
-    within: Duration,
-) {
-    disrupt_leader(
-        participants,
-        history,
-        at,
-        within,
-        ("killed (SIGKILL)", "KILL"),
-    );
-}
-
-fn disrupt_leader(
-    participants: &std::collections::BTreeMap<u64, Supervised>,
-    history: &History,
-    at: u64,
-    within: Duration,
-    (what, sent): (&str, &str),
-) {
+    let (what, sent) = match disruption {
+        Disruption::Resign => ("resigned (SIGTERM)", "TERM"),
+        Disruption::Kill => ("killed (SIGKILL)", "KILL"),
+    };
     let leading = participants
         .iter()
         .find(|(_, p)| p.is_leading())
