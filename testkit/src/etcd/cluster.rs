@@ -1,5 +1,6 @@
 //! A private 3-member (or n-member) etcd cluster on loopback, for the tests that kill,
 //! pause and restart members (the etcd leader among them) while sessions run.
+//! `HA_ETCD_LOGS=DIR` keeps each member's log there (`<token>-<name>.log`, level info).
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -114,6 +115,14 @@ impl EtcdCluster {
         let client = format!("http://127.0.0.1:{}", member.client_port);
         let peer = format!("http://127.0.0.1:{}", member.peer_port);
         let advertised = format!("http://127.0.0.1:{}", member.advertised_peer_port);
+        // HA_ETCD_LOGS=DIR keeps each member's log (`<token>-<name>.log`) to read what a
+        // replayed fault schedule did to the cluster.
+        let logs = match std::env::var_os("HA_ETCD_LOGS") {
+            Some(dir) => Some(std::fs::OpenOptions::new().create(true).append(true).open(
+                std::path::Path::new(&dir).join(format!("{}-{}.log", self.token, member.name)),
+            )?),
+            None => None,
+        };
         let child = Command::new(&self.binary)
             .arg(format!("--name={}", member.name))
             .arg(format!("--data-dir={}", member.dir.path().display()))
@@ -125,9 +134,15 @@ impl EtcdCluster {
             .arg(format!("--initial-cluster-token={}", self.token))
             .arg("--initial-cluster-state=new")
             .arg("--logger=zap")
-            .arg("--log-level=error")
+            .arg(format!(
+                "--log-level={}",
+                if logs.is_some() { "info" } else { "error" }
+            ))
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(match logs {
+                Some(file) => Stdio::from(file),
+                None => Stdio::null(),
+            })
             .spawn()?;
         self.members[i].child = Some(child);
         Ok(())
