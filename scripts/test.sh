@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Every check, as CI runs it: installs missing system packages, then fmt, clippy, all
-# tests with all features, and the docs. Starts nothing global: tests that need a server
-# start their own on loopback and stop it.
+# Every check, as CI runs it: installs missing system packages, then fmt, ha-raft's
+# layers, clippy, all tests with all features, and the docs. Starts nothing global:
+# tests that need a server start their own on loopback and stop it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,6 +29,11 @@ export CARGO_INCREMENTAL=0
 
 echo "== fmt (${SECONDS}s in)"
 cargo fmt --all --check
+echo "== layers (${SECONDS}s in)"
+# ha-raft's folders import only downwards, in no cycle (docs/architecture.md); the
+# self-test shows each rule catches a planted violation.
+./scripts/check-layers.sh
+./scripts/check-layers.sh --self-test
 echo "== clippy (${SECONDS}s in)"
 cargo clippy --workspace --all-targets --all-features -- -D warnings
 echo "== test (${SECONDS}s in)"

@@ -8,10 +8,10 @@ use std::time::Duration;
 
 use ha_core::KvLimits;
 
-use crate::command::NodeId;
+use crate::data::command::NodeId;
 use crate::error::RaftBackendError;
-use crate::network::FaultInjector;
-use crate::tls::RaftTls;
+use crate::net::network::FaultInjector;
+use crate::net::tls::RaftTls;
 
 /// The shortest session TTL the Raft backend accepts: a TTL must cover a Raft leader
 /// failover (election timeout plus a round trip) with room to spare.

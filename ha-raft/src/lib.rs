@@ -4,28 +4,22 @@
 // return them; boxing them at every call would only move the size around.
 #![allow(clippy::result_large_err)]
 
+// The layers, bottom to top: error, data, store, net, config, admin, backup, replica,
+// node, server, startup, client, admin_client. A module imports only from layers below
+// its own (`scripts/check-layers.sh`, docs/architecture.md).
 mod admin;
 mod admin_client;
 mod backup;
-mod channel;
 mod client;
-mod command;
 mod config;
+mod data;
 mod error;
-mod failure;
-mod heartbeat;
-mod hub;
-mod image;
-mod lessor;
-mod membership;
-mod network;
+mod net;
 mod node;
-mod service;
-mod state;
-mod storage;
-mod tls;
-mod watchdog;
-mod wire;
+mod replica;
+mod server;
+mod startup;
+mod store;
 
 /// Generated gRPC code for the peer and client services (`proto/ha_raft.proto`).
 #[allow(missing_docs, clippy::all, clippy::unwrap_used, clippy::expect_used)]
@@ -33,6 +27,7 @@ pub mod proto {
     tonic::include_proto!("ha_raft.v1");
 }
 
+pub use admin::membership::{MembershipChange, MembershipRefusal};
 pub use admin::{AdminError, MembershipReport, NodeStatus, PeerProgress};
 pub use admin_client::{GroupStatus, JoinOutcome, MemberKind, MemberStatus, RaftAdmin, Removal};
 pub use backup::{
@@ -40,20 +35,20 @@ pub use backup::{
     SnapshotHeader, MAX_SNAPSHOT_BYTES, SNAPSHOT_FORMAT,
 };
 pub use client::{RaftClient, RaftClientOptions, DEFAULT_REQUEST_TIMEOUT};
-pub use command::{NodeId, Raft, TypeConfig};
 pub use config::{RaftNodeConfig, MIN_TTL};
+pub use data::command::{NodeId, Raft, TypeConfig};
 pub use error::RaftBackendError;
 pub use ha_core::ClientTls;
-pub use membership::{MembershipChange, MembershipRefusal};
-pub use network::FaultInjector;
+pub use net::network::FaultInjector;
+pub use net::tls::{node_name, RaftTls};
 pub use node::RaftNode;
-pub use tls::{node_name, RaftTls};
 
 /// Internals for this crate's own tests (decoders, openraft's storage suite, raw peer
 /// messages); not part of the API and may change in any release.
 #[doc(hidden)]
 pub mod testing {
-    pub use crate::command::{Blob, Command, KvOp, MemberRecord};
-    pub use crate::state::State;
-    pub use crate::storage::{open_db, Identity, LogStore, StateMachineStore};
+    pub use crate::data::command::{Blob, Command, KvOp, MemberRecord};
+    pub use crate::data::state::State;
+    pub use crate::store::db::{open_db, Identity};
+    pub use crate::store::sled_store::{LogStore, StateMachineStore};
 }

@@ -1,13 +1,13 @@
 //! Changing a running group's members: the typed requests, and the checks that refuse a
 //! change that would lose quorum or clash with the group before anything is proposed.
 //! The checks are pure functions of what the Raft leader sees (`GroupView`), so they are
-//! unit-tested here; `admin.rs` applies what they allow.
+//! unit-tested here; `node/admin.rs` applies what they allow.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use crate::command::NodeId;
+use crate::data::command::NodeId;
 
 /// One change to a group's membership, as `ha member` and `ha node --join` ask for it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

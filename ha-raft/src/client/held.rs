@@ -11,12 +11,12 @@ use std::sync::{Arc, Mutex, PoisonError};
 use ha_core::{ClientTls, Result};
 use tonic::transport::Channel;
 
-use crate::channel::channel;
+use crate::net::channel::channel;
 
 /// Held calls on one connection: half of what a node allows, so a connection is never
 /// refused a stream.
 pub(super) const HELD_PER_CONNECTION: usize =
-    crate::service::MAX_STREAMS_PER_CONNECTION as usize / 2;
+    crate::net::limits::MAX_STREAMS_PER_CONNECTION as usize / 2;
 
 /// The held-call connections to one endpoint.
 #[derive(Debug)]

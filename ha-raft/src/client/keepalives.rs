@@ -8,14 +8,13 @@ use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use ha_core::{Error, KvLimits, LeaseId, Result};
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, Semaphore};
 use tokio::time::{sleep_until, Instant};
 use tonic::Status;
 
-use super::{RaftClient, Repeat};
-use crate::node::MAX_KEEPALIVE_BATCH;
+use super::connection::{CallFailure, RaftClient, Repeat, Waiter};
+use crate::net::limits::MAX_KEEPALIVE_BATCH;
 use crate::proto::{self, KeepAliveOutcome};
-use crate::wire::from_status;
 
 /// Least time between the starts of two batches of one client: each batch is a call and
 /// a quorum round on the leader, its main cost. A session measures its lease from before
@@ -26,31 +25,6 @@ pub(crate) const PACE: Duration = Duration::from_millis(50);
 /// Most batches of one client in flight at once: behind a slow leader the next batch
 /// waits and grows instead of adding calls.
 const MAX_IN_FLIGHT: usize = 4;
-
-/// A keepalive waiting for its batch: the lease, and where its result goes.
-pub(crate) type Waiter = (u64, oneshot::Sender<Result<Duration>>);
-
-/// Why a whole call failed, kept so each waiter gets its own typed error.
-#[derive(Debug)]
-pub(crate) enum CallFailure {
-    /// The last status a node answered.
-    Status(Status),
-    /// No answer within the client's request timeout.
-    Timeout(Duration),
-}
-
-impl CallFailure {
-    /// The error a caller sees.
-    pub(crate) fn error(&self, operation: &'static str) -> Error {
-        match self {
-            Self::Status(status) => from_status(status),
-            Self::Timeout(after) => Error::Timeout {
-                operation,
-                after: *after,
-            },
-        }
-    }
-}
 
 /// Starts the batching task; `send` makes one `KeepAliveBatch` call. The task ends
 /// when the returned sender is dropped.
@@ -180,6 +154,7 @@ impl RaftClient {
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::sync::oneshot;
 
     fn renewed(leases: &[u64]) -> Vec<KeepAliveOutcome> {
         leases

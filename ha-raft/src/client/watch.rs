@@ -11,9 +11,10 @@ use ha_core::{ElectionName, LeaderEvent, Member, MemberEvent, Result, Role, Serv
 use tokio::time::sleep;
 use tonic::Status;
 
-use super::{transient, Api, HeldSlot, RaftClient};
+use super::connection::{transient, Api, RaftClient};
+use super::held::HeldSlot;
+use crate::net::wire::{from_status, leader_from_proto, member_from_proto};
 use crate::proto::{self, member_event::Kind};
-use crate::wire::{from_status, leader_from_proto, member_from_proto};
 
 /// Opens a server stream on the endpoint in use (on a held-call connection, the slot
 /// kept as long as the stream), moving to another after a transient failure (at most

@@ -6,8 +6,8 @@ use std::collections::{HashMap, HashSet, VecDeque};
 
 use ha_core::watch_buffer::WatchSender;
 
-use crate::command::MemberRecord;
-use crate::state::{Change, HeadView, State};
+use crate::data::command::MemberRecord;
+use crate::data::state::{Change, HeadView, State};
 
 /// How many leader changes a node keeps for watchers that resume.
 pub const HISTORY: usize = 4096;
@@ -203,7 +203,7 @@ mod tests {
     use ha_core::watch_buffer;
 
     use super::*;
-    use crate::command::{Command, MemberRecord};
+    use crate::data::command::{Command, MemberRecord};
 
     fn register(state: &mut State, index: u64, id: u64) -> u64 {
         let member = MemberRecord {
@@ -222,7 +222,7 @@ mod tests {
             )
             .0
         {
-            crate::command::CommandResult::Registered { lease, .. } => lease,
+            crate::data::command::CommandResult::Registered { lease, .. } => lease,
             other => panic!("{other:?}"),
         }
     }

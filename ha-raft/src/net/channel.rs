@@ -100,7 +100,7 @@ pub(crate) fn channel(endpoint: &str, tls: Option<&ClientTls>) -> Result<Channel
         .keep_alive_while_idle(true);
     if let Some(tls) = tls {
         channel = channel
-            .tls_config(crate::tls::client_config(tls))
+            .tls_config(crate::net::tls::client_config(tls))
             .map_err(|e| Error::InvalidArgument {
                 what: "tls",
                 reason: e.to_string(),

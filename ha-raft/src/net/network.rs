@@ -19,10 +19,10 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::command::{NodeId, TypeConfig};
+use crate::data::command::{NodeId, TypeConfig};
+use crate::net::tls::RaftTls;
 use crate::proto::peer_client::PeerClient;
 use crate::proto::PeerRequest;
-use crate::tls::RaftTls;
 
 /// How long connecting to a peer may take before it counts as unreachable.
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);

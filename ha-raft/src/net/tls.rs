@@ -16,7 +16,7 @@ use rustls_pki_types::{CertificateDer, ServerName};
 use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
 use tonic::{Request, Status};
 
-use crate::command::NodeId;
+use crate::data::command::NodeId;
 use crate::error::RaftBackendError;
 
 /// The DNS name a node's certificate must carry: `node-<id>`.

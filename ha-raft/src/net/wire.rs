@@ -11,10 +11,28 @@ use ha_core::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::command::MemberRecord;
-use crate::hub::{LeaderUpdate, MemberUpdate};
+use crate::data::command::MemberRecord;
+use crate::data::hub::{LeaderUpdate, MemberUpdate};
+use crate::data::state::HeadView;
 use crate::proto;
-use crate::state::HeadView;
+
+/// What a server answers once its node is shutting down.
+pub(crate) fn gone() -> tonic::Status {
+    tonic::Status::unavailable("raft node is shutting down")
+}
+
+/// Why a peer could not serve a forwarded request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) enum PeerFailure {
+    /// It is not the leader (any more); ask again.
+    NotLeader,
+    /// It answered with a contract error.
+    Error(WireError),
+}
+
+/// One lease's answer to a keepalive: its TTL in milliseconds, or why it was not
+/// renewed (the lease is gone or being expired).
+pub(crate) type Renewal = std::result::Result<u64, WireError>;
 
 /// `ha_core::Error` in a form that survives serialization, so a remote caller gets the
 /// same typed error a local one would.
@@ -263,7 +281,7 @@ pub fn from_status(status: &tonic::Status) -> Error {
         }
         _ => {}
     }
-    if let Some(error) = crate::tls::auth_error(status) {
+    if let Some(error) = crate::net::tls::auth_error(status) {
         return error;
     }
     match status.code() {

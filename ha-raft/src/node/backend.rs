@@ -15,13 +15,13 @@ use ha_core::{
 };
 use tracing::warn;
 
-use crate::command::{Command, CommandResult, KvOp, MemberRecord};
 use crate::config::MIN_TTL;
+use crate::data::command::{Command, CommandResult, KvOp, MemberRecord};
+use crate::data::hub::LeaderUpdate;
 use crate::error::RaftBackendError;
-use crate::hub::LeaderUpdate;
 
 use super::RaftNode;
-use crate::wire::{head_to_leader, member_update_to_event, update_to_event};
+use crate::net::wire::{head_to_leader, member_update_to_event, update_to_event};
 
 /// A local leader watch. A watcher that fell behind is ended by the hub; this one then
 /// subscribes again after the last revision it saw, so its reader sees every change
@@ -95,7 +95,7 @@ impl Backend for RaftNode {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities::new(MIN_TTL).with_kv_limits(self.inner.config.kv_limits)
+        Capabilities::new(MIN_TTL).with_kv_limits(self.inner.replica.config.kv_limits)
     }
 
     async fn register(&self, member: &Member, ttl: Duration) -> Result<Lease> {
@@ -170,14 +170,14 @@ impl Backend for RaftNode {
             };
             WithdrawOnDrop::new(async move {
                 if let Err(e) = node.propose(command).await {
-                    warn!(node = node.config.id, error = %e, "withdrawing a dropped campaign failed");
+                    warn!(node = node.replica.config.id, error = %e, "withdrawing a dropped campaign failed");
                 }
             })
         };
-        let mut applied = self.inner.sm.applied();
+        let mut applied = self.inner.replica.sm.applied();
         loop {
             {
-                let machine = self.inner.sm.lock();
+                let machine = self.inner.replica.sm.lock();
                 if machine.applied_index() >= index {
                     let state = &machine.state;
                     if !state.leases.contains_key(&lease.get()) {
@@ -208,7 +208,7 @@ impl Backend for RaftNode {
             // a stopped node hung while its lease, renewed elsewhere, held the election).
             tokio::select! {
                 biased;
-                () = self.inner.shutdown.cancelled() => {
+                () = self.inner.replica.shutdown.cancelled() => {
                     return Err(Error::Unavailable("raft node shut down".into()));
                 }
                 changed = applied.changed() => {
@@ -274,7 +274,7 @@ impl Backend for RaftNode {
     }
 
     async fn kv_write(&self, guard: &LeaderKey, write: KvWrite) -> Result<KvWriteOutcome> {
-        self.inner.config.kv_limits.check(&write)?;
+        self.inner.replica.config.kv_limits.check(&write)?;
         let command = Command::KvWrite {
             election: guard.election.as_str().to_owned(),
             lease: guard.lease.get(),
@@ -295,7 +295,7 @@ impl Backend for RaftNode {
     }
 
     async fn kv_read(&self, election: &ElectionName, key: &KvKey) -> Result<Option<Bytes>> {
-        self.inner.config.kv_limits.check_key(key)?;
+        self.inner.replica.config.kv_limits.check_key(key)?;
         let value = self
             .inner
             .linearizable(|machine| {

@@ -1,102 +1,16 @@
-//! Keepalives on the leader, one lease or a batch: every renewal recorded under one
-//! lessor lock, then one quorum round that started after all were recorded, then a
-//! result per lease. A client's batch that lands on a follower is forwarded whole.
+//! Keepalives of one lease or a batch, wherever the leader is: served by this node's
+//! replica when it leads, else forwarded whole.
 
-use std::collections::HashSet;
-use std::time::Duration;
+use ha_core::Result;
 
-use ha_core::{Error, Result};
-
-use super::routing::{Attempt, PeerFailure, Target};
+use super::routing::Attempt;
 use super::NodeInner;
-use crate::network::PeerRpc;
-use crate::storage::StateMachineStore;
-use crate::wire::WireError;
-
-/// Most leases one keepalive batch may carry; the client splits larger batches.
-pub const MAX_KEEPALIVE_BATCH: usize = 4096;
-
-/// One lease's answer to a keepalive: its TTL in milliseconds, or why it was not
-/// renewed (the lease is gone or being expired).
-pub(crate) type Renewal = std::result::Result<u64, WireError>;
-
-/// Each lease's TTL in milliseconds, as this node has applied it (`None`: not live).
-fn ttls(sm: &StateMachineStore, leases: &[u64]) -> Vec<Option<u64>> {
-    let sm = sm.lock();
-    leases
-        .iter()
-        .map(|lease| sm.state.leases.get(lease).map(|l| l.ttl_ms))
-        .collect()
-}
-
-/// A refusal of `leases.len()` leases, said as an argument error.
-pub(crate) fn check_batch_size(leases: usize) -> Result<()> {
-    if leases > MAX_KEEPALIVE_BATCH {
-        return Err(Error::InvalidArgument {
-            what: "leases",
-            reason: format!("a keepalive batch of {leases} leases; at most {MAX_KEEPALIVE_BATCH}"),
-        });
-    }
-    Ok(())
-}
+use crate::net::limits::check_batch_size;
+use crate::net::network::PeerRpc;
+use crate::net::wire::{PeerFailure, Renewal};
+use crate::replica::Target;
 
 impl NodeInner {
-    /// Keepalives of `leases` on this node, which believes it leads.
-    pub(crate) async fn keep_alive_batch_local(
-        &self,
-        leases: &[u64],
-    ) -> std::result::Result<Vec<Renewal>, PeerFailure> {
-        let Target::Me { term } = self.target() else {
-            return Err(PeerFailure::NotLeader);
-        };
-        let ms = Duration::from_millis;
-        let known = ttls(&self.sm, leases);
-        let live: Vec<(u64, Duration)> = leases
-            .iter()
-            .zip(&known)
-            .filter_map(|(lease, ttl)| ttl.map(|t| (*lease, ms(t))))
-            .collect();
-        // Refused now (being expired) stays refused: `expire_failed` may clear the mark
-        // before the answer, and such a lease has no deadline recorded.
-        let mut refused: HashSet<u64> = self
-            .lessor
-            .renew_all(term, &live)
-            .ok_or(PeerFailure::NotLeader)?
-            .into_iter()
-            .collect();
-        // A quorum round that starts after the renewals were recorded: a deposed leader
-        // fails here and none of them is acknowledged.
-        self.confirmer
-            .confirm()
-            .await
-            .map_err(|_| PeerFailure::NotLeader)?;
-        let now_known = ttls(&self.sm, leases);
-        // Registered while this ran (applied since): recorded now.
-        let late: Vec<(u64, Duration)> = leases
-            .iter()
-            .zip(known.iter().zip(&now_known))
-            .filter_map(|(lease, ttls)| match ttls {
-                (None, Some(t)) => Some((*lease, ms(*t))),
-                _ => None,
-            })
-            .collect();
-        refused.extend(
-            self.lessor
-                .renew_all(term, &late)
-                .ok_or(PeerFailure::NotLeader)?,
-        );
-        Ok(leases
-            .iter()
-            .zip(now_known)
-            .map(|(lease, ttl)| match ttl {
-                Some(ttl) if !refused.contains(lease) && !self.lessor.is_expiring(*lease) => {
-                    Ok(ttl)
-                }
-                _ => Err(WireError::LeaseExpired(*lease)),
-            })
-            .collect())
-    }
-
     /// Keepalives of `leases` on the leader, wherever it is; a result per lease.
     pub(crate) async fn keep_alive_batch(&self, leases: &[u64]) -> Result<Vec<Renewal>> {
         check_batch_size(leases.len())?;
@@ -105,7 +19,7 @@ impl NodeInner {
         }
         self.with_leader("keep_alive", |target| async move {
             match target {
-                Target::Me { .. } => match self.keep_alive_batch_local(leases).await {
+                Target::Me { .. } => match self.replica.keep_alive_batch_local(leases).await {
                     Ok(renewals) => Attempt::Done(Ok(renewals)),
                     Err(PeerFailure::Error(e)) => Attempt::Done(Err(e.into())),
                     Err(PeerFailure::NotLeader) => {

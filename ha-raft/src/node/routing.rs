@@ -6,34 +6,18 @@ use std::future::Future;
 use std::time::Duration;
 
 use ha_core::{Error, Result};
-use openraft::ServerState;
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
-use tokio::time::{sleep, sleep_until, Instant};
+use serde::Serialize;
+use tokio::time::{sleep, Instant};
 use tracing::debug;
 
-use crate::command::{Command, CommandResult, NodeId};
-use crate::network::{PeerError, PeerRpc};
-use crate::wire::WireError;
+use crate::data::command::{Command, CommandResult, NodeId};
+use crate::net::network::{PeerError, PeerRpc};
+use crate::net::wire::PeerFailure;
+use crate::replica::Target;
+use crate::store::sled_store::Machine;
 
 use super::NodeInner;
-
-/// Why a peer could not serve a forwarded request.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub(crate) enum PeerFailure {
-    /// It is not the leader (any more); ask again.
-    NotLeader,
-    /// It answered with a contract error.
-    Error(WireError),
-}
-
-/// Where requests that need the leader go right now.
-#[derive(Debug, Clone)]
-pub(crate) enum Target {
-    Me { term: u64 },
-    Peer { id: NodeId, addr: String },
-    Unknown,
-}
 
 /// One attempt at something that needs the leader.
 pub(super) enum Attempt<T> {
@@ -42,30 +26,6 @@ pub(super) enum Attempt<T> {
 }
 
 impl NodeInner {
-    pub(crate) fn target(&self) -> Target {
-        let metrics = self.raft.metrics();
-        let metrics = metrics.borrow();
-        match metrics.current_leader {
-            Some(id) if id == self.config.id => {
-                if metrics.state == ServerState::Leader {
-                    Target::Me {
-                        term: metrics.current_term,
-                    }
-                } else {
-                    Target::Unknown
-                }
-            }
-            Some(id) => match metrics.membership_config.membership().get_node(&id) {
-                Some(node) => Target::Peer {
-                    id,
-                    addr: node.addr.clone(),
-                },
-                None => Target::Unknown,
-            },
-            None => Target::Unknown,
-        }
-    }
-
     /// Runs `attempt` against the current leader until it is done or the request
     /// timeout passes.
     pub(super) async fn with_leader<T, F, Fut>(
@@ -77,20 +37,20 @@ impl NodeInner {
         F: FnMut(Target) -> Fut,
         Fut: Future<Output = Attempt<T>>,
     {
-        let deadline = Instant::now() + self.config.request_timeout;
-        let mut metrics = self.raft.metrics();
+        let deadline = Instant::now() + self.replica.config.request_timeout;
+        let mut metrics = self.replica.raft.metrics();
         loop {
-            if let Some(failure) = crate::failure::core_failure(&self.raft) {
+            if let Some(failure) = crate::replica::core_failure(&self.replica.raft) {
                 return Err(failure.into());
             }
-            if self.shutdown.is_cancelled() {
+            if self.replica.shutdown.is_cancelled() {
                 return Err(Error::Unavailable(format!(
                     "raft node {} is shut down",
-                    self.config.id
+                    self.replica.config.id
                 )));
             }
-            let target = self.target();
-            tracing::trace!(node = self.config.id, operation, ?target, "attempt");
+            let target = self.replica.target();
+            tracing::trace!(node = self.replica.config.id, operation, ?target, "attempt");
             let reason = match attempt(target).await {
                 Attempt::Done(result) => return result,
                 Attempt::Retry(reason) => reason,
@@ -98,11 +58,11 @@ impl NodeInner {
             if Instant::now() >= deadline {
                 return Err(Error::Unavailable(format!(
                     "{operation}: no Raft leader reachable within {:?} ({reason})",
-                    self.config.request_timeout
+                    self.replica.config.request_timeout
                 )));
             }
             debug!(
-                node = self.config.id,
+                node = self.replica.config.id,
                 operation, reason, "retrying against the leader"
             );
             // At least a short pause (a minority leader's metrics change constantly, so
@@ -126,7 +86,7 @@ impl NodeInner {
             let command = command.clone();
             async move {
                 match target {
-                    Target::Me { .. } => match self.propose_local(command).await {
+                    Target::Me { .. } => match self.replica.propose_local(command).await {
                         Ok(done) => Attempt::Done(Ok(done)),
                         Err(PeerFailure::NotLeader) => Attempt::Retry("leadership moved".into()),
                         Err(PeerFailure::Error(e)) => Attempt::Done(Err(e.into())),
@@ -155,7 +115,7 @@ impl NodeInner {
     ) -> Attempt<T> {
         let call = self
             .pool
-            .call(id, addr, rpc, request, self.config.request_timeout);
+            .call(id, addr, rpc, request, self.replica.config.request_timeout);
         // A leader that went silent holds the call until its timeout; once this node
         // learns of another leader, the call is given up (asked again there, or its
         // outcome unknown) instead of waiting it out.
@@ -184,7 +144,7 @@ impl NodeInner {
     /// Resolves once this node knows a leader other than `id` (pending while it knows
     /// none, or `id`).
     async fn leader_moved_from(&self, id: NodeId) {
-        let mut metrics = self.raft.metrics();
+        let mut metrics = self.replica.raft.metrics();
         loop {
             let leader = metrics.borrow_and_update().current_leader;
             if leader.is_some_and(|leader| leader != id) {
@@ -196,63 +156,10 @@ impl NodeInner {
         }
     }
 
-    /// Appends a command on this node, which believes it leads, in an entry of its own
-    /// or batched with others proposed meanwhile.
-    pub(crate) async fn propose_local(
-        &self,
-        command: Command,
-    ) -> std::result::Result<(u64, CommandResult), PeerFailure> {
-        if matches!(command, Command::Batch(_)) {
-            // Batches are the proposer's own; one from a peer is refused, not nested.
-            return Err(PeerFailure::Error(WireError::InvalidArgument {
-                what: "command".into(),
-                reason: "a batch cannot be proposed, only its commands".into(),
-            }));
-        }
-        self.proposer.propose(command).await
-    }
-
-    /// The leader's read index, on this node, which believes it leads.
-    pub(crate) async fn read_index_local(&self) -> std::result::Result<u64, PeerFailure> {
-        match tokio::time::timeout(self.config.request_timeout, self.raft.get_read_log_id()).await {
-            Ok(Ok((read, _applied))) => Ok(read.map_or(0, |l| l.index)),
-            _ => Err(PeerFailure::NotLeader),
-        }
-    }
-
-    /// Waits until this node has applied `index`, then reads under the state lock.
-    pub(crate) async fn read_at<T>(
-        &self,
-        index: u64,
-        read: impl FnOnce(&mut crate::storage::Machine) -> T,
-    ) -> Result<T> {
-        let mut applied = self.sm.applied();
-        let deadline = Instant::now() + self.config.request_timeout;
-        loop {
-            {
-                let mut machine = self.sm.lock();
-                if machine.applied_index() >= index {
-                    return Ok(read(&mut machine));
-                }
-            }
-            tokio::select! {
-                changed = applied.changed() => if changed.is_err() {
-                    return Err(Error::Unavailable("raft node stopped".into()));
-                },
-                _ = sleep_until(deadline) => {
-                    return Err(Error::Timeout { operation: "read_index", after: self.config.request_timeout });
-                }
-            }
-        }
-    }
-
     /// A linearizable read: the leader's read index, then this node's state.
-    pub(super) async fn linearizable<T>(
-        &self,
-        read: impl FnOnce(&mut crate::storage::Machine) -> T,
-    ) -> Result<T> {
+    pub(super) async fn linearizable<T>(&self, read: impl FnOnce(&mut Machine) -> T) -> Result<T> {
         let index = self.read_index().await?;
-        self.read_at(index, read).await
+        self.replica.read_at(index, read).await
     }
 
     /// The leader's read index: every change completed before this call is at or below it.
@@ -261,8 +168,8 @@ impl NodeInner {
             match target {
                 Target::Me { .. } => {
                     match tokio::time::timeout(
-                        self.config.request_timeout,
-                        self.raft.ensure_linearizable(),
+                        self.replica.config.request_timeout,
+                        self.replica.raft.ensure_linearizable(),
                     )
                     .await
                     {

@@ -11,9 +11,9 @@ use std::sync::Weak;
 use openraft::error::Fatal;
 use tracing::error;
 
-use crate::command::{NodeId, Raft};
+use super::handle::Replica;
+use crate::data::command::{NodeId, Raft};
 use crate::error::RaftBackendError;
-use crate::node::NodeInner;
 
 /// Why the core stopped, if it stopped on its own (`None` while it runs and after a
 /// requested shutdown).
@@ -46,7 +46,7 @@ pub(crate) async fn wait_for_failure(raft: &Raft) -> Option<RaftBackendError> {
 }
 
 /// Shuts the node's server and tasks down once its core has failed.
-pub(crate) async fn stop_on_failure(node: Weak<NodeInner>) {
+pub(crate) async fn stop_on_failure(node: Weak<Replica>) {
     let Some(raft) = node.upgrade().map(|inner| inner.raft.clone()) else {
         return;
     };

@@ -13,10 +13,10 @@ use std::sync::Weak;
 use openraft::ServerState;
 use tokio::time::sleep;
 
-use crate::node::NodeInner;
+use super::handle::Replica;
 
 /// Triggers a heartbeat every interval while this node leads; ends with the node.
-pub(crate) async fn heartbeat_loop(node: Weak<NodeInner>) {
+pub(crate) async fn heartbeat_loop(node: Weak<Replica>) {
     loop {
         let Some(inner) = node.upgrade() else { return };
         let every = inner.config.heartbeat_interval;

@@ -11,9 +11,9 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::routing::PeerFailure;
-use crate::command::{Command, CommandResult, Raft};
-use crate::wire::WireError;
+use crate::data::command::{Command, CommandResult, Raft};
+use crate::net::wire::PeerFailure;
+use crate::net::wire::WireError;
 
 /// Most commands in one entry.
 pub(crate) const MAX_BATCH_COMMANDS: usize = 256;

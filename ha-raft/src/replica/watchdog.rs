@@ -7,12 +7,12 @@ use std::time::Duration;
 use tokio::time::{sleep, Instant};
 use tracing::info;
 
-use crate::node::NodeInner;
+use super::handle::Replica;
 
 /// openraft draws its election timeout once per node, so a split vote can repeat; when
 /// there has been no leader for 2× the maximum election timeout, call an election after
 /// a random pause.
-pub(crate) async fn watchdog(node: Weak<NodeInner>) {
+pub(crate) async fn watchdog(node: Weak<Replica>) {
     let mut leaderless_since: Option<Instant> = None;
     loop {
         let Some(inner) = node.upgrade() else { return };

@@ -1,14 +1,14 @@
 //! A data dir rewritten as the start of a new group (a restore, a forced single-voter
-//! group): the storage side of `backup.rs`.
+//! group): the storage side of `backup/`.
 
 use std::collections::BTreeMap;
 
 use openraft::{LogId, SnapshotMeta, StoredMembership, Vote};
 use serde::Serialize;
 
-use crate::command::NodeId;
+use crate::data::command::NodeId;
 use crate::error::RaftBackendError;
-use crate::storage::{StoredSnapshot, COMMITTED, LAST_PURGED, SNAPSHOT, VOTE};
+use crate::store::sled_store::{StoredSnapshot, COMMITTED, LAST_PURGED, SNAPSHOT, VOTE};
 
 /// A group's state as a new data dir starts from it: the state machine, the log id it
 /// is as of, and the voters of the group it now belongs to.

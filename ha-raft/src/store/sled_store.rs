@@ -9,7 +9,6 @@
 use std::fmt::Debug;
 use std::io::Cursor;
 use std::ops::{Bound, RangeBounds};
-use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
@@ -20,134 +19,17 @@ use openraft::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::command::{CommandResult, NodeId, TypeConfig};
+use crate::data::command::{CommandResult, NodeId, TypeConfig};
+use crate::data::hub::{diff, Hub};
+use crate::data::state::State;
 use crate::error::RaftBackendError;
-use crate::hub::{diff, Hub};
-use crate::state::State;
 
 type StorageResult<T> = Result<T, StorageError<NodeId>>;
 
 pub(crate) const VOTE: &[u8] = b"vote";
 pub(crate) const COMMITTED: &[u8] = b"committed";
 pub(crate) const LAST_PURGED: &[u8] = b"last_purged";
-const IDENTITY: &[u8] = b"identity";
 pub(crate) const SNAPSHOT: &[u8] = b"snapshot";
-
-/// Which node of which cluster a data directory belongs to.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Identity {
-    /// The cluster id every member shares.
-    pub cluster_id: String,
-    /// This node's id.
-    pub node_id: NodeId,
-}
-
-/// How long opening waits for a database another handle still holds.
-const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
-
-/// Creates a new data dir readable by its owner only (it holds the group's state and
-/// the guarded store), and refuses an existing one that holds anything but sled's files.
-fn prepare_dir(dir: &Path) -> Result<(), RaftBackendError> {
-    use std::os::unix::fs::DirBuilderExt;
-    let storage = |e: std::io::Error| RaftBackendError::Storage(format!("{}: {e}", dir.display()));
-    let entries = match std::fs::read_dir(dir) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)
-                .map_err(storage);
-        }
-        Err(e) => return Err(storage(e)),
-    };
-    for entry in entries {
-        let name = entry.map_err(storage)?.file_name();
-        let name = name.to_string_lossy();
-        let sled_file = matches!(&*name, "conf" | "db" | "blobs") || name.starts_with("snap.");
-        if !sled_file {
-            return Err(RaftBackendError::NotADataDir {
-                dir: dir.display().to_string(),
-                found: name.into_owned(),
-            });
-        }
-    }
-    Ok(())
-}
-
-/// Opens (or creates) a node's database and checks it belongs to `identity`.
-/// Waits up to 5 s while another handle still holds its lock.
-///
-/// # Errors
-/// `Storage` if sled cannot open it, `ForeignDataDir` if it holds another cluster's or
-/// node's data, `NotADataDir` if it holds files that are not sled's, `Corrupt` if its identity record does not decode.
-pub async fn open_db(
-    dir: &Path,
-    identity: &Identity,
-    cache_bytes: u64,
-) -> Result<sled::Db, RaftBackendError> {
-    prepare_dir(dir)?;
-    let config = sled::Config::new()
-        .path(dir)
-        .cache_capacity(cache_bytes)
-        .mode(sled::Mode::LowSpace);
-    // A node stopped in this process a moment ago may still be releasing the database:
-    // the last handle can sit in a flush on tokio's blocking pool after `shutdown`
-    // returns. Another process holding it
-    // (the lock is released when a process dies) gets the same bounded wait.
-    let deadline = tokio::time::Instant::now() + LOCK_WAIT;
-    let db = loop {
-        match config.open() {
-            Ok(db) => break db,
-            // sled reports a held lock as kind `Other` with this text (config.rs), not
-            // as `WouldBlock`: matching the kind alone never retried.
-            Err(sled::Error::Io(e))
-                if (e.kind() == std::io::ErrorKind::WouldBlock
-                    || e.to_string().contains("could not acquire lock"))
-                    && tokio::time::Instant::now() < deadline =>
-            {
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            }
-            Err(e) => {
-                return Err(RaftBackendError::Storage(format!(
-                    "open {}: {e}",
-                    dir.display()
-                )))
-            }
-        }
-    };
-    let meta = db
-        .open_tree("meta")
-        .map_err(|e| RaftBackendError::Storage(e.to_string()))?;
-    match meta
-        .get(IDENTITY)
-        .map_err(|e| RaftBackendError::Storage(e.to_string()))?
-    {
-        Some(bytes) => {
-            let found: Identity = serde_json::from_slice(&bytes)
-                .map_err(|e| RaftBackendError::Corrupt(format!("identity record: {e}")))?;
-            if &found != identity {
-                return Err(RaftBackendError::ForeignDataDir {
-                    dir: dir.display().to_string(),
-                    found: format!("node {} of cluster {:?}", found.node_id, found.cluster_id),
-                    expected: format!(
-                        "node {} of cluster {:?}",
-                        identity.node_id, identity.cluster_id
-                    ),
-                });
-            }
-        }
-        None => {
-            let bytes = serde_json::to_vec(identity)
-                .map_err(|e| RaftBackendError::Corrupt(e.to_string()))?;
-            meta.insert(IDENTITY, bytes)
-                .map_err(|e| RaftBackendError::Storage(e.to_string()))?;
-            db.flush()
-                .map_err(|e| RaftBackendError::Storage(e.to_string()))?;
-        }
-    }
-    Ok(db)
-}
 
 fn read_err(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
     StorageIOError::read(&e).into()
