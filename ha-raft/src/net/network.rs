@@ -166,6 +166,8 @@ pub enum PeerRpc {
     KeepAliveBatch,
     /// A read index request.
     ReadIndex,
+    /// The stopping leader asks a caught-up voter to call an election.
+    Elect,
 }
 
 /// Lazily connected channels to peers, shared by the Raft network and forwarding.
@@ -283,6 +285,7 @@ impl PeerPool {
                 PeerRpc::Propose => client.propose(request).await,
                 PeerRpc::KeepAliveBatch => client.keep_alive_batch(request).await,
                 PeerRpc::ReadIndex => client.read_index(request).await,
+                PeerRpc::Elect => client.elect(request).await,
             }
         };
         let reply = match tokio::time::timeout(timeout, call).await {

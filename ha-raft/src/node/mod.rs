@@ -10,6 +10,7 @@ mod backend;
 mod keepalive;
 mod routing;
 mod snapshot;
+mod transfer;
 
 use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
@@ -17,16 +18,15 @@ use std::time::Duration;
 
 use ha_core::watch_buffer::{self, WatchReceiver, WATCH_BUFFER};
 use ha_core::{Error, Result};
-use openraft::BasicNode;
 use tokio::task::JoinHandle;
 use tokio::time::{sleep, Instant};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use crate::admin::membership::MembershipChange;
 use crate::admin::{AdminError, MembershipReport, NodeStatus};
 use crate::config::RaftNodeConfig;
-use crate::data::command::{Command, NodeId, Raft};
+use crate::data::command::{NodeId, Raft};
 use crate::data::hub::{LeaderUpdate, MemberUpdate};
 use crate::error::RaftBackendError;
 use crate::net::network::PeerPool;
@@ -302,10 +302,27 @@ impl RaftNode {
     }
 
     /// Stops the node: the server, Raft and every background task. Other handles to it
-    /// fail with `Unavailable` afterwards.
+    /// fail with `Unavailable` afterwards. A leader first hands its leadership to a
+    /// caught-up voter (within twice the shortest election timeout), so the group has a
+    /// new leader in milliseconds instead of after an election timeout.
     pub async fn shutdown(&self) {
+        // Before the server stops: the voter asked to take over needs this node's vote.
+        self.inner.hand_over(true).await;
+        self.stop().await;
+    }
+
+    /// [`shutdown`](Self::shutdown) without handing Raft leadership to another voter:
+    /// the followers elect after their election timeout, as after a crash. For tests
+    /// whose stop of a node stands for its crash.
+    #[doc(hidden)]
+    pub async fn shutdown_without_transfer(&self) {
         self.inner.replica.shutdown.cancel();
-        self.hand_over().await;
+        self.inner.hand_over(false).await;
+        self.stop().await;
+    }
+
+    async fn stop(&self) {
+        self.inner.replica.shutdown.cancel();
         if let Err(e) = self.inner.replica.raft.shutdown().await {
             warn!(node = self.id(), error = %e, "raft shutdown");
         }
@@ -348,57 +365,6 @@ impl RaftNode {
             release_within_5s(db, self.id()).await;
         }
         info!(node = self.id(), "raft node stopped");
-    }
-
-    /// On a leader: commits a [`Command::Handover`] and waits until every follower has
-    /// stored it, for at most the shortest election timeout (after that the followers
-    /// elect a new leader anyway). The entry carries the commit index of the leader's
-    /// last writes, which otherwise reaches a follower only with the next heartbeat: a
-    /// leader stopped right after a resign would leave the next candidate waiting for a
-    /// new Raft leader to learn that it leads, a Raft election instead of milliseconds.
-    async fn hand_over(&self) {
-        if !self.inner.replica.raft.metrics().borrow().state.is_leader() {
-            return;
-        }
-        let budget = self.inner.replica.config.election_timeout.0;
-        let deadline = tokio::time::Instant::now() + budget;
-        let written = tokio::time::timeout(
-            budget,
-            self.inner.replica.raft.client_write(Command::Handover),
-        )
-        .await;
-        let index = match written {
-            Ok(Ok(response)) => response.log_id.index,
-            // Not the leader any more, or no quorum: nothing to hand over.
-            Ok(Err(e)) => {
-                debug!(node = self.id(), error = %e, "no handover entry");
-                return;
-            }
-            Err(_) => {
-                debug!(node = self.id(), "no handover entry within {budget:?}");
-                return;
-            }
-        };
-        let mut metrics = self.inner.replica.raft.metrics();
-        let stored_everywhere = |m: &openraft::RaftMetrics<NodeId, BasicNode>| {
-            m.replication.as_ref().is_some_and(|followers| {
-                followers
-                    .values()
-                    .all(|matched| matched.is_some_and(|log| log.index >= index))
-            })
-        };
-        let stored = matches!(
-            tokio::time::timeout_at(deadline, metrics.wait_for(stored_everywhere)).await,
-            Ok(Ok(_))
-        );
-        if stored {
-            debug!(node = self.id(), index, "every follower has the handover");
-        } else {
-            debug!(
-                node = self.id(),
-                index, "not every follower stored the handover in time"
-            );
-        }
     }
 
     /// Watches an election. With `after == 0` the first update is the current state as of

@@ -10,6 +10,7 @@ use openraft::ServerState;
 use tokio::task::JoinHandle;
 use tokio::time::{sleep_until, Instant};
 use tokio_util::sync::CancellationToken;
+use tracing::info;
 
 use crate::config::{MessageLimits, RaftNodeConfig};
 use crate::data::command::{Command, CommandResult, NodeId, Raft};
@@ -119,6 +120,39 @@ impl Replica {
             }));
         }
         self.proposer.propose(command).await
+    }
+
+    /// Calls an election now because `from`, the leader this node follows, asked it to
+    /// as it stops, once this node's log reaches `caught_up_to` (the leader's last
+    /// entry): a leader granting a vote to a log behind its own would refuse it anyway.
+    pub(crate) async fn elect_when_asked(
+        &self,
+        from: NodeId,
+        caught_up_to: u64,
+    ) -> std::result::Result<(), PeerFailure> {
+        let (leader, last_log) = {
+            let metrics = self.raft.metrics();
+            let metrics = metrics.borrow();
+            (metrics.current_leader, metrics.last_log_index.unwrap_or(0))
+        };
+        if leader != Some(from) {
+            return Err(PeerFailure::NotLeader);
+        }
+        if last_log < caught_up_to {
+            return Err(PeerFailure::Error(WireError::Unavailable(format!(
+                "node {} has the log up to {last_log}, not yet {caught_up_to}",
+                self.config.id
+            ))));
+        }
+        info!(
+            node = self.config.id,
+            from, "the stopping leader hands over: calling an election"
+        );
+        self.raft
+            .trigger()
+            .elect()
+            .await
+            .map_err(|e| PeerFailure::Error(WireError::Unavailable(e.to_string())))
     }
 
     /// The leader's read index, on this node, which believes it leads.

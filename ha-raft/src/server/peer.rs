@@ -118,6 +118,11 @@ impl Peer for PeerService {
         reply(&node.keep_alive_batch_local(&leases).await)
     }
 
+    async fn elect(&self, request: Request<PeerRequest>) -> Result<Response<PeerReply>, Status> {
+        let (node, from, caught_up_to): (_, _, u64) = self.open(request)?;
+        reply(&node.elect_when_asked(from, caught_up_to).await)
+    }
+
     async fn read_index(
         &self,
         request: Request<PeerRequest>,

@@ -144,10 +144,11 @@ impl Group {
         Arc::new(self.nodes[&id].clone())
     }
 
-    /// Stops a node as abruptly as this process allows (its data dir stays).
+    /// Stops a node as abruptly as this process allows (its data dir stays): a leader
+    /// hands no leadership over.
     pub async fn kill(&mut self, id: u64) {
         if let Some(node) = self.nodes.remove(&id) {
-            node.shutdown().await;
+            node.shutdown_without_transfer().await;
         }
     }
 
