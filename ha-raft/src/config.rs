@@ -65,6 +65,11 @@ pub struct RaftNodeConfig {
     /// Allows listening on a non-loopback address without TLS: anyone who reaches the
     /// port can then join the group's traffic and make itself ACTIVE. Logged as a warning.
     pub insecure: bool,
+    /// Keep the Raft leader off the member whose in-process coordinator is an
+    /// election's ACTIVE: a leader hosting one hands its leadership to a caught-up voter
+    /// that hosts none, so one crash costs one TTL, not an election and a TTL. Moves only
+    /// in a group of three voters; see docs/backends/raft.md ("Placement").
+    pub placement: bool,
     /// Test-only network faults shared by the nodes of a test group.
     pub faults: Option<Arc<FaultInjector>>,
 }
@@ -88,6 +93,7 @@ impl std::fmt::Debug for RaftNodeConfig {
             .field("client_token", &self.client_token.as_ref().map(|_| "***"))
             .field("admin_token", &self.admin_token.as_ref().map(|_| "***"))
             .field("insecure", &self.insecure)
+            .field("placement", &self.placement)
             .finish_non_exhaustive()
     }
 }
@@ -146,8 +152,16 @@ impl RaftNodeConfig {
             client_token: None,
             admin_token: None,
             insecure: false,
+            placement: false,
             faults: None,
         }
+    }
+
+    /// Turns placement on or off (default off; `ha node` turns it on): see
+    /// [`placement`](Self::placement).
+    pub fn with_placement(mut self, placement: bool) -> Self {
+        self.placement = placement;
+        self
     }
 
     /// Sets the guarded store's size limits.

@@ -89,6 +89,7 @@ impl RaftNode {
             node.shutdown().await;
             return Err(e);
         }
+        node.keep_leader_apart();
         info!(
             node = config.id,
             listen = %config.listen,

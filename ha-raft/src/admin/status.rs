@@ -47,6 +47,15 @@ pub struct NodeStatus {
     pub millis_since_quorum_ack: Option<u64>,
     /// Bytes in its data dir.
     pub data_dir_bytes: u64,
+    /// Whether it keeps its Raft leadership apart from an in-process ACTIVE.
+    #[serde(default)]
+    pub placement: bool,
+    /// The elections whose ACTIVE runs in this node's process.
+    #[serde(default)]
+    pub active_here: Vec<String>,
+    /// Raft leadership moves it made away from an in-process ACTIVE since it started.
+    #[serde(default)]
+    pub placement_moves: u64,
 }
 
 /// How far the Raft leader has replicated to one member.

@@ -169,6 +169,9 @@ mod tests {
             peers: BTreeMap::new(),
             millis_since_quorum_ack: None,
             data_dir_bytes: 0,
+            placement: false,
+            active_here: Vec::new(),
+            placement_moves: 0,
         }
     }
 

@@ -30,6 +30,17 @@ pub(crate) enum PeerFailure {
     Error(WireError),
 }
 
+/// A Raft leader's request that a voter call an election now.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub(crate) struct ElectRequest {
+    /// The leader's last log index; the voter waits (briefly) until it holds it.
+    pub(crate) caught_up_to: u64,
+    /// Refuse if an election's ACTIVE runs in the voter's process: placement moves the
+    /// leader away from an ACTIVE, never onto another one.
+    #[serde(default)]
+    pub(crate) unless_hosting_active: bool,
+}
+
 /// One lease's answer to a keepalive: its TTL in milliseconds, or why it was not
 /// renewed (the lease is gone or being expired).
 pub(crate) type Renewal = std::result::Result<u64, WireError>;

@@ -98,12 +98,19 @@ impl NodeInner {
             peers,
             millis_since_quorum_ack: metrics.millis_since_quorum_ack,
             data_dir_bytes: 0,
+            placement: self.replica.config.placement,
+            active_here: Vec::new(),
+            placement_moves: self
+                .replica
+                .placement_moves
+                .load(std::sync::atomic::Ordering::Relaxed),
         }
     }
 
     /// This node's status, with its data dir's size.
     pub(crate) async fn status(&self) -> NodeStatus {
         let mut status = self.status_now();
+        status.active_here = self.replica.active_here();
         let dir = self.replica.config.data_dir.clone();
         status.data_dir_bytes = tokio::task::spawn_blocking(move || dir_size(&dir))
             .await

@@ -88,17 +88,9 @@ fn unexpected(result: CommandResult) -> Error {
     RaftBackendError::Corrupt(format!("unexpected command result {result:?}")).into()
 }
 
-#[async_trait]
-impl Backend for RaftNode {
-    fn name(&self) -> &'static str {
-        "raft"
-    }
-
-    fn capabilities(&self) -> Capabilities {
-        Capabilities::new(MIN_TTL).with_kv_limits(self.inner.replica.config.kv_limits)
-    }
-
-    async fn register(&self, member: &Member, ttl: Duration) -> Result<Lease> {
+impl RaftNode {
+    /// Registers a session, for a caller in this process or one of the client API's.
+    pub(crate) async fn register_session(&self, member: &Member, ttl: Duration) -> Result<Lease> {
         self.capabilities().check_ttl(ttl)?;
         RecordLimits::DEFAULT.check_member(member)?;
         let ttl_ms = ttl.as_millis().max(1) as u64;
@@ -118,6 +110,24 @@ impl Backend for RaftNode {
             other => Err(unexpected(other)),
         }
     }
+}
+
+#[async_trait]
+impl Backend for RaftNode {
+    fn name(&self) -> &'static str {
+        "raft"
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::new(MIN_TTL).with_kv_limits(self.inner.replica.config.kv_limits)
+    }
+
+    async fn register(&self, member: &Member, ttl: Duration) -> Result<Lease> {
+        let lease = self.register_session(member, ttl).await?;
+        // A session of this very process: what placement keeps the Raft leader from.
+        self.inner.replica.hosted.add(lease.id.get());
+        Ok(lease)
+    }
 
     async fn keep_alive(&self, lease: LeaseId) -> Result<Duration> {
         match self.inner.keep_alive_batch(&[lease.get()]).await?.pop() {
@@ -133,6 +143,7 @@ impl Backend for RaftNode {
         self.inner
             .propose(Command::Revoke { lease: lease.get() })
             .await?;
+        self.inner.replica.hosted.remove(lease.get());
         Ok(())
     }
 

@@ -8,6 +8,7 @@
 mod admin;
 mod backend;
 mod keepalive;
+mod placement;
 mod routing;
 mod snapshot;
 mod transfer;

@@ -14,7 +14,7 @@ use tracing::{debug, info};
 use super::NodeInner;
 use crate::data::command::{Command, NodeId};
 use crate::net::network::PeerRpc;
-use crate::net::wire::PeerFailure;
+use crate::net::wire::{ElectRequest, PeerFailure};
 
 impl NodeInner {
     /// On a leader: commits a [`Command::Handover`] and waits until every follower has
@@ -72,62 +72,52 @@ impl NodeInner {
             );
         }
         if transfer {
-            self.transfer_leadership().await;
+            self.transfer_leadership(Transfer::Stop).await;
         }
     }
 
-    /// Asks the caught-up voter that answered most recently to call an election, and
-    /// waits (for at most the shortest election timeout) until another node leads.
-    /// Returns it, if one does.
-    async fn transfer_leadership(&self) -> Option<NodeId> {
+    /// Asks a caught-up voter to call an election, the one that answered most recently
+    /// first, and waits (for at most the shortest election timeout) until another node
+    /// leads. A voter that refuses (for placement: it hosts an ACTIVE too) passes the
+    /// turn to the next.
+    pub(super) async fn transfer_leadership(&self, why: Transfer) -> Handed {
         let me = self.replica.config.id;
         let budget = self.replica.config.election_timeout.0;
         let deadline = Instant::now() + budget;
-        let (last_log, target) = {
-            let metrics = self.replica.raft.metrics();
-            let metrics = metrics.borrow();
-            if !metrics.state.is_leader() {
-                return None;
-            }
-            let last_log = metrics.last_log_index.unwrap_or(0);
-            let membership = metrics.membership_config.membership();
-            let target = metrics
-                .replication
-                .as_ref()?
-                .iter()
-                .filter(|(id, matched)| {
-                    **id != me
-                        && membership.voter_ids().any(|voter| voter == **id)
-                        && matched.is_some_and(|log| log.index >= last_log)
-                })
-                .filter_map(|(id, _)| Some((*id, membership.get_node(id)?.addr.clone())))
-                .max_by_key(|(id, _)| self.pool.last_contact(*id));
-            (last_log, target)
+        let Some((last_log, targets)) = self.transfer_targets(why) else {
+            return Handed::NotAsked;
         };
-        let Some((target, addr)) = target else {
-            debug!(node = me, "no caught-up voter to hand leadership to");
-            return None;
+        let placement = matches!(why, Transfer::Placement { .. });
+        let request = ElectRequest {
+            caught_up_to: last_log,
+            unless_hosting_active: placement,
         };
-        let asked: Result<Result<(), PeerFailure>, _> = self
-            .pool
-            .call(target, &addr, PeerRpc::Elect, &last_log, budget)
-            .await;
-        match asked {
-            Ok(Ok(())) => {}
-            Ok(Err(failure)) => {
-                debug!(
-                    node = me,
-                    target,
-                    ?failure,
-                    "the voter did not call an election"
-                );
-                return None;
-            }
-            Err(e) => {
-                debug!(node = me, target, error = %e, "the voter was not asked");
-                return None;
+        let mut asked = None;
+        for (target, addr) in targets {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let answer: Result<Result<(), PeerFailure>, _> = self
+                .pool
+                .call(target, &addr, PeerRpc::Elect, &request, left)
+                .await;
+            match answer {
+                Ok(Ok(())) => {
+                    asked = Some(target);
+                    break;
+                }
+                Ok(Err(failure)) => {
+                    debug!(
+                        node = me,
+                        target,
+                        ?failure,
+                        "the voter did not call an election"
+                    );
+                }
+                Err(e) => debug!(node = me, target, error = %e, "the voter was not asked"),
             }
         }
+        let Some(target) = asked else {
+            return Handed::NotAsked;
+        };
         let mut metrics = self.replica.raft.metrics();
         let moved = tokio::time::timeout_at(
             deadline,
@@ -137,16 +127,83 @@ impl NodeInner {
         match moved {
             Ok(Ok(m)) => {
                 let leader = m.current_leader;
-                info!(node = me, ?leader, "handed Raft leadership over");
-                leader
+                info!(node = me, ?leader, placement, "handed Raft leadership over");
+                Handed::Asked { leader }
             }
             _ => {
                 debug!(
                     node = me,
                     target, "leadership did not move within {budget:?}"
                 );
-                None
+                Handed::Asked { leader: None }
             }
         }
     }
+
+    /// On a leader: its last log index, and the voters it may hand leadership to, the
+    /// one that answered most recently first. For a stop, those holding the last entry;
+    /// for placement, those that answered within the shortest election timeout and hold
+    /// what the leader had a moment ago (`pace`).
+    fn transfer_targets(&self, why: Transfer) -> Option<(u64, Vec<(NodeId, String)>)> {
+        let me = self.replica.config.id;
+        let metrics = self.replica.raft.metrics();
+        let metrics = metrics.borrow();
+        if !metrics.state.is_leader() {
+            return None;
+        }
+        let last_log = metrics.last_log_index.unwrap_or(0);
+        let membership = metrics.membership_config.membership();
+        let now = std::time::Instant::now();
+        let fresh = self.replica.config.election_timeout.0;
+        let mut targets: Vec<_> = metrics
+            .replication
+            .as_ref()?
+            .iter()
+            .filter(|(id, matched)| {
+                let matched = matched.map_or(0, |log| log.index);
+                **id != me
+                    && membership.voter_ids().any(|voter| voter == **id)
+                    && match why {
+                        Transfer::Stop => matched >= last_log,
+                        Transfer::Placement { pace } => {
+                            matched >= pace
+                                && self
+                                    .pool
+                                    .last_contact(**id)
+                                    .is_some_and(|at| now.saturating_duration_since(at) < fresh)
+                        }
+                    }
+            })
+            .filter_map(|(id, _)| Some((*id, membership.get_node(id)?.addr.clone())))
+            .collect();
+        targets.sort_by_key(|(id, _)| std::cmp::Reverse(self.pool.last_contact(*id)));
+        if targets.is_empty() {
+            debug!(node = me, ?why, "no caught-up voter to hand leadership to");
+        }
+        Some((last_log, targets))
+    }
+}
+
+/// What came of a transfer.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Handed {
+    /// No voter called an election.
+    NotAsked,
+    /// A voter called one; `leader` is the node that leads now, if one does in time.
+    Asked {
+        /// The new leader.
+        leader: Option<NodeId>,
+    },
+}
+
+/// Why a leader hands its leadership over.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Transfer {
+    /// It stops on purpose.
+    Stop,
+    /// It hosts an ACTIVE (see `placement`); a voter must hold entry `pace`.
+    Placement {
+        /// What the leader had logged one look earlier: a voter behind it is catching up.
+        pace: u64,
+    },
 }

@@ -3,6 +3,7 @@
 //! leader is).
 
 use std::collections::BTreeSet;
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 use ha_core::{Error, Result};
@@ -14,9 +15,10 @@ use tracing::info;
 
 use crate::config::{MessageLimits, RaftNodeConfig};
 use crate::data::command::{Command, CommandResult, NodeId, Raft};
-use crate::net::wire::{PeerFailure, WireError};
+use crate::net::wire::{ElectRequest, PeerFailure, WireError};
 use crate::store::sled_store::{Machine, StateMachineStore};
 
+use super::hosted::Hosted;
 use super::lessor::{Confirmer, Lessor};
 use super::proposer::Proposer;
 
@@ -36,6 +38,10 @@ pub(crate) struct Replica {
     pub(crate) lessor: Lessor,
     pub(super) confirmer: Confirmer,
     proposer: Proposer,
+    /// The leases of sessions in this process.
+    pub(crate) hosted: Hosted,
+    /// Raft leadership moves this member made away from an in-process ACTIVE.
+    pub(crate) placement_moves: AtomicU64,
     pub(crate) shutdown: CancellationToken,
 }
 
@@ -76,6 +82,8 @@ impl Replica {
             lessor: Lessor::default(),
             confirmer,
             proposer,
+            hosted: Hosted::default(),
+            placement_moves: AtomicU64::new(0),
             shutdown: CancellationToken::new(),
         });
         (replica, vec![confirm_task, propose_task])
@@ -122,31 +130,56 @@ impl Replica {
         self.proposer.propose(command).await
     }
 
+    /// The elections whose ACTIVE runs in this process, as this member has applied them.
+    pub(crate) fn active_here(&self) -> Vec<String> {
+        self.hosted.active_elections(&self.sm.lock().state)
+    }
+
     /// Calls an election now because `from`, the leader this node follows, asked it to
-    /// as it stops, once this node's log reaches `caught_up_to` (the leader's last
-    /// entry): a leader granting a vote to a log behind its own would refuse it anyway.
+    /// (it stops, or placement moves its leadership here), once this node's log reaches
+    /// the leader's last entry: a leader granting a vote to a log behind its own would
+    /// refuse it anyway. Waits for that entry at most one heartbeat interval.
     pub(crate) async fn elect_when_asked(
         &self,
         from: NodeId,
-        caught_up_to: u64,
+        request: ElectRequest,
     ) -> std::result::Result<(), PeerFailure> {
-        let (leader, last_log) = {
-            let metrics = self.raft.metrics();
-            let metrics = metrics.borrow();
-            (metrics.current_leader, metrics.last_log_index.unwrap_or(0))
-        };
-        if leader != Some(from) {
+        let unavailable = |reason: String| Err(PeerFailure::Error(WireError::Unavailable(reason)));
+        let mut metrics = self.raft.metrics();
+        if metrics.borrow().current_leader != Some(from) {
             return Err(PeerFailure::NotLeader);
         }
-        if last_log < caught_up_to {
-            return Err(PeerFailure::Error(WireError::Unavailable(format!(
-                "node {} has the log up to {last_log}, not yet {caught_up_to}",
-                self.config.id
-            ))));
+        let caught_up = |m: &openraft::RaftMetrics<NodeId, openraft::BasicNode>| {
+            m.last_log_index.unwrap_or(0) >= request.caught_up_to
+        };
+        let waited = matches!(
+            tokio::time::timeout(self.config.heartbeat_interval, metrics.wait_for(caught_up)).await,
+            Ok(Ok(_))
+        );
+        if !waited {
+            let last_log = self.raft.metrics().borrow().last_log_index.unwrap_or(0);
+            return unavailable(format!(
+                "node {} has the log up to {last_log}, not yet {}",
+                self.config.id, request.caught_up_to
+            ));
+        }
+        if request.unless_hosting_active {
+            let here = self.active_here();
+            if !here.is_empty() {
+                return unavailable(format!(
+                    "node {} hosts the ACTIVE of {here:?}",
+                    self.config.id
+                ));
+            }
+        }
+        if self.raft.metrics().borrow().current_leader != Some(from) {
+            return Err(PeerFailure::NotLeader);
         }
         info!(
             node = self.config.id,
-            from, "the stopping leader hands over: calling an election"
+            from,
+            placement = request.unless_hosting_active,
+            "the leader hands its leadership over: calling an election"
         );
         self.raft
             .trigger()

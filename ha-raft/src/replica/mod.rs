@@ -9,6 +9,7 @@ mod expiry;
 mod failure;
 mod handle;
 mod heartbeat;
+mod hosted;
 mod keepalive;
 mod lessor;
 mod proposer;

@@ -89,8 +89,9 @@ impl Coordination for ClientService {
             let request = request.into_inner();
             let member = member_from_proto(required(request.member, "member").map_err(status)?)
                 .map_err(status)?;
+            // Not `Backend::register`: a client's session is not this process's.
             let lease = node
-                .register(&member, Duration::from_millis(request.ttl_ms))
+                .register_session(&member, Duration::from_millis(request.ttl_ms))
                 .await
                 .map_err(status)?;
             Ok(Response::new(proto::RegisterReply {

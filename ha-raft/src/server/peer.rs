@@ -11,7 +11,7 @@ use tonic::{Request, Response, Status};
 use crate::data::command::{Command, NodeId, TypeConfig};
 use crate::net::limits::check_batch_size;
 use crate::net::tls::{names_node, node_name};
-use crate::net::wire::{gone, to_status, PeerFailure};
+use crate::net::wire::{gone, to_status, ElectRequest, PeerFailure};
 use crate::proto::peer_server::Peer;
 use crate::proto::{PeerReply, PeerRequest};
 use crate::replica::Replica;
@@ -119,8 +119,8 @@ impl Peer for PeerService {
     }
 
     async fn elect(&self, request: Request<PeerRequest>) -> Result<Response<PeerReply>, Status> {
-        let (node, from, caught_up_to): (_, _, u64) = self.open(request)?;
-        reply(&node.elect_when_asked(from, caught_up_to).await)
+        let (node, from, asked): (_, _, ElectRequest) = self.open(request)?;
+        reply(&node.elect_when_asked(from, asked).await)
     }
 
     async fn read_index(
