@@ -274,7 +274,7 @@ fn status_table(group: &GroupStatus) -> String {
     let opt = |v: Option<u64>| v.map_or_else(dash, |v| v.to_string());
     let mut rows = vec![[
         "ID", "ADDRESS", "KIND", "STATE", "TERM", "LAST_LOG", "APPLIED", "LAG", "CONTACT", "DATA",
-        "VERSION",
+        "ACTIVE", "MOVES", "VERSION",
     ]
     .map(str::to_owned)];
     for m in &group.members {
@@ -295,6 +295,16 @@ fn status_table(group: &GroupStatus) -> String {
                 opt(m.lag),
                 m.last_contact_ms.map_or_else(dash, |ms| format!("{ms}ms")),
                 bytes(s.data_dir_bytes),
+                if s.active_here.is_empty() {
+                    dash()
+                } else {
+                    s.active_here.join(",")
+                },
+                if s.placement {
+                    s.placement_moves.to_string()
+                } else {
+                    "off".to_owned()
+                },
                 s.version.clone(),
             ],
             None => [
@@ -307,6 +317,8 @@ fn status_table(group: &GroupStatus) -> String {
                 dash(),
                 opt(m.lag),
                 m.last_contact_ms.map_or_else(dash, |ms| format!("{ms}ms")),
+                dash(),
+                dash(),
                 dash(),
                 dash(),
             ],
@@ -332,7 +344,35 @@ fn status_table(group: &GroupStatus) -> String {
         voters.count(),
         if group.quorum { "yes" } else { "no" }
     ));
+    out.push_str(&placement_line(group));
     out
+}
+
+/// Whether the Raft leader's member also hosts an ACTIVE (what placement avoids).
+fn placement_line(group: &GroupStatus) -> String {
+    let statuses = || {
+        group
+            .members
+            .iter()
+            .filter_map(|m| Some((m.id, m.status.as_ref()?)))
+    };
+    let Some(leader) = group.leader else {
+        return String::new();
+    };
+    let on = statuses().any(|(_, s)| s.placement);
+    let shared: Vec<&str> = statuses()
+        .filter(|(id, _)| *id == leader)
+        .flat_map(|(_, s)| s.active_here.iter().map(String::as_str))
+        .collect();
+    let state = if on { "on" } else { "off" };
+    if shared.is_empty() {
+        format!("placement: {state}; no ACTIVE on the Raft leader's member\n")
+    } else {
+        format!(
+            "placement: {state}; the Raft leader's member (node {leader}) hosts the ACTIVE of {}\n",
+            shared.join(", ")
+        )
+    }
 }
 
 fn table<const N: usize>(rows: &[[String; N]]) -> String {

@@ -415,6 +415,11 @@ pub struct NodeArgs {
     /// Also run an ActiveStandby coordinator on this member.
     #[arg(long)]
     pub active_standby: bool,
+    /// Let the Raft leader stay on this member while its coordinator is ACTIVE. By
+    /// default a Raft leader whose process hosts an ACTIVE hands its leadership to
+    /// another caught-up voter (groups of three), so one crash costs one TTL.
+    #[arg(long)]
+    pub no_placement: bool,
     /// Session TTL with --active-standby (seconds, or 10s, 500ms).
     #[arg(long, default_value_t = 10.0, value_parser = parse_ttl)]
     pub ttl: f64,

@@ -51,7 +51,7 @@ pub async fn node(args: crate::NodeArgs) -> Exit {
     if let Some(cluster) = &args.cluster {
         config = config.with_cluster_id(cluster.as_str());
     }
-    config = node_timing(config, &args);
+    config = node_timing(config, &args).with_placement(!args.no_placement);
     match node_security(&args) {
         Ok(apply) => config = apply(config),
         Err(e) => {
@@ -350,6 +350,8 @@ async fn export_raft_metrics(node: RaftNode) {
         metrics::gauge!("ha_raft_last_log_index").set(status.last_log_index.unwrap_or(0) as f64);
         metrics::gauge!("ha_raft_voters").set(status.voters.len() as f64);
         metrics::gauge!("ha_raft_data_dir_bytes").set(status.data_dir_bytes as f64);
+        metrics::gauge!("ha_raft_active_here").set(status.active_here.len() as f64);
+        metrics::counter!("ha_raft_placement_moves_total").absolute(status.placement_moves);
         for (peer, progress) in &status.peers {
             if let Some(lag) = progress.lag {
                 metrics::gauge!("ha_raft_lag_entries", "peer" => peer.to_string()).set(lag as f64);
