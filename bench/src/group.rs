@@ -41,6 +41,8 @@ pub struct Seen {
     pub ready_active: Option<(u64, u64)>,
     /// Every `lost` event: "node N: reason".
     pub losses: Vec<String>,
+    /// `elected` events read so far.
+    pub elected: usize,
     /// Print every line read (HA_BENCH_VERBOSE).
     verbose: bool,
 }
@@ -54,7 +56,10 @@ impl Seen {
         match line.event() {
             "proclaimed" => self.ready_active = Some((node, line.token())),
             // A new leadership starts; its holder is ready with its `proclaimed`.
-            "elected" => self.ready_active = None,
+            "elected" => {
+                self.ready_active = None;
+                self.elected += 1;
+            }
             "lost" | "resigned" | "stopped"
                 if self.ready_active.is_some_and(|(active, _)| active == node) =>
             {
@@ -118,6 +123,11 @@ impl Group {
             .values()
             .map(|port| format!("127.0.0.1:{port}"))
             .collect()
+    }
+
+    /// Node `id`'s client address, `host:port`.
+    pub fn endpoint(&self, id: u64) -> String {
+        format!("127.0.0.1:{}", self.ports[&id])
     }
 
     /// Where node `id` keeps its Raft data.

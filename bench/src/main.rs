@@ -29,6 +29,7 @@ mod etcd_servers;
 mod group;
 mod load;
 mod memory;
+mod placement;
 mod processes;
 mod procfs;
 #[cfg(feature = "etcd")]
@@ -59,6 +60,7 @@ const SCENARIOS: &[&str] = &[
     "elections",
     "endurance",
     "dead-member",
+    "placement",
 ];
 
 /// Measure failover (SIGKILL) and handoff (SIGTERM) gaps, throughput, scale and
@@ -76,6 +78,10 @@ struct Options {
     /// (default 1,000,000; with --quick 2,000).
     #[arg(long)]
     cycles: Option<u64>,
+    /// Kills of each kind per configuration of the placement scenario (default 30; with
+    /// --quick 2), and its rolling restarts of all three members (default 3; --quick 1).
+    #[arg(long)]
+    placement_kills: Option<usize>,
     /// Crash (SIGKILL) trials per process group and TTL (default 10; with --quick 2).
     #[arg(long)]
     crashes: Option<usize>,
@@ -85,7 +91,9 @@ struct Options {
     handoffs: Option<usize>,
     /// Only these scenarios, comma-separated: memory, processes (failover and handoff
     /// of process groups, with the etcdctl references), throughput, sessions,
-    /// elections, endurance, dead-member.
+    /// elections, endurance, dead-member, placement (three `ha node --active-standby`,
+    /// TTL 2 s, placement off and on: kills of the ACTIVE's process, of the Raft leader's,
+    /// rolling restarts).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// The `ha` binary to measure. Default: built now, with this build's profile and
@@ -205,6 +213,18 @@ async fn run(options: &Options) -> Result<()> {
                 pids: target.pids.clone(),
             };
             load_scenarios(&mut report, options, &plan, &backend, &servers).await?;
+        }
+    }
+    if options.wants("placement") {
+        let quick = options.quick;
+        let kills = options
+            .placement_kills
+            .unwrap_or(if quick { 2 } else { 30 });
+        let rounds = if quick { 1 } else { 3 };
+        for on in [false, true] {
+            let measured = placement::trials(&ha, on, kills, rounds).await?;
+            report.series(measured.series);
+            report.placement(measured.row);
         }
     }
     if options.wants("dead-member") {

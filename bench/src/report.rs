@@ -184,6 +184,7 @@ pub struct Report {
     throughput: Table,
     sessions: Table,
     elections: Table,
+    placement: Table,
     footprint: Table,
 }
 
@@ -243,6 +244,25 @@ impl Report {
                     column: "all elected s ÷ etcd's",
                     metric: |row| row["all_elected_s"].as_f64(),
                     same: |a, b| a["elections"] == b["elections"],
+                },
+            ),
+            placement: Table::new(
+                "Placement (3 `ha node --active-standby`, TTL 2 s): SIGKILL of the Raft leader's process with the ACTIVE elsewhere, and rolling restarts",
+                &[
+                    "placement",
+                    "leader kills",
+                    "ACTIVE kept its role",
+                    "skipped (leader on the ACTIVE's member)",
+                    "restarts",
+                    "restarted ACTIVEs",
+                    "handovers",
+                    "roles lost",
+                    "longest keepalive stall ms",
+                ],
+                Ratio {
+                    column: "",
+                    metric: |_| None,
+                    same: |_, _| false,
                 },
             ),
             footprint: Table::new(
@@ -367,6 +387,25 @@ impl Report {
         self.elections.push(cells, row);
     }
 
+    /// A row of the placement table, as `placement::trials` returns it.
+    pub fn placement(&mut self, row: Value) {
+        let cells = [
+            "placement",
+            "leader_kills",
+            "kept",
+            "together",
+            "restarts",
+            "restarted_actives",
+            "handovers",
+            "lost",
+        ]
+        .iter()
+        .map(|key| cell(&row[*key], 0))
+        .chain([cell(&row["stall_max_ms"], 1)])
+        .collect();
+        self.placement.push(cells, row);
+    }
+
     /// Prints every table.
     pub fn print(&self) {
         println!();
@@ -393,6 +432,7 @@ impl Report {
             &self.throughput,
             &self.sessions,
             &self.elections,
+            &self.placement,
             &self.footprint,
         ] {
             table.print(self.reference);
@@ -409,6 +449,7 @@ impl Report {
             "throughput": self.throughput.json(),
             "sessions": self.sessions.json(),
             "elections": self.elections.json(),
+            "placement": self.placement.json(),
             "footprint": self.footprint.json(),
         })
     }
