@@ -114,9 +114,20 @@ impl Backend for Slot {
     }
 }
 
-async fn schedule(seed: u64) -> Arc<History> {
+/// What a schedule left: its history, and the Raft leadership moves placement made
+/// (counted on the nodes running at the end) against every term change.
+struct Ran {
+    history: Arc<History>,
+    moves: u64,
+    terms: u64,
+}
+
+async fn schedule(seed: u64) -> Ran {
     let mut rng = StdRng::seed_from_u64(seed);
-    let mut group = Group::start(3).await;
+    // The participants are co-located with the nodes: placement keeps the Raft leader
+    // off the ACTIVE's node while the faults run.
+    let mut group = Group::start_with(3, |config| config.with_placement(true)).await;
+    let first_term = term(&group);
     let history = Arc::new(History::new());
     let setup = Setup {
         election: ElectionName::new("schedule").unwrap_or_else(|e| panic!("{e}")),
@@ -225,25 +236,61 @@ async fn schedule(seed: u64) -> Arc<History> {
     for slot in slots.values() {
         slot.set(None);
     }
+    let terms = term(&group).saturating_sub(first_term);
+    let mut moves = 0;
+    for node in group.nodes.values() {
+        moves += node.status().await.placement_moves;
+    }
     group.shutdown().await;
-    history
+    Ran {
+        history,
+        moves,
+        terms,
+    }
+}
+
+/// The highest term among the running nodes.
+fn term(group: &Group) -> u64 {
+    group
+        .nodes
+        .values()
+        .map(|node| node.raft().metrics().borrow().current_term)
+        .max()
+        .unwrap_or(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fault_schedules_never_show_two_leaders() {
     let seeds = fault_seeds(100);
     let started = std::time::Instant::now();
-    let results: Vec<(u64, Arc<History>)> = futures::stream::iter(seeds.clone())
+    let results: Vec<(u64, Ran)> = futures::stream::iter(seeds.clone())
         .map(|seed| async move { (seed, schedule(seed).await) })
         .buffer_unordered(CONCURRENT)
         .collect()
         .await;
     let mut totals = Totals::default();
-    for (seed, history) in &results {
+    let (mut moves, mut terms) = (0, 0);
+    for (seed, ran) in &results {
         let replay = format!("HA_FAULT_SEEDS={seed} cargo test -p ha-raft --test fault_schedules");
-        totals.add(&history.assert_ok(Some(LIVENESS), *seed, &replay));
+        let seen = ran.history.assert_ok(Some(LIVENESS), *seed, &replay);
+        // No churn: every move answers an election the faults caused or a new ACTIVE
+        // (the first may answer the group's first leader).
+        let caused = ran.terms.saturating_sub(ran.moves) + seen.leaderships as u64 + 1;
+        assert!(
+            ran.moves <= caused,
+            "seed {seed}: {} placement moves for {} term changes and {} leaderships; replay: {replay}",
+            ran.moves,
+            ran.terms,
+            seen.leaderships
+        );
+        moves += ran.moves;
+        terms += ran.terms;
+        totals.add(&seen);
     }
-    eprintln!("raft: {totals}, in {:?}", started.elapsed());
+    eprintln!(
+        "raft: {totals}, {moves} placement moves in {terms} term changes, in {:?}",
+        started.elapsed()
+    );
     assert!(
         totals.leaderships >= seeds.len(),
         "the schedules elected almost nobody"

@@ -88,31 +88,40 @@ impl NodeInner {
             return Handed::NotAsked;
         };
         let placement = matches!(why, Transfer::Placement { .. });
-        let request = ElectRequest {
-            caught_up_to: last_log,
-            unless_hosting_active: placement,
+        // With placement on, a stopping leader too prefers a voter that hosts no
+        // ACTIVE, and falls back to any: the group must have a leader first.
+        let passes: &[bool] = match why {
+            Transfer::Placement { .. } => &[true],
+            Transfer::Stop if self.replica.config.placement => &[true, false],
+            Transfer::Stop => &[false],
         };
         let mut asked = None;
-        for (target, addr) in targets {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let answer: Result<Result<(), PeerFailure>, _> = self
-                .pool
-                .call(target, &addr, PeerRpc::Elect, &request, left)
-                .await;
-            match answer {
-                Ok(Ok(())) => {
-                    asked = Some(target);
-                    break;
+        'passes: for unless_hosting_active in passes {
+            let request = ElectRequest {
+                caught_up_to: last_log,
+                unless_hosting_active: *unless_hosting_active,
+            };
+            for (target, addr) in &targets {
+                let left = deadline.saturating_duration_since(Instant::now());
+                let answer: Result<Result<(), PeerFailure>, _> = self
+                    .pool
+                    .call(*target, addr, PeerRpc::Elect, &request, left)
+                    .await;
+                match answer {
+                    Ok(Ok(())) => {
+                        asked = Some(*target);
+                        break 'passes;
+                    }
+                    Ok(Err(failure)) => {
+                        debug!(
+                            node = me,
+                            target,
+                            ?failure,
+                            "the voter did not call an election"
+                        );
+                    }
+                    Err(e) => debug!(node = me, target, error = %e, "the voter was not asked"),
                 }
-                Ok(Err(failure)) => {
-                    debug!(
-                        node = me,
-                        target,
-                        ?failure,
-                        "the voter did not call an election"
-                    );
-                }
-                Err(e) => debug!(node = me, target, error = %e, "the voter was not asked"),
             }
         }
         let Some(target) = asked else {
