@@ -1,8 +1,10 @@
 //! Seeded fault schedules on real 3-node Raft groups (loopback gRPC, real sled dirs),
 //! each checked by the history checker. Faults: the Raft leader isolated, a minority
-//! node partitioned, message delay and drop, a node killed and restarted from its data
-//! dir (its co-located participant paused for the downtime, as one process), and the
-//! participants' own resigns, dropped campaigns and restarts. Several groups run at once.
+//! node partitioned, one link cut (a partial partition), message delay and drop, a node
+//! killed and restarted from its data dir (its co-located participant paused for the
+//! downtime, as one process), and the participants' own resigns, dropped campaigns and
+//! restarts. Several groups run at once.
+//! Placement is on: the schedules also bound its moves (no churn).
 //!
 //! `HA_FAULT_RUNS=N` / `HA_FAULT_SEEDS=a,b` pick the seeds (CI runs 100). Real time: a
 //! seed gives the same fault schedule, not the same interleaving.
@@ -163,7 +165,7 @@ async fn schedule(seed: u64) -> Ran {
         let node = rng.random_range(1..=3u64);
         let others: Vec<u64> = (1..=3).filter(|n| *n != node).collect();
         let long = Duration::from_millis(rng.random_range(300..(TTL.as_millis() as u64 * 2)));
-        match rng.random_range(0..7) {
+        match rng.random_range(0..8) {
             0 => {
                 // The Raft leader (whoever it is now) cut off from both followers.
                 let leader = group
@@ -209,6 +211,14 @@ async fn schedule(seed: u64) -> Ran {
                 sleep(long).await;
                 group.restart(node).await;
                 slots[&node].set(group.nodes.get(&node).cloned());
+            }
+            7 => {
+                // A partial partition: one link cut, each end still reaching the third.
+                let other = others[rng.random_range(0..others.len())];
+                fault(format!("link n{node}-n{other} cut for {long:?}"));
+                group.faults.partition(&[node], &[other]);
+                sleep(long).await;
+                group.faults.heal();
             }
             5 => {
                 fault(format!("p{node} resigns"));
