@@ -142,9 +142,62 @@ impl Members {
     }
 }
 
+/// `ha status` of the group: its text and its JSON.
+async fn status(members: &Members) -> (String, serde_json::Value) {
+    let url = format!(
+        "raft://{}",
+        members
+            .peers
+            .values()
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let run = |json: bool| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_ha"));
+        command.args(["status", "--backend", &url]);
+        if json {
+            command.arg("--json");
+        }
+        command.env("RUST_LOG", "off").kill_on_drop(true);
+        async move {
+            let output = tokio::time::timeout(Duration::from_secs(30), command.output())
+                .await
+                .unwrap_or_else(|_| panic!("ha status hung"))
+                .unwrap_or_else(|e| panic!("ha status: {e}"));
+            String::from_utf8_lossy(&output.stdout).into_owned()
+        }
+    };
+    let text = run(false).await;
+    let json = serde_json::from_str(&run(true).await).unwrap_or(serde_json::Value::Null);
+    (text, json)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_of_the_active_process_leaves_the_raft_leader_alive() {
     let mut members = Members::start();
+    let (active, leader) = members.placed().await;
+    // `ha status` says where the ACTIVE is, and that the leader's member has none.
+    let (text, json) = status(&members).await;
+    assert!(
+        text.contains("placement: on; no ACTIVE on the Raft leader's member"),
+        "{text}"
+    );
+    let listed = json["members"].as_array().cloned().unwrap_or_default();
+    assert_eq!(listed.len(), 3, "{json}");
+    for member in &listed {
+        let id = member["id"].as_u64();
+        let here = member["status"]["active_here"]
+            .as_array()
+            .map_or(0, Vec::len);
+        assert_eq!(
+            here,
+            usize::from(id == Some(active)),
+            "node {id:?}: {member}"
+        );
+        assert_eq!(member["status"]["placement"], true, "{member}");
+    }
+    assert_ne!(active, leader);
     for round in 0..3 {
         let (active, leader) = members.placed().await;
         let elected = members.elected;

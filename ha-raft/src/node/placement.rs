@@ -3,10 +3,10 @@
 //! apart, it costs a TTL. A leader that finds an ACTIVE among its own sessions hands
 //! its leadership to a caught-up voter that hosts none (see `transfer`): at most once
 //! per leadership, never in its first two leader leases (the voter would be refused),
-//! never while a member that answers is catching up, and only in a group of three
-//! voters, where the voter's vote and the leader's are a majority. In a larger group the
-//! other followers, whose leader leases are fresh, would refuse, and the move would
-//! cost the election it is meant to save.
+//! never while a member that answers is catching up or the membership is changing, and
+//! only in a group of three voters, where the voter's vote and the leader's are a
+//! majority. In a larger group the other followers, whose leader leases are fresh,
+//! would refuse, and the move would cost the election it is meant to save.
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -37,6 +37,8 @@ struct Leadership {
     since: Instant,
     /// A voter was asked to take over in this term: never twice.
     moved: bool,
+    /// After every voter refused (each hosts an ACTIVE too): not before this.
+    next_try: Instant,
     /// The leader's last log index one look earlier: a member that answers and holds
     /// less is catching up.
     pace: Option<u64>,
@@ -77,6 +79,7 @@ impl NodeInner {
                     term,
                     since: now,
                     moved: false,
+                    next_try: now,
                     pace: None,
                 }),
             };
@@ -104,7 +107,13 @@ impl NodeInner {
         }
         debug!(node = config.id, term, active = ?here, "the Raft leader hosts an ACTIVE");
         match self.transfer_leadership(Transfer::Placement { pace }).await {
-            Handed::NotAsked => {}
+            Handed::NotAsked => {
+                // Nobody could take over (all host an ACTIVE, or none is caught up):
+                // look again later, not at every heartbeat.
+                if let Some(w) = watched.as_mut() {
+                    w.next_try = Instant::now() + config.election_timeout.1 * 2;
+                }
+            }
             Handed::Asked { leader } => {
                 if let Some(w) = watched.as_mut() {
                     w.moved = true;

@@ -57,3 +57,75 @@ impl Hosted {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::data::command::{Command, CommandResult, MemberRecord};
+
+    fn register(state: &mut State, index: u64, id: u64) -> u64 {
+        let member = MemberRecord {
+            server_id: id,
+            role: "coord".into(),
+            address: format!("a{id}"),
+            metadata: BTreeMap::new(),
+        };
+        match state
+            .apply(
+                index,
+                &Command::Register {
+                    member,
+                    ttl_ms: 2000,
+                },
+            )
+            .0
+        {
+            CommandResult::Registered { lease, .. } => lease,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn campaign(state: &mut State, index: u64, lease: u64, election: &str) {
+        let command = Command::Campaign {
+            lease,
+            election: election.into(),
+            value: b"v".to_vec(),
+        };
+        state.apply(index, &command);
+    }
+
+    #[test]
+    fn only_the_heads_of_queues_holding_an_in_process_lease_count() {
+        let mut state = State::default();
+        let here = register(&mut state, 1, 1);
+        let there = register(&mut state, 2, 2);
+        campaign(&mut state, 3, there, "a"); // led from elsewhere, `here` in line
+        campaign(&mut state, 4, here, "a");
+        campaign(&mut state, 5, here, "b"); // led from here
+        let hosted = Hosted::default();
+        hosted.add(here);
+        assert_eq!(hosted.active_elections(&state), vec!["b".to_owned()]);
+        state.apply(6, &Command::Revoke { lease: there });
+        assert_eq!(
+            hosted.active_elections(&state),
+            vec!["a".to_owned(), "b".to_owned()]
+        );
+        hosted.remove(here);
+        assert!(hosted.active_elections(&state).is_empty());
+    }
+
+    #[test]
+    fn a_lease_not_yet_applied_here_is_kept_and_an_ended_one_forgotten() {
+        let mut state = State::default();
+        let ended = register(&mut state, 1, 1);
+        let hosted = Hosted::default();
+        hosted.add(ended);
+        hosted.add(50); // registered through the leader, not applied here yet
+        state.apply(2, &Command::Revoke { lease: ended });
+        assert!(hosted.active_elections(&state).is_empty());
+        let leases = hosted.leases.lock().unwrap_or_else(PoisonError::into_inner);
+        assert_eq!(leases.iter().copied().collect::<Vec<_>>(), vec![50]);
+    }
+}
