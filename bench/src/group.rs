@@ -182,6 +182,18 @@ impl Group {
             .with_context(|| format!("cannot start {}", self.ha.display()))
     }
 
+    /// Starts every node and waits for the first ACTIVE's `proclaimed`.
+    pub async fn start_all(&mut self) -> Result<()> {
+        for id in NODES {
+            self.start(id)?;
+        }
+        self.wait_for("a first ACTIVE", Duration::from_secs(30), |l| {
+            l.is("proclaimed")
+        })
+        .await?;
+        Ok(())
+    }
+
     /// Reads lines until one matches `pred`, noting what each says.
     pub async fn wait_for(
         &mut self,

@@ -47,14 +47,7 @@ pub async fn trials(ha: &Path, on: bool, kills: usize, rounds: usize) -> Result<
     if !on {
         group.extra_args.push("--no-placement".to_owned());
     }
-    for id in NODES {
-        group.start(id)?;
-    }
-    group
-        .wait_for("a first ACTIVE", Duration::from_secs(30), |l| {
-            l.is("proclaimed")
-        })
-        .await?;
+    group.start_all().await?;
 
     let mut gaps = Vec::new();
     let mut hosted_leader = 0;

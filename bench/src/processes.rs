@@ -63,14 +63,7 @@ pub async fn trials(
     // A STANDBY whose session self-fences while the Raft leader moves goes back in line
     // instead of exiting, as a production replica would be restarted.
     group.extra_args = vec!["--recampaign".to_owned()];
-    for id in NODES {
-        group.start(id)?;
-    }
-    group
-        .wait_for("a first ACTIVE", Duration::from_secs(30), |l| {
-            l.is("proclaimed")
-        })
-        .await?;
+    group.start_all().await?;
     // Idle: the other two in STANDBY, nothing but keepalives and watches.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let idle_rss = NODES

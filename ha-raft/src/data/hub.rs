@@ -198,34 +198,11 @@ pub fn diff(old: &State, new: &State) -> Vec<Change> {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-
     use ha_core::watch_buffer;
 
     use super::*;
-    use crate::data::command::{Command, MemberRecord};
-
-    fn register(state: &mut State, index: u64, id: u64) -> u64 {
-        let member = MemberRecord {
-            server_id: id,
-            role: "coord".into(),
-            address: String::new(),
-            metadata: BTreeMap::new(),
-        };
-        match state
-            .apply(
-                index,
-                &Command::Register {
-                    member,
-                    ttl_ms: 2000,
-                },
-            )
-            .0
-        {
-            crate::data::command::CommandResult::Registered { lease, .. } => lease,
-            other => panic!("{other:?}"),
-        }
-    }
+    use crate::data::command::Command;
+    use crate::data::state::register_for_test as register;
 
     fn campaign(lease: u64) -> Command {
         Command::Campaign {

@@ -347,3 +347,28 @@ impl State {
 
 #[cfg(test)]
 mod tests;
+
+/// A session registered in `state` at `index` for server `id` of role `coord`, for the
+/// unit tests of the modules that read the state.
+#[cfg(test)]
+pub(crate) fn register_for_test(state: &mut State, index: u64, id: u64) -> u64 {
+    let member = MemberRecord {
+        server_id: id,
+        role: "coord".into(),
+        address: format!("a{id}"),
+        metadata: BTreeMap::new(),
+    };
+    match state
+        .apply(
+            index,
+            &Command::Register {
+                member,
+                ttl_ms: 2000,
+            },
+        )
+        .0
+    {
+        CommandResult::Registered { lease, .. } => lease,
+        other => panic!("{other:?}"),
+    }
+}

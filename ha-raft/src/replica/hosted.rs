@@ -60,32 +60,9 @@ impl Hosted {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-
     use super::*;
-    use crate::data::command::{Command, CommandResult, MemberRecord};
-
-    fn register(state: &mut State, index: u64, id: u64) -> u64 {
-        let member = MemberRecord {
-            server_id: id,
-            role: "coord".into(),
-            address: format!("a{id}"),
-            metadata: BTreeMap::new(),
-        };
-        match state
-            .apply(
-                index,
-                &Command::Register {
-                    member,
-                    ttl_ms: 2000,
-                },
-            )
-            .0
-        {
-            CommandResult::Registered { lease, .. } => lease,
-            other => panic!("{other:?}"),
-        }
-    }
+    use crate::data::command::Command;
+    use crate::data::state::register_for_test as register;
 
     fn campaign(state: &mut State, index: u64, lease: u64, election: &str) {
         let command = Command::Campaign {
