@@ -47,8 +47,9 @@ pub use node::RaftNode;
 /// messages); not part of the API and may change in any release.
 #[doc(hidden)]
 pub mod testing {
-    pub use crate::data::command::{Blob, Command, KvOp, MemberRecord};
+    pub use crate::data::command::{Blob, Command, CommandResult, KvOp, MemberRecord};
     pub use crate::data::state::State;
+    pub use crate::net::wire::{ElectRequest, PeerFailure, Renewal, WireError};
     pub use crate::store::db::{open_db, Identity};
     pub use crate::store::sled_store::{LogStore, StateMachineStore};
 }

@@ -23,7 +23,7 @@ pub(crate) fn gone() -> tonic::Status {
 
 /// Why a peer could not serve a forwarded request.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub(crate) enum PeerFailure {
+pub enum PeerFailure {
     /// It is not the leader (any more); ask again.
     NotLeader,
     /// It answered with a contract error.
@@ -32,18 +32,18 @@ pub(crate) enum PeerFailure {
 
 /// A Raft leader's request that a voter call an election now.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
-pub(crate) struct ElectRequest {
+pub struct ElectRequest {
     /// The leader's last log index; the voter waits (briefly) until it holds it.
-    pub(crate) caught_up_to: u64,
+    pub caught_up_to: u64,
     /// Refuse if an election's ACTIVE runs in the voter's process: placement moves the
     /// leader away from an ACTIVE, never onto another one.
     #[serde(default)]
-    pub(crate) unless_hosting_active: bool,
+    pub unless_hosting_active: bool,
 }
 
 /// One lease's answer to a keepalive: its TTL in milliseconds, or why it was not
 /// renewed (the lease is gone or being expired).
-pub(crate) type Renewal = std::result::Result<u64, WireError>;
+pub type Renewal = std::result::Result<u64, WireError>;
 
 /// `ha_core::Error` in a form that survives serialization, so a remote caller gets the
 /// same typed error a local one would.
