@@ -623,3 +623,41 @@ async fn ha_status_on_etcd_lists_every_member_and_exits_4_without_quorum() {
         String::from_utf8_lossy(&output.stderr)
     );
 }
+
+/// A data dir written by a newer binary: `ha node` names both formats, exits 7 and
+/// changes nothing in it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ha_node_refuses_a_newer_data_dir_untouched() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let format = dir.path().join("ha-format");
+    std::fs::write(&format, "9\n").unwrap_or_else(|e| panic!("{e}"));
+    let listen = format!("127.0.0.1:{}", free_port());
+    let data = dir.path().to_string_lossy().into_owned();
+    let output = run_ha(
+        &[
+            "node",
+            "--id",
+            "1",
+            "--listen",
+            &listen,
+            "--peers",
+            &format!("1={listen}"),
+            "--data",
+            &data,
+        ],
+        Duration::from_secs(30),
+    )
+    .await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(7), "{stderr}");
+    assert!(
+        stderr.contains("format 9") && stderr.contains("formats 1 to"),
+        "{stderr}"
+    );
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap_or_else(|e| panic!("{e}"))
+        .map(|e| e.map(|e| e.file_name()).unwrap_or_default())
+        .collect();
+    assert_eq!(left, vec![std::ffi::OsString::from("ha-format")]);
+    assert_eq!(std::fs::read_to_string(&format).unwrap_or_default(), "9\n");
+}

@@ -28,6 +28,19 @@ pub enum RaftBackendError {
         /// One of the files found.
         found: String,
     },
+    /// The data directory was written by a newer binary in a format this one cannot read;
+    /// nothing in it was changed.
+    #[error(
+        "data directory {dir} is in format {found}, newer than this binary reads (formats 1 to {supported}); it was left untouched: run the newer ha"
+    )]
+    NewerDataDir {
+        /// The directory.
+        dir: String,
+        /// The format it records.
+        found: u32,
+        /// The newest format this binary reads.
+        supported: u32,
+    },
     /// Stored or received bytes do not decode.
     #[error("corrupt data: {0}")]
     Corrupt(String),

@@ -42,6 +42,7 @@ pub use ha_core::ClientTls;
 pub use net::network::FaultInjector;
 pub use net::tls::{node_name, RaftTls};
 pub use node::RaftNode;
+pub use store::db::DATA_DIR_FORMAT;
 
 /// Internals for this crate's own tests (decoders, openraft's storage suite, raw peer
 /// messages); not part of the API and may change in any release.

@@ -435,3 +435,61 @@ fn the_peer_messages_of_0_1_0_decode() {
         .iter()
         .any(|e| matches!(&e.payload, EntryPayload::Normal(Command::Batch(c)) if c.len() > 1)));
 }
+
+/// Every file under `dir` with its bytes.
+fn snapshot_of(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    let mut files = BTreeMap::new();
+    for entry in std::fs::read_dir(dir).unwrap_or_else(|e| panic!("{e}")) {
+        let path = entry.unwrap_or_else(|e| panic!("{e}")).path();
+        if path.is_dir() {
+            files.extend(snapshot_of(&path));
+        } else {
+            let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{e}"));
+            files.insert(path, bytes);
+        }
+    }
+    files
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_dir_of_0_1_0_is_upgraded_in_place_and_a_newer_one_refused_untouched() {
+    let temp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let dir = temp.path().join("node-1");
+    copy_dir(&fixtures().join("data/node-1"), &dir);
+    assert!(
+        !dir.join("ha-format").exists(),
+        "0.1.0 wrote no format file"
+    );
+    let config = config_for(1, &dir);
+    ha_raft::force_new_group(&config)
+        .await
+        .unwrap_or_else(|e| panic!("force_new_group: {e}"));
+    let node = RaftNode::start(config.clone())
+        .await
+        .unwrap_or_else(|e| panic!("start: {e}"));
+    node.shutdown().await;
+    let recorded = std::fs::read_to_string(dir.join("ha-format")).unwrap_or_default();
+    assert_eq!(
+        recorded.trim(),
+        ha_raft::DATA_DIR_FORMAT.to_string(),
+        "upgraded in place"
+    );
+
+    // A format from the future: refused by name, and not a byte changed.
+    std::fs::write(dir.join("ha-format"), "9\n").unwrap_or_else(|e| panic!("{e}"));
+    let before = snapshot_of(&dir);
+    let refused = RaftNode::start(config).await;
+    let Err(error) = refused else {
+        panic!("a newer data dir must be refused");
+    };
+    let text = error.to_string();
+    assert!(
+        text.contains("format 9") && text.contains(&format!("1 to {}", ha_raft::DATA_DIR_FORMAT)),
+        "{text}"
+    );
+    assert_eq!(
+        snapshot_of(&dir),
+        before,
+        "the refused data dir was changed"
+    );
+}

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tracing::{error, warn};
+use tracing::{error, info, warn};
 
 use crate::data::command::NodeId;
 use crate::error::RaftBackendError;
@@ -15,6 +15,66 @@ use crate::error::RaftBackendError;
 pub type Db = sled::Db;
 
 const IDENTITY: &[u8] = b"identity";
+
+/// The data dir format this binary writes, and the newest it reads. Format 1 is ha
+/// 0.1.0's, which has no format file; format 2 records the format in one. Both hold the
+/// same database, so 1 becomes 2 by writing the file.
+pub const DATA_DIR_FORMAT: u32 = 2;
+/// The file that records a data dir's format, read before the database is opened, so
+/// that a binary refusing a newer format changes nothing.
+const FORMAT_FILE: &str = "ha-format";
+/// The file is written here first, then renamed over `FORMAT_FILE`.
+const FORMAT_FILE_NEW: &str = "ha-format.new";
+/// Longest format file read (a number and a newline).
+const MAX_FORMAT_FILE: u64 = 64;
+
+/// The format a data dir records: `None` if it has no format file (a new dir, or one
+/// of ha 0.1.0). A newer format than this binary's is refused before anything is opened.
+fn recorded_format(dir: &Path) -> Result<Option<u32>, RaftBackendError> {
+    use std::io::Read;
+    let path = dir.join(FORMAT_FILE);
+    let file = match std::fs::File::open(&path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => {
+            return Err(RaftBackendError::Storage(format!(
+                "{}: {e}",
+                path.display()
+            )))
+        }
+    };
+    let mut text = String::new();
+    file.take(MAX_FORMAT_FILE)
+        .read_to_string(&mut text)
+        .map_err(|e| RaftBackendError::Corrupt(format!("{}: {e}", path.display())))?;
+    let found: u32 = text.trim().parse().map_err(|_| {
+        RaftBackendError::Corrupt(format!("{}: not a format number: {text:?}", path.display()))
+    })?;
+    if found > DATA_DIR_FORMAT {
+        return Err(RaftBackendError::NewerDataDir {
+            dir: dir.display().to_string(),
+            found,
+            supported: DATA_DIR_FORMAT,
+        });
+    }
+    Ok(Some(found))
+}
+
+/// Records `DATA_DIR_FORMAT` in `dir`: written beside, synced, renamed into place and
+/// the directory synced, so a crash leaves the old record or the new one, never half.
+fn record_format(dir: &Path) -> Result<(), RaftBackendError> {
+    use std::io::Write;
+    let storage = |e: std::io::Error| RaftBackendError::Storage(format!("{}: {e}", dir.display()));
+    let new = dir.join(FORMAT_FILE_NEW);
+    let mut file = std::fs::File::create(&new).map_err(storage)?;
+    file.write_all(format!("{DATA_DIR_FORMAT}\n").as_bytes())
+        .map_err(storage)?;
+    file.sync_all().map_err(storage)?;
+    std::fs::rename(&new, dir.join(FORMAT_FILE)).map_err(storage)?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(storage)
+}
 
 /// Which node of which cluster a data directory belongs to.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -47,7 +107,10 @@ fn prepare_dir(dir: &Path) -> Result<(), RaftBackendError> {
     for entry in entries {
         let name = entry.map_err(storage)?.file_name();
         let name = name.to_string_lossy();
-        let sled_file = matches!(&*name, "conf" | "db" | "blobs") || name.starts_with("snap.");
+        let sled_file = matches!(
+            &*name,
+            "conf" | "db" | "blobs" | FORMAT_FILE | FORMAT_FILE_NEW
+        ) || name.starts_with("snap.");
         if !sled_file {
             return Err(RaftBackendError::NotADataDir {
                 dir: dir.display().to_string(),
@@ -63,13 +126,17 @@ fn prepare_dir(dir: &Path) -> Result<(), RaftBackendError> {
 ///
 /// # Errors
 /// `Storage` if sled cannot open it, `ForeignDataDir` if it holds another cluster's or
-/// node's data, `NotADataDir` if it holds files that are not sled's, `Corrupt` if its identity record does not decode.
+/// node's data, `NotADataDir` if it holds files that are not sled's, `NewerDataDir` if
+/// it records a newer format (nothing is opened then), `Corrupt` if its identity record
+/// or format file does not decode. A dir of format 1 (ha 0.1.0) is upgraded to
+/// [`DATA_DIR_FORMAT`] in place.
 pub async fn open_db(
     dir: &Path,
     identity: &Identity,
     cache_bytes: u64,
 ) -> Result<Db, RaftBackendError> {
     prepare_dir(dir)?;
+    let format = recorded_format(dir)?;
     let config = sled::Config::new()
         .path(dir)
         .cache_capacity(cache_bytes)
@@ -128,6 +195,11 @@ pub async fn open_db(
             db.flush()
                 .map_err(|e| RaftBackendError::Storage(e.to_string()))?;
         }
+    }
+    if format != Some(DATA_DIR_FORMAT) {
+        record_format(dir)?;
+        let from = format.map_or_else(|| "1 (or new)".to_owned(), |f| f.to_string());
+        info!(dir = %dir.display(), from, to = DATA_DIR_FORMAT, "data dir format recorded");
     }
     Ok(db)
 }

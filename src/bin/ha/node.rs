@@ -81,6 +81,11 @@ pub async fn node(args: crate::NodeArgs) -> Exit {
     }
     let node = match RaftNode::start(config).await {
         Ok(node) => node,
+        Err(e) if newer_data_dir(&e) => {
+            // Refused, nothing changed: like a refused membership change, not an outage.
+            eprintln!("ha node: cannot start node {}: {e}", args.id);
+            return Exit::ChangeRefused;
+        }
         Err(e) => return fail(&format!("cannot start node {}", args.id), &e),
     };
     printer.print(&Event::new("node_ready").node(args.id));
@@ -212,6 +217,18 @@ pub fn parse_peers(pairs: &[String]) -> Result<BTreeMap<u64, String>, String> {
         peers.insert(id, addr.trim().to_owned());
     }
     Ok(peers)
+}
+
+/// Whether `error` is a data dir written by a newer binary.
+fn newer_data_dir(error: &ha::Error) -> bool {
+    matches!(
+        error,
+        ha::Error::Backend { source, .. }
+            if matches!(
+                source.downcast_ref::<ha::raft::RaftBackendError>(),
+                Some(ha::raft::RaftBackendError::NewerDataDir { .. })
+            )
+    )
 }
 
 /// Prints `raft_leader` whenever the leader this node knows changes (none once its core
