@@ -18,12 +18,21 @@ use tokio::time::{sleep, Instant};
 const TTL: Duration = Duration::from_secs(5);
 
 fn election() -> ElectionName {
-    ElectionName::new("placement").unwrap_or_else(|e| panic!("{e}"))
+    named("placement")
+}
+
+fn named(name: &str) -> ElectionName {
+    ElectionName::new(name).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// A session of node `id`'s process that campaigns and is kept alive every TTL/5 for
 /// at most two minutes; returns its lease and the keepalive task.
 async fn campaign_on(group: &Group, id: u64) -> (LeaseId, JoinHandle<()>) {
+    campaign_in(group, id, &election()).await
+}
+
+/// [`campaign_on`] in `election`.
+async fn campaign_in(group: &Group, id: u64, election: &ElectionName) -> (LeaseId, JoinHandle<()>) {
     let backend: Arc<dyn Backend> = group.backend(id);
     let role = Role::new("coord").unwrap_or_else(|e| panic!("{e}"));
     let member = Member::new(ServerId::new(id), role, "x");
@@ -33,7 +42,7 @@ async fn campaign_on(group: &Group, id: u64) -> (LeaseId, JoinHandle<()>) {
         .unwrap_or_else(|e| panic!("register on {id}: {e}"))
         .id;
     backend
-        .campaign(lease, &election(), Bytes::from_static(b"active"))
+        .campaign(lease, election, Bytes::from_static(b"active"))
         .await
         .unwrap_or_else(|e| panic!("campaign on {id}: {e}"));
     let keep = Arc::clone(&backend);
@@ -138,5 +147,28 @@ async fn without_placement_the_leader_stays_with_the_active() {
     holds_still(&group, leader, term, Duration::from_secs(3)).await;
     assert!(!group.nodes[&leader].status().await.placement);
     keepalive.abort();
+    group.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_an_active_on_every_member_the_leader_stays() {
+    let group = Group::start_with(3, |config| config.with_placement(true)).await;
+    let mut keepalives = Vec::new();
+    for id in 1..=3 {
+        let (_lease, task) = campaign_in(&group, id, &named(&format!("own-{id}"))).await;
+        keepalives.push(task);
+    }
+    // Past the leader's settling time (two 0.8 s leases), while every ACTIVE exists.
+    sleep(Duration::from_secs(2)).await;
+    let (leader, term) = leader_and_term(&group).await;
+    let before = moves(&group).await;
+    // Every voter refuses: no election is called, however long the leader looks.
+    holds_still(&group, leader, term, Duration::from_secs(4)).await;
+    assert_eq!(moves(&group).await, before);
+    for id in 1..=3 {
+        let here = group.nodes[&id].status().await.active_here;
+        assert_eq!(here, vec![format!("own-{id}")], "node {id}");
+    }
+    keepalives.iter().for_each(JoinHandle::abort);
     group.shutdown().await;
 }

@@ -65,7 +65,7 @@ impl NodeInner {
     async fn look(&self, watched: &mut Option<Leadership>) {
         let config = &self.replica.config;
         let now = Instant::now();
-        let (term, last_log, ready) = {
+        let (term, pace) = {
             let metrics = self.replica.raft.metrics();
             let metrics = metrics.borrow();
             if !metrics.state.is_leader() {
@@ -83,22 +83,22 @@ impl NodeInner {
                     pace: None,
                 }),
             };
-            let voters = metrics.membership_config.membership().voter_ids().count();
+            let membership = metrics.membership_config.membership();
+            let voters = membership.voter_ids().count();
+            let joint = membership.get_joint_config().len() > 1;
             let settled =
                 now.saturating_duration_since(leadership.since) >= config.election_timeout.1 * 2;
+            let last_log = metrics.last_log_index.unwrap_or(0);
+            let pace = leadership.pace.replace(last_log);
             let ready = !leadership.moved
                 && settled
+                && now >= leadership.next_try
                 && voters == PLACEMENT_VOTERS
-                && leadership
-                    .pace
-                    .is_some_and(|pace| !self.catching_up(&metrics, pace));
-            (term, metrics.last_log_index.unwrap_or(0), ready)
+                && !joint
+                && pace.is_some_and(|pace| !self.catching_up(&metrics, pace));
+            (term, pace.filter(|_| ready))
         };
-        let pace = watched.as_ref().and_then(|w| w.pace);
-        if let Some(w) = watched.as_mut() {
-            w.pace = Some(last_log);
-        }
-        let (true, Some(pace)) = (ready, pace) else {
+        let Some(pace) = pace else {
             return;
         };
         let here = self.replica.active_here();
