@@ -257,6 +257,26 @@ impl Group {
             .with_context(|| format!("{signal:?} to node {id}"))
     }
 
+    /// Reaps a stopped node, starts it again and waits up to `within` for its
+    /// `standby`; returns the unix time (µs) of the start and the `standby` line.
+    pub async fn restart(&mut self, id: u64, within: Duration) -> Result<(u64, Line)> {
+        self.reap(id).await;
+        let spawned = ha_testkit::unix_us();
+        self.start(id)?;
+        let standby = self
+            .wait_for("the restarted node in STANDBY", within, |l| {
+                l.is("standby") && l.from == id
+            })
+            .await?;
+        Ok((spawned, standby))
+    }
+
+    /// Reads (and notes) every line for `long`.
+    pub async fn read_for(&mut self, long: Duration) {
+        // No line matches, so the wait always runs out.
+        let _ = self.wait_for("nothing", long, |_| false).await;
+    }
+
     /// Reaps a stopped node (SIGKILL after 10 s), so it can be started again.
     pub async fn reap(&mut self, id: u64) {
         let _ = self.procs.wait_exit(id, Duration::from_secs(10)).await;

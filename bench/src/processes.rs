@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use ha_testkit::{unix_us, Signal};
+use ha_testkit::Signal;
 
 use crate::group::{Group, NODES};
 use crate::procfs;
@@ -111,15 +111,8 @@ pub async fn trials(
                 l.is("proclaimed") && l.token() >= elected
             })
             .await?;
-        group.reap(stopped).await;
-        let spawned = unix_us();
-        group.start(stopped)?;
-        let standby = group
-            .wait_for(
-                "the restarted node in STANDBY",
-                ttl + Duration::from_secs(30),
-                |l| l.is("standby") && l.from == stopped,
-            )
+        let (spawned, standby) = group
+            .restart(stopped, ttl + Duration::from_secs(30))
             .await?;
         start_to_standby_ms.push(standby.at_unix_us().saturating_sub(spawned) as f64 / 1000.0);
         println!(

@@ -9,7 +9,6 @@
 //! would refuse, and the move would cost the election it is meant to save.
 
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 
 use openraft::{BasicNode, RaftMetrics};
 use tokio::time::{sleep, Instant};
@@ -135,17 +134,10 @@ impl NodeInner {
     /// Whether a member that answered within the shortest election timeout holds less
     /// than `pace`. A silent member is not catching up: it is down or cut off.
     fn catching_up(&self, metrics: &RaftMetrics<NodeId, BasicNode>, pace: u64) -> bool {
-        let now = std::time::Instant::now();
-        let fresh: Duration = self.replica.config.election_timeout.0;
         let me = self.replica.config.id;
         metrics.replication.as_ref().is_some_and(|members| {
             members.iter().any(|(id, matched)| {
-                *id != me
-                    && self
-                        .pool
-                        .last_contact(*id)
-                        .is_some_and(|at| now.saturating_duration_since(at) < fresh)
-                    && matched.is_none_or(|log| log.index < pace)
+                *id != me && self.answered_lately(*id) && matched.is_none_or(|log| log.index < pace)
             })
         })
     }

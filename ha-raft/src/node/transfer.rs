@@ -162,8 +162,6 @@ impl NodeInner {
         }
         let last_log = metrics.last_log_index.unwrap_or(0);
         let membership = metrics.membership_config.membership();
-        let now = std::time::Instant::now();
-        let fresh = self.replica.config.election_timeout.0;
         let mut targets: Vec<_> = metrics
             .replication
             .as_ref()?
@@ -175,11 +173,7 @@ impl NodeInner {
                     && match why {
                         Transfer::Stop => matched >= last_log,
                         Transfer::Placement { pace } => {
-                            matched >= pace
-                                && self
-                                    .pool
-                                    .last_contact(**id)
-                                    .is_some_and(|at| now.saturating_duration_since(at) < fresh)
+                            matched >= pace && self.answered_lately(**id)
                         }
                     }
             })
@@ -190,6 +184,15 @@ impl NodeInner {
             debug!(node = me, ?why, "no caught-up voter to hand leadership to");
         }
         Some((last_log, targets))
+    }
+
+    /// Whether member `id` answered this leader within the shortest election timeout:
+    /// one that did not is down or cut off, neither a target nor catching up.
+    pub(super) fn answered_lately(&self, id: NodeId) -> bool {
+        let fresh = self.replica.config.election_timeout.0;
+        self.pool
+            .last_contact(id)
+            .is_some_and(|at| at.elapsed() < fresh)
     }
 }
 

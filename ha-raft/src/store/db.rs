@@ -28,6 +28,11 @@ const FORMAT_FILE_NEW: &str = "ha-format.new";
 /// Longest format file read (a number and a newline).
 const MAX_FORMAT_FILE: u64 = 64;
 
+/// An I/O failure on `path`, as a storage error naming it.
+fn storage_error(path: &Path, e: &std::io::Error) -> RaftBackendError {
+    RaftBackendError::Storage(format!("{}: {e}", path.display()))
+}
+
 /// The format a data dir records: `None` if it has no format file (a new dir, or one
 /// of ha 0.1.0). A newer format than this binary's is refused before anything is opened.
 fn recorded_format(dir: &Path) -> Result<Option<u32>, RaftBackendError> {
@@ -36,12 +41,7 @@ fn recorded_format(dir: &Path) -> Result<Option<u32>, RaftBackendError> {
     let file = match std::fs::File::open(&path) {
         Ok(file) => file,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => {
-            return Err(RaftBackendError::Storage(format!(
-                "{}: {e}",
-                path.display()
-            )))
-        }
+        Err(e) => return Err(storage_error(&path, &e)),
     };
     let mut text = String::new();
     file.take(MAX_FORMAT_FILE)
@@ -64,7 +64,7 @@ fn recorded_format(dir: &Path) -> Result<Option<u32>, RaftBackendError> {
 /// the directory synced, so a crash leaves the old record or the new one, never half.
 fn record_format(dir: &Path) -> Result<(), RaftBackendError> {
     use std::io::Write;
-    let storage = |e: std::io::Error| RaftBackendError::Storage(format!("{}: {e}", dir.display()));
+    let storage = |e: std::io::Error| storage_error(dir, &e);
     let new = dir.join(FORMAT_FILE_NEW);
     let mut file = std::fs::File::create(&new).map_err(storage)?;
     file.write_all(format!("{DATA_DIR_FORMAT}\n").as_bytes())
@@ -92,7 +92,7 @@ const LOCK_WAIT: Duration = Duration::from_secs(5);
 /// the guarded store), and refuses an existing one that holds anything but sled's files.
 fn prepare_dir(dir: &Path) -> Result<(), RaftBackendError> {
     use std::os::unix::fs::DirBuilderExt;
-    let storage = |e: std::io::Error| RaftBackendError::Storage(format!("{}: {e}", dir.display()));
+    let storage = |e: std::io::Error| storage_error(dir, &e);
     let entries = match std::fs::read_dir(dir) {
         Ok(entries) => entries,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
