@@ -661,3 +661,55 @@ async fn ha_node_refuses_a_newer_data_dir_untouched() {
     assert_eq!(left, vec![std::ffi::OsString::from("ha-format")]);
     assert_eq!(std::fs::read_to_string(&format).unwrap_or_default(), "9\n");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ha_node_below_the_groups_feature_level_exits_7() {
+    // A data dir whose group recorded this version's level, written through the library.
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let listen = format!("127.0.0.1:{}", free_port());
+    let peers = BTreeMap::from([(1, listen.clone())]);
+    let config = ha::raft::RaftNodeConfig::new(
+        1,
+        listen.parse().unwrap_or_else(|e| panic!("{e}")),
+        peers,
+        dir.path(),
+    );
+    let node = ha::raft::RaftNode::start(config)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while node.status().await.group_level != ha::raft::FEATURE_LEVEL {
+        assert!(tokio::time::Instant::now() < deadline, "no level recorded");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    node.shutdown().await;
+
+    let data = dir.path().to_string_lossy().into_owned();
+    let older = (ha::raft::FEATURE_LEVEL - 1).to_string();
+    let output = run_ha(
+        &[
+            "node",
+            "--id",
+            "1",
+            "--listen",
+            &listen,
+            "--peers",
+            &format!("1={listen}"),
+            "--data",
+            &data,
+            "--feature-level",
+            &older,
+        ],
+        Duration::from_secs(30),
+    )
+    .await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(7), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "the group's feature level is {} and this member serves {older}",
+            ha::raft::FEATURE_LEVEL
+        )),
+        "{stderr}"
+    );
+}

@@ -70,6 +70,10 @@ pub struct RaftNodeConfig {
     /// that hosts none, so one crash costs one TTL, not an election and a TTL. Moves only
     /// in a group of three voters; see docs/backends/raft.md ("Placement").
     pub placement: bool,
+    /// The feature level this member serves (see docs/backends/raft.md, "Feature
+    /// levels"): this binary's, [`FEATURE_LEVEL`](crate::FEATURE_LEVEL), unless a test
+    /// of a mixed group starts it lower to stand for an older version.
+    pub feature_level: u32,
     /// Test-only network faults shared by the nodes of a test group.
     pub faults: Option<Arc<FaultInjector>>,
 }
@@ -94,6 +98,7 @@ impl std::fmt::Debug for RaftNodeConfig {
             .field("admin_token", &self.admin_token.as_ref().map(|_| "***"))
             .field("insecure", &self.insecure)
             .field("placement", &self.placement)
+            .field("feature_level", &self.feature_level)
             .finish_non_exhaustive()
     }
 }
@@ -153,8 +158,17 @@ impl RaftNodeConfig {
             admin_token: None,
             insecure: false,
             placement: false,
+            feature_level: crate::data::level::FEATURE_LEVEL,
             faults: None,
         }
+    }
+
+    /// Serves feature level `level` instead of this binary's: for tests that stand a
+    /// member of an older version in a group (1 ..= [`FEATURE_LEVEL`](crate::FEATURE_LEVEL)).
+    #[doc(hidden)]
+    pub fn with_feature_level(mut self, level: u32) -> Self {
+        self.feature_level = level;
+        self
     }
 
     /// Turns placement on or off (default off; `ha node` turns it on): see
@@ -277,6 +291,15 @@ impl RaftNodeConfig {
             return bad(format!(
                 "need 0 < heartbeat ({:?}) < election timeout min ({min:?}) < max ({max:?})",
                 self.heartbeat_interval
+            ));
+        }
+        let levels = crate::data::level::MIN_FEATURE_LEVEL..=crate::data::level::FEATURE_LEVEL;
+        if !levels.contains(&self.feature_level) {
+            return bad(format!(
+                "feature level {} is not one this binary serves ({} to {})",
+                self.feature_level,
+                levels.start(),
+                levels.end()
             ));
         }
         let rpc = self.effective_rpc_timeout();

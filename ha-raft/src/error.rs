@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 /// What can go wrong inside the Raft backend.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum RaftBackendError {
     /// The data directory could not be opened or written.
@@ -44,6 +44,36 @@ pub enum RaftBackendError {
     /// Stored or received bytes do not decode.
     #[error("corrupt data: {0}")]
     Corrupt(String),
+    /// A log entry holds a command this binary does not know: a newer ha wrote it.
+    #[error("log entry {index} holds a command this binary does not know ({name}): a newer ha wrote it; run that version or later on this member")]
+    UnknownCommand {
+        /// The entry's log index.
+        index: u64,
+        /// The command's name as the entry spells it.
+        name: String,
+    },
+    /// A log entry holds a command that needs a higher feature level than this member
+    /// serves (a member started at a lower level than the group writes at).
+    #[error("log entry {index} holds a {command} command, which needs feature level {needs}; this member serves {serves}")]
+    UnsupportedCommand {
+        /// The entry's log index.
+        index: u64,
+        /// The command's name.
+        command: String,
+        /// The level it needs.
+        needs: u32,
+        /// The level this member serves.
+        serves: u32,
+    },
+    /// The group recorded a feature level above the one this member serves: starting it
+    /// would be a downgrade that cannot apply entries already written. Nothing changed.
+    #[error("the group's feature level is {group} and this member serves {serves}: a binary below the group's level cannot apply what the group writes; run ha serving level {group} or later (see docs/operations.md, \"Upgrades\")")]
+    BelowGroupLevel {
+        /// The level this member serves.
+        serves: u32,
+        /// The group's recorded level.
+        group: u32,
+    },
     /// The configuration is invalid.
     #[error("invalid configuration: {0}")]
     Config(String),

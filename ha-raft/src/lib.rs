@@ -37,6 +37,7 @@ pub use backup::{
 pub use client::{RaftClient, RaftClientOptions, DEFAULT_REQUEST_TIMEOUT};
 pub use config::{RaftNodeConfig, MIN_TTL};
 pub use data::command::{NodeId, Raft, TypeConfig};
+pub use data::level::FEATURE_LEVEL;
 pub use error::RaftBackendError;
 pub use ha_core::ClientTls;
 pub use net::network::FaultInjector;
@@ -52,5 +53,5 @@ pub mod testing {
     pub use crate::data::state::State;
     pub use crate::net::wire::{ElectRequest, PeerFailure, Renewal, WireError};
     pub use crate::store::db::{open_db, Identity};
-    pub use crate::store::sled_store::{LogStore, StateMachineStore};
+    pub use crate::store::sled_store::{FatalCause, LogStore, StateMachineStore};
 }

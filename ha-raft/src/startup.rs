@@ -18,7 +18,7 @@ use crate::net::network::{Network, PeerPool};
 use crate::net::tls::ClientAuth;
 use crate::node::{NodeInner, RaftNode};
 use crate::replica::Replica;
-use crate::store::db::{open_db, Identity};
+use crate::store::db::{open_db, release_within_5s, Identity};
 use crate::store::sled_store::{LogStore, StateMachineStore};
 
 /// Most entries in one AppendEntries; the byte budget usually binds first.
@@ -44,15 +44,28 @@ impl RaftNode {
             node_id: config.id,
         };
         let db = open_db(&config.data_dir, &identity, config.cache_capacity).await?;
-        let log_store = LogStore::new(&db)?;
+        let sm = StateMachineStore::serving(&db, config.feature_level)?;
+        let group = sm.recorded_level();
+        if group > config.feature_level {
+            // Refused before Raft reads a byte: the data dir is as it was.
+            sm.close();
+            drop(sm);
+            release_within_5s(db, config.id).await;
+            return Err(RaftBackendError::BelowGroupLevel {
+                serves: config.feature_level,
+                group,
+            }
+            .into());
+        }
+        let log_store = LogStore::new(&db)?.reporting_to(sm.fatal_cause());
         let log_store_alive = log_store.liveness();
-        let sm = StateMachineStore::new(&db)?;
         let pool = Arc::new(PeerPool::new(
             config.id,
             config.cluster_id.clone(),
             config.tls.clone(),
             config.faults.clone(),
         ));
+        let cause = sm.fatal_cause();
         let raft = Raft::new(
             config.id,
             Arc::new(openraft_config(&config)?),
@@ -61,7 +74,12 @@ impl RaftNode {
             sm.clone(),
         )
         .await
-        .map_err(|e| RaftBackendError::Stopped(e.to_string()))?;
+        // Reading the log at start can meet an entry of a newer version: say so.
+        .map_err(|e| {
+            cause
+                .get()
+                .unwrap_or(RaftBackendError::Stopped(e.to_string()))
+        })?;
 
         let (replica, mut tasks) = Replica::new(config, raft, sm);
         tasks.extend(crate::replica::spawn_loops(&replica));
@@ -90,6 +108,7 @@ impl RaftNode {
             return Err(e);
         }
         node.keep_leader_apart();
+        node.keep_feature_level();
         info!(
             node = config.id,
             listen = %config.listen,

@@ -354,6 +354,16 @@ async fn a_data_dir_of_0_1_0_starts_with_its_state() {
             .await
             .unwrap_or_else(|e| panic!("node {id}: start over the fixture: {e}"));
         check_state(&node, &expected).await;
+        // 0.1.0 recorded no feature level; its only member now serves this version's.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while node.status().await.group_level != ha_raft::FEATURE_LEVEL {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "node {id}: the group level was not recorded: {:?}",
+                node.status().await
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         node.shutdown().await;
     }
 }

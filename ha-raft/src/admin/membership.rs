@@ -25,6 +25,11 @@ pub enum MembershipChange {
         /// The new member's log is empty (a fresh or wiped data dir).
         #[serde(default)]
         fresh: bool,
+        /// The feature level the new member serves; one below the level the group
+        /// writes at is refused. `None`: not stated (ha 0.1.0, or a library caller),
+        /// not checked.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        feature_level: Option<u32>,
     },
     /// Make learner `id` a voter, once it has caught up with the leader's log.
     Promote {
@@ -123,6 +128,17 @@ pub enum MembershipRefusal {
     /// Another change is still going through its joint configuration.
     #[error("another membership change is in progress; retry in a moment")]
     ChangeInProgress,
+    /// The joiner serves a lower feature level than the group writes at: it could not
+    /// apply the group's log.
+    #[error("node {id} serves feature level {serves} and the group writes at level {group}: it could not apply the group's log; run ha serving level {group} or later on it")]
+    BelowGroupLevel {
+        /// The joiner.
+        id: NodeId,
+        /// The level it serves.
+        serves: u32,
+        /// The level the group writes at.
+        group: u32,
+    },
 }
 
 /// What the Raft leader sees when it checks a change.
@@ -137,6 +153,8 @@ pub(crate) struct GroupView {
     pub(crate) lag: BTreeMap<NodeId, Option<u64>>,
     /// A change is in its joint configuration.
     pub(crate) joint: bool,
+    /// The feature level the group writes at (see `node::levels`).
+    pub(crate) level: u32,
 }
 
 impl GroupView {
@@ -217,11 +235,19 @@ pub(crate) fn check(
             address,
             cluster_id,
             fresh,
+            feature_level,
         } => {
             if *cluster_id != view.cluster_id {
                 return Err(MembershipRefusal::ClusterMismatch {
                     group: view.cluster_id.clone(),
                     requested: cluster_id.clone(),
+                });
+            }
+            if let Some(serves) = feature_level.filter(|serves| *serves < view.level) {
+                return Err(MembershipRefusal::BelowGroupLevel {
+                    id: *id,
+                    serves,
+                    group: view.level,
                 });
             }
             if let Some(known) = member_address(id) {
@@ -318,6 +344,7 @@ mod tests {
                 .map(|id| (*id, Some(0)))
                 .collect(),
             joint: false,
+            level: 3,
         }
     }
 
@@ -327,6 +354,34 @@ mod tests {
             address: format!("127.0.0.1:{port}"),
             cluster_id: cluster.into(),
             fresh: false,
+            feature_level: Some(3),
+        }
+    }
+
+    #[test]
+    fn a_joiner_below_the_level_the_group_writes_at_is_refused() {
+        let group = view(&[1, 2, 3], &[], &[1, 2, 3]);
+        let at = |feature_level| MembershipChange::AddLearner {
+            id: 4,
+            address: "127.0.0.1:7004".into(),
+            cluster_id: "ha".into(),
+            fresh: true,
+            feature_level,
+        };
+        assert_eq!(
+            check(&group, &at(Some(2))),
+            Err(MembershipRefusal::BelowGroupLevel {
+                id: 4,
+                serves: 2,
+                group: 3
+            })
+        );
+        // Newer than the group, or not stated: admitted.
+        for level in [Some(3), Some(4), None] {
+            assert!(matches!(
+                check(&group, &at(level)),
+                Ok(Plan::AddLearner { .. })
+            ));
         }
     }
 
@@ -346,6 +401,7 @@ mod tests {
             address: "127.0.0.1:7003".into(),
             cluster_id: "ha".into(),
             fresh: true,
+            feature_level: None,
         };
         assert_eq!(
             check(&group, &wiped),

@@ -56,6 +56,20 @@ pub struct NodeStatus {
     /// Raft leadership moves it made away from an in-process ACTIVE since it started.
     #[serde(default)]
     pub placement_moves: u64,
+    /// The feature level it serves (2 for ha 0.1.0, which does not report one).
+    #[serde(default = "level_of_unversioned")]
+    pub feature_level: u32,
+    /// The group's feature level recorded in its log (0: none recorded yet).
+    #[serde(default)]
+    pub group_level: u32,
+    /// On the Raft leader: the level it writes at now (0: not known yet, while a
+    /// member does not answer).
+    #[serde(default)]
+    pub writes_at: Option<u32>,
+}
+
+fn level_of_unversioned() -> u32 {
+    crate::data::level::LEVEL_OF_UNVERSIONED
 }
 
 /// How far the Raft leader has replicated to one member.

@@ -172,6 +172,9 @@ mod tests {
             placement: false,
             active_here: Vec::new(),
             placement_moves: 0,
+            feature_level: 3,
+            group_level: 0,
+            writes_at: None,
         }
     }
 

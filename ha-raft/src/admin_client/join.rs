@@ -72,6 +72,7 @@ impl RaftNode {
                     address: self.address(),
                     cluster_id: self.inner_config().cluster_id.clone(),
                     fresh,
+                    feature_level: Some(self.inner_config().feature_level),
                 }
             };
             match admin.change(&change).await {

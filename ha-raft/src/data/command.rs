@@ -141,6 +141,13 @@ pub enum Command {
     /// (one flush and one replication for all of them), applied in order. Every lease id
     /// and token they create is unique and above all before it (`State::last_id`).
     Batch(Vec<Command>),
+    /// Records the group's feature level (see `data::level`): every member serves it, so
+    /// a member below it refuses to start from now on. A lower level than the one
+    /// recorded changes nothing: the level never goes back.
+    SetLevel {
+        /// The level.
+        level: u32,
+    },
 }
 
 impl Command {
@@ -180,7 +187,10 @@ impl Command {
                 }
                 Self::Resign { election, .. } => election.len(),
                 Self::Batch(commands) => commands.iter().map(Self::approx_bytes).sum(),
-                Self::Revoke { .. } | Self::Expire { .. } | Self::Handover => 0,
+                Self::Revoke { .. }
+                | Self::Expire { .. }
+                | Self::Handover
+                | Self::SetLevel { .. } => 0,
             }
     }
 }

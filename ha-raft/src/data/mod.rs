@@ -3,4 +3,5 @@
 
 pub(crate) mod command;
 pub(crate) mod hub;
+pub(crate) mod level;
 pub(crate) mod state;

@@ -79,6 +79,14 @@ pub struct State {
     /// batches, whose ids were all log indexes at or below the snapshot's.
     #[serde(default)]
     pub last_id: u64,
+    /// The group's recorded feature level (0: none recorded; see `data::level`).
+    /// Written only once recorded, so a snapshot without one is as 0.1.0 wrote it.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub level: u32,
+}
+
+fn is_zero(level: &u32) -> bool {
+    *level == 0
 }
 
 /// A new lease id or token for a command of the entry at `index`: the entry's index, or
@@ -170,6 +178,10 @@ impl State {
                 CommandResult::Ok
             }
             Command::Handover => CommandResult::Ok,
+            Command::SetLevel { level } => {
+                self.level = self.level.max(*level);
+                CommandResult::Ok
+            }
             Command::Campaign {
                 lease,
                 election,

@@ -149,6 +149,14 @@ pub enum PeerError {
         /// Why.
         reason: String,
     },
+    /// The peer does not know the RPC: it runs an older version.
+    #[error("peer {peer} does not know this request (an older version): {reason}")]
+    Unimplemented {
+        /// The peer.
+        peer: String,
+        /// What it said.
+        reason: String,
+    },
 }
 
 /// The peer RPCs, by name.
@@ -168,6 +176,8 @@ pub enum PeerRpc {
     ReadIndex,
     /// The stopping leader asks a caught-up voter to call an election.
     Elect,
+    /// The leader asks a member which feature level it serves.
+    FeatureLevel,
 }
 
 /// Lazily connected channels to peers, shared by the Raft network and forwarding.
@@ -286,6 +296,7 @@ impl PeerPool {
                 PeerRpc::KeepAliveBatch => client.keep_alive_batch(request).await,
                 PeerRpc::ReadIndex => client.read_index(request).await,
                 PeerRpc::Elect => client.elect(request).await,
+                PeerRpc::FeatureLevel => client.feature_level(request).await,
             }
         };
         let reply = match tokio::time::timeout(timeout, call).await {
@@ -298,10 +309,13 @@ impl PeerPool {
             Ok(Err(status)) => {
                 return Err(match status.code() {
                     tonic::Code::Unavailable => unreachable(status.message().to_owned()),
+                    tonic::Code::Unimplemented => PeerError::Unimplemented {
+                        peer: addr.to_owned(),
+                        reason: status.message().to_owned(),
+                    },
                     tonic::Code::PermissionDenied
                     | tonic::Code::Unauthenticated
-                    | tonic::Code::InvalidArgument
-                    | tonic::Code::Unimplemented => PeerError::Refused {
+                    | tonic::Code::InvalidArgument => PeerError::Refused {
                         peer: addr.to_owned(),
                         reason: status.message().to_owned(),
                     },

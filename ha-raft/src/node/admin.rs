@@ -104,6 +104,13 @@ impl NodeInner {
                 .replica
                 .placement_moves
                 .load(std::sync::atomic::Ordering::Relaxed),
+            feature_level: self.replica.sm.serves(),
+            group_level: self.replica.sm.recorded_level(),
+            writes_at: (metrics.state == ServerState::Leader).then(|| {
+                self.replica
+                    .writes_at
+                    .load(std::sync::atomic::Ordering::Acquire)
+            }),
         }
     }
 
@@ -140,6 +147,10 @@ impl NodeInner {
             healthy,
             lag,
             joint: status.joint,
+            level: self
+                .replica
+                .writes_at
+                .load(std::sync::atomic::Ordering::Acquire),
         }
     }
 

@@ -8,6 +8,7 @@
 mod admin;
 mod backend;
 mod keepalive;
+mod levels;
 mod placement;
 mod routing;
 mod snapshot;
@@ -158,7 +159,7 @@ impl RaftNode {
     /// cause and start it again (what it acknowledged is on disk or on a quorum). Never
     /// resolves for a node that runs or was shut down on purpose.
     pub async fn failed(&self) -> RaftBackendError {
-        match crate::replica::wait_for_failure(&self.inner.replica.raft).await {
+        match crate::replica::wait_for_failure(&self.inner.replica).await {
             Some(failure) => failure,
             None => std::future::pending().await,
         }
@@ -241,6 +242,7 @@ impl RaftNode {
             address: addr.into(),
             cluster_id: self.inner.replica.config.cluster_id.clone(),
             fresh: false,
+            feature_level: None,
         };
         self.membership_result(&change).await?;
         let deadline = Instant::now() + self.inner.replica.config.request_timeout;

@@ -40,7 +40,7 @@ impl NodeInner {
         let deadline = Instant::now() + self.replica.config.request_timeout;
         let mut metrics = self.replica.raft.metrics();
         loop {
-            if let Some(failure) = crate::replica::core_failure(&self.replica.raft) {
+            if let Some(failure) = crate::replica::core_failure(&self.replica) {
                 return Err(failure.into());
             }
             if self.replica.shutdown.is_cancelled() {

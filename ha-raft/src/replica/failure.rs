@@ -12,20 +12,31 @@ use openraft::error::Fatal;
 use tracing::error;
 
 use super::handle::Replica;
-use crate::data::command::{NodeId, Raft};
+use crate::data::command::NodeId;
 use crate::error::RaftBackendError;
+use crate::store::sled_store::FatalCause;
 
 /// Why the core stopped, if it stopped on its own (`None` while it runs and after a
 /// requested shutdown).
-pub(crate) fn core_failure(raft: &Raft) -> Option<RaftBackendError> {
-    let metrics = raft.metrics();
+pub(crate) fn core_failure(replica: &Replica) -> Option<RaftBackendError> {
+    let metrics = replica.raft.metrics();
     let state = metrics.borrow();
-    state.running_state.as_ref().err().and_then(failure_of)
+    state
+        .running_state
+        .as_ref()
+        .err()
+        .and_then(|fatal| failure_of(fatal, &replica.sm.fatal_cause()))
 }
 
-fn failure_of(fatal: &Fatal<NodeId>) -> Option<RaftBackendError> {
+/// The typed cause the stores recorded (an entry of a newer version, a level this
+/// member does not serve), else what openraft reports.
+fn failure_of(fatal: &Fatal<NodeId>, cause: &FatalCause) -> Option<RaftBackendError> {
     match fatal {
-        Fatal::StorageError(e) => Some(RaftBackendError::Storage(e.to_string())),
+        Fatal::StorageError(e) => Some(
+            cause
+                .get()
+                .unwrap_or_else(|| RaftBackendError::Storage(e.to_string())),
+        ),
         Fatal::Panicked => Some(RaftBackendError::Stopped("the Raft core panicked".into())),
         Fatal::Stopped => None,
     }
@@ -33,24 +44,37 @@ fn failure_of(fatal: &Fatal<NodeId>) -> Option<RaftBackendError> {
 
 /// Waits until the core stops on its own; `None` when it stopped because it was told
 /// to (or the node is gone).
-pub(crate) async fn wait_for_failure(raft: &Raft) -> Option<RaftBackendError> {
-    let mut metrics = raft.metrics();
+pub(crate) async fn wait_for_failure(replica: &Replica) -> Option<RaftBackendError> {
+    let mut metrics = replica.raft.metrics();
     loop {
         if let Err(fatal) = &metrics.borrow_and_update().running_state {
-            return failure_of(fatal);
+            return failure_of(fatal, &replica.sm.fatal_cause());
         }
         if metrics.changed().await.is_err() {
-            return core_failure(raft);
+            return core_failure(replica);
         }
     }
 }
 
 /// Shuts the node's server and tasks down once its core has failed.
 pub(crate) async fn stop_on_failure(node: Weak<Replica>) {
-    let Some(raft) = node.upgrade().map(|inner| inner.raft.clone()) else {
+    let Some(replica) = node.upgrade() else {
         return;
     };
-    let Some(failure) = wait_for_failure(&raft).await else {
+    let raft = replica.raft.clone();
+    let cause = replica.sm.fatal_cause();
+    // Not the replica itself: this task must not keep it alive.
+    drop(replica);
+    let mut metrics = raft.metrics();
+    let failure = loop {
+        if let Err(fatal) = &metrics.borrow_and_update().running_state {
+            break failure_of(fatal, &cause);
+        }
+        if metrics.changed().await.is_err() {
+            break None;
+        }
+    };
+    let Some(failure) = failure else {
         return;
     };
     if let Some(inner) = node.upgrade() {

@@ -3,7 +3,7 @@
 //! leader is).
 
 use std::collections::BTreeSet;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU32, AtomicU64};
 use std::sync::Arc;
 
 use ha_core::{Error, Result};
@@ -42,6 +42,9 @@ pub(crate) struct Replica {
     pub(crate) hosted: Hosted,
     /// Raft leadership moves this member made away from an in-process ACTIVE.
     pub(crate) placement_moves: AtomicU64,
+    /// The feature level the group writes at, as far as this member knows (0: not
+    /// known yet): what its proposer may write while it leads (see `node::levels`).
+    pub(crate) writes_at: Arc<AtomicU32>,
     pub(crate) shutdown: CancellationToken,
 }
 
@@ -74,7 +77,10 @@ impl Replica {
                 }
             }
         });
-        let (proposer, propose_task) = Proposer::spawn(raft.clone(), config.request_timeout);
+        // What the data dir recorded is safe from the start: no member below it runs.
+        let writes_at = Arc::new(AtomicU32::new(sm.recorded_level()));
+        let (proposer, propose_task) =
+            Proposer::spawn(raft.clone(), config.request_timeout, Arc::clone(&writes_at));
         let replica = Arc::new(Self {
             config,
             raft,
@@ -84,6 +90,7 @@ impl Replica {
             proposer,
             hosted: Hosted::default(),
             placement_moves: AtomicU64::new(0),
+            writes_at,
             shutdown: CancellationToken::new(),
         });
         (replica, vec![confirm_task, propose_task])

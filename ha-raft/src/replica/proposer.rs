@@ -2,7 +2,10 @@
 //! packed into one [`Command::Batch`] entry, so one flush and one AppendEntries carry
 //! them all. openraft appends a client write and waits for its flush before the next,
 //! so without this every concurrent campaign and resign paid a flush of its own.
+//! Batches need feature level 2: below it (a member that cannot apply them), every
+//! command goes in an entry of its own.
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -46,9 +49,14 @@ pub(crate) struct Proposer {
 impl Proposer {
     /// Starts the batching loop, writing through `raft`; a proposal not committed
     /// within `timeout` is reported as a timeout (its outcome unknown if it was written).
-    pub(crate) fn spawn(raft: Raft, timeout: Duration) -> (Self, JoinHandle<()>) {
+    /// Batches only while `level` (the feature level the group writes at) allows.
+    pub(crate) fn spawn(
+        raft: Raft,
+        timeout: Duration,
+        level: Arc<AtomicU32>,
+    ) -> (Self, JoinHandle<()>) {
         let (requests, rx) = mpsc::unbounded_channel();
-        let task = tokio::spawn(batching_loop(raft, timeout, rx));
+        let task = tokio::spawn(batching_loop(raft, timeout, level, rx));
         (Self { requests, timeout }, task)
     }
 
@@ -72,7 +80,15 @@ impl Proposer {
     }
 }
 
-async fn batching_loop(raft: Raft, timeout: Duration, mut rx: mpsc::UnboundedReceiver<Pending>) {
+/// The feature level that [`Command::Batch`] needs.
+const BATCH_LEVEL: u32 = 2;
+
+async fn batching_loop(
+    raft: Raft,
+    timeout: Duration,
+    level: Arc<AtomicU32>,
+    mut rx: mpsc::UnboundedReceiver<Pending>,
+) {
     let slots = Arc::new(Semaphore::new(IN_FLIGHT));
     let mut carried: Option<Pending> = None;
     loop {
@@ -87,7 +103,12 @@ async fn batching_loop(raft: Raft, timeout: Duration, mut rx: mpsc::UnboundedRec
         let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
             return;
         };
-        let (batch, rest) = gather(first, &mut rx);
+        let most = if level.load(Ordering::Acquire) >= BATCH_LEVEL {
+            MAX_BATCH_COMMANDS
+        } else {
+            1
+        };
+        let (batch, rest) = gather(first, &mut rx, most);
         carried = rest;
         let batch = answer_late(batch, Instant::now(), timeout);
         if batch.is_empty() {
@@ -101,15 +122,16 @@ async fn batching_loop(raft: Raft, timeout: Duration, mut rx: mpsc::UnboundedRec
     }
 }
 
-/// `first` and what else is queued, up to a batch's limits; the first command that did
-/// not fit comes back to start the next batch.
+/// `first` and what else is queued, up to `most` commands and a batch's byte limit; the
+/// first command that did not fit comes back to start the next batch.
 fn gather(
     first: Pending,
     rx: &mut mpsc::UnboundedReceiver<Pending>,
+    most: usize,
 ) -> (Vec<Pending>, Option<Pending>) {
     let mut bytes = first.command.approx_bytes();
     let mut batch = vec![first];
-    while batch.len() < MAX_BATCH_COMMANDS {
+    while batch.len() < most {
         let Ok(next) = rx.try_recv() else { break };
         let size = next.command.approx_bytes();
         if bytes.saturating_add(size) > MAX_BATCH_BYTES {
@@ -243,21 +265,33 @@ mod tests {
     #[test]
     fn a_batch_stops_at_its_command_count() {
         let mut rx = queue((0..300).map(|_| pending(10)));
-        let (batch, carried) = gather(pending(10), &mut rx);
+        let (batch, carried) = gather(pending(10), &mut rx, MAX_BATCH_COMMANDS);
         assert_eq!(batch.len(), MAX_BATCH_COMMANDS);
         assert!(carried.is_none());
-        let (batch, _) = gather(pending(10), &mut rx);
+        let (batch, _) = gather(pending(10), &mut rx, MAX_BATCH_COMMANDS);
         assert_eq!(batch.len(), 300 - (MAX_BATCH_COMMANDS - 1) + 1);
+    }
+
+    #[test]
+    fn below_the_batch_level_every_command_goes_alone() {
+        let mut rx = queue((0..3).map(|_| pending(10)));
+        let (batch, carried) = gather(pending(10), &mut rx, 1);
+        assert_eq!(batch.len(), 1);
+        assert!(
+            carried.is_none(),
+            "the rest stay queued for entries of their own"
+        );
+        assert!(rx.try_recv().is_ok());
     }
 
     #[test]
     fn a_batch_stops_before_its_byte_limit_and_a_large_command_goes_alone() {
         // 600 KiB values take 800 KiB as base64: two do not fit in one entry.
         let mut rx = queue([pending(600 << 10), pending(10)]);
-        let (batch, carried) = gather(pending(600 << 10), &mut rx);
+        let (batch, carried) = gather(pending(600 << 10), &mut rx, MAX_BATCH_COMMANDS);
         assert_eq!(batch.len(), 1);
         let next = carried.unwrap_or_else(|| panic!("nothing carried over"));
-        let (batch, carried) = gather(next, &mut rx);
+        let (batch, carried) = gather(next, &mut rx, MAX_BATCH_COMMANDS);
         assert_eq!(batch.len(), 2, "the large one and the small one after it");
         assert!(carried.is_none());
         assert!(
@@ -269,7 +303,7 @@ mod tests {
         );
         // Larger than a batch may be: alone, as before batches.
         let mut rx = queue([pending(10)]);
-        let (batch, carried) = gather(pending(2 << 20), &mut rx);
+        let (batch, carried) = gather(pending(2 << 20), &mut rx, MAX_BATCH_COMMANDS);
         assert_eq!(batch.len(), 1);
         assert!(carried.is_some());
     }

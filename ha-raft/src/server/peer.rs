@@ -9,6 +9,7 @@ use serde::Serialize;
 use tonic::{Request, Response, Status};
 
 use crate::data::command::{Command, NodeId, TypeConfig};
+use crate::data::level::LevelReport;
 use crate::net::limits::check_batch_size;
 use crate::net::tls::{names_node, node_name};
 use crate::net::wire::{gone, to_status, ElectRequest, PeerFailure};
@@ -121,6 +122,16 @@ impl Peer for PeerService {
     async fn elect(&self, request: Request<PeerRequest>) -> Result<Response<PeerReply>, Status> {
         let (node, from, asked): (_, _, ElectRequest) = self.open(request)?;
         reply(&node.elect_when_asked(from, asked).await)
+    }
+
+    async fn feature_level(
+        &self,
+        request: Request<PeerRequest>,
+    ) -> Result<Response<PeerReply>, Status> {
+        let (node, _, ()): (_, _, ()) = self.open(request)?;
+        reply(&LevelReport {
+            serves: node.sm.serves(),
+        })
     }
 
     async fn read_index(

@@ -21,6 +21,9 @@ use tokio::sync::watch;
 
 use crate::data::command::{CommandResult, NodeId, TypeConfig};
 use crate::data::hub::{diff, Hub};
+use crate::data::level::{
+    command_name, required_level, undecodable_entry, UndecodableEntry, FEATURE_LEVEL,
+};
 use crate::data::state::State;
 use crate::error::RaftBackendError;
 
@@ -30,6 +33,31 @@ pub(crate) const VOTE: &[u8] = b"vote";
 pub(crate) const COMMITTED: &[u8] = b"committed";
 pub(crate) const LAST_PURGED: &[u8] = b"last_purged";
 pub(crate) const SNAPSHOT: &[u8] = b"snapshot";
+/// The highest feature level this member applied a `SetLevel` of: read at start, before
+/// the log is applied again, so a member below it refuses to start.
+pub(crate) const GROUP_LEVEL: &[u8] = b"group_level";
+
+/// The typed cause of a storage error that stops the Raft core (openraft keeps only the
+/// error's text), shared by a member's log and state machine stores.
+#[derive(Debug, Clone, Default)]
+pub struct FatalCause(Arc<Mutex<Option<RaftBackendError>>>);
+
+impl FatalCause {
+    /// Records `cause` (the first one stays) and returns it for openraft's error.
+    fn record(&self, cause: RaftBackendError) -> RaftBackendError {
+        let mut slot = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        slot.get_or_insert_with(|| cause.clone());
+        cause
+    }
+
+    /// The recorded cause, if any.
+    pub fn get(&self) -> Option<RaftBackendError> {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
 
 fn read_err(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
     StorageIOError::read(&e).into()
@@ -84,6 +112,7 @@ pub struct LogStore {
     /// Shared by every clone (openraft hands clones to its replication tasks), so the
     /// owner can tell when the last one is gone and the database is released.
     alive: Arc<()>,
+    cause: FatalCause,
 }
 
 impl LogStore {
@@ -100,7 +129,14 @@ impl LogStore {
             logs: tree("logs")?,
             meta: tree("meta")?,
             alive: Arc::new(()),
+            cause: FatalCause::default(),
         })
+    }
+
+    /// Reports why an entry does not decode to `cause` (the state machine's).
+    pub fn reporting_to(mut self, cause: FatalCause) -> Self {
+        self.cause = cause;
+        self
     }
 
     /// Tells, through a weak handle, whether any clone of this store still exists.
@@ -108,8 +144,21 @@ impl LogStore {
         Arc::downgrade(&self.alive)
     }
 
-    fn decode(bytes: &[u8]) -> StorageResult<Entry<TypeConfig>> {
-        serde_json::from_slice(bytes).map_err(read_err)
+    /// The entry stored under `key`; one that does not decode is told apart as an
+    /// unknown command (a newer ha wrote it) or corrupt bytes.
+    fn decode(&self, key: &[u8], bytes: &[u8]) -> StorageResult<Entry<TypeConfig>> {
+        serde_json::from_slice(bytes).map_err(|e| {
+            let index = key.try_into().map(u64::from_be_bytes).unwrap_or_default();
+            let cause = match undecodable_entry(bytes, &e) {
+                UndecodableEntry::UnknownCommand(name) => {
+                    RaftBackendError::UnknownCommand { index, name }
+                }
+                UndecodableEntry::Corrupt(reason) => {
+                    RaftBackendError::Corrupt(format!("log entry {index}: {reason}"))
+                }
+            };
+            StorageIOError::read_log_at_index(index, &self.cause.record(cause)).into()
+        })
     }
 }
 
@@ -130,7 +179,10 @@ impl RaftLogReader<TypeConfig> for LogStore {
         };
         self.logs
             .range::<[u8; 8], _>((start, end))
-            .map(|item| item.map_err(read_err).and_then(|(_, v)| Self::decode(&v)))
+            .map(|item| {
+                item.map_err(read_err)
+                    .and_then(|(k, v)| self.decode(&k, &v))
+            })
             .collect()
     }
 }
@@ -141,7 +193,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn get_log_state(&mut self) -> StorageResult<LogState<TypeConfig>> {
         let last_purged: Option<LogId<NodeId>> = get_json(&self.meta, LAST_PURGED)?;
         let last = match self.logs.last().map_err(read_err)? {
-            Some((_, bytes)) => Some(Self::decode(&bytes)?.log_id),
+            Some((key, bytes)) => Some(self.decode(&key, &bytes)?.log_id),
             None => last_purged,
         };
         Ok(LogState {
@@ -258,6 +310,13 @@ struct SmShared {
     /// `None` after [`StateMachineStore::close`], so a stopped node releases its sled
     /// database (and the directory lock) even while handles to it remain.
     snapshots: Mutex<Option<sled::Tree>>,
+    /// Where the recorded group level is kept ([`GROUP_LEVEL`]); closed with `snapshots`.
+    meta: Mutex<Option<sled::Tree>>,
+    /// The feature level this member serves.
+    serves: u32,
+    /// The group level recorded in this data dir when it was opened.
+    recorded_at_open: u32,
+    cause: FatalCause,
     /// One extra strong count per use of `snapshots` in progress: openraft builds
     /// snapshots in tasks of their own that outlive `Raft::shutdown`, and the node must
     /// not release the database under one of them (see `RaftNode::shutdown`).
@@ -272,14 +331,30 @@ struct SnapshotTree {
 }
 
 impl StateMachineStore {
-    /// The state machine of an opened database, restored from its latest snapshot.
+    /// The state machine of an opened database, restored from its latest snapshot,
+    /// serving this binary's feature level.
     ///
     /// # Errors
     /// `Storage` or `Corrupt` if the snapshot cannot be read.
     pub fn new(db: &sled::Db) -> Result<Self, RaftBackendError> {
-        let snapshots = db
-            .open_tree("snapshot")
-            .map_err(|e| RaftBackendError::Storage(e.to_string()))?;
+        Self::serving(db, FEATURE_LEVEL)
+    }
+
+    /// [`new`](Self::new) for a member serving feature level `serves`: an entry that
+    /// needs more stops the Raft core with a typed cause instead of being applied.
+    ///
+    /// # Errors
+    /// `Storage` or `Corrupt` if the snapshot cannot be read.
+    pub fn serving(db: &sled::Db, serves: u32) -> Result<Self, RaftBackendError> {
+        let tree = |name: &str| {
+            db.open_tree(name)
+                .map_err(|e| RaftBackendError::Storage(e.to_string()))
+        };
+        let snapshots = tree("snapshot")?;
+        let meta = tree("meta")?;
+        let watermark: u32 = get_json(&meta, GROUP_LEVEL)
+            .map_err(|e| RaftBackendError::Corrupt(format!("group level: {e}")))?
+            .unwrap_or(0);
         let mut machine = Machine::default();
         if let Some(stored) = get_json::<StoredSnapshot>(&snapshots, SNAPSHOT)
             .map_err(|e| RaftBackendError::Corrupt(format!("snapshot: {e}")))?
@@ -291,15 +366,74 @@ impl StateMachineStore {
             let restored = machine.applied_index();
             machine.hub.restored_at(restored);
         }
+        let recorded_at_open = watermark.max(machine.state.level);
         let applied = watch::channel(machine.applied_index()).0;
         Ok(Self {
             shared: Arc::new(SmShared {
                 machine: Mutex::new(machine),
                 applied,
                 snapshots: Mutex::new(Some(snapshots)),
+                meta: Mutex::new(Some(meta)),
+                serves,
+                recorded_at_open,
+                cause: FatalCause::default(),
                 uses: Arc::new(()),
             }),
         })
+    }
+
+    /// The feature level this member serves.
+    pub fn serves(&self) -> u32 {
+        self.shared.serves
+    }
+
+    /// The group's recorded feature level: the highest of what the data dir held when
+    /// opened and what was applied since (0: none recorded).
+    pub fn recorded_level(&self) -> u32 {
+        self.shared.recorded_at_open.max(self.lock().state.level)
+    }
+
+    /// Where a typed cause of a stop is recorded; the log store reports to it too.
+    pub fn fatal_cause(&self) -> FatalCause {
+        self.shared.cause.clone()
+    }
+
+    /// Refuses an entry this member cannot apply, before anything of it is applied.
+    fn check_level(
+        &self,
+        index: u64,
+        command: &crate::data::command::Command,
+    ) -> Result<(), RaftBackendError> {
+        let needs = required_level(command);
+        if needs <= self.shared.serves {
+            return Ok(());
+        }
+        Err(self
+            .shared
+            .cause
+            .record(RaftBackendError::UnsupportedCommand {
+                index,
+                command: command_name(command).to_owned(),
+                needs,
+                serves: self.shared.serves,
+            }))
+    }
+
+    /// Records a raised group level in the data dir, flushed, so a member below it
+    /// refuses to start even before the log is applied again.
+    async fn record_level(&self, level: u32) -> StorageResult<()> {
+        let meta = self
+            .shared
+            .meta
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+            .ok_or_else(|| write_err(std::io::Error::other("state machine store is closed")))?;
+        let recorded: u32 = get_json(&meta, GROUP_LEVEL)?.unwrap_or(0);
+        if level > recorded {
+            put_json(&meta, GROUP_LEVEL, &level).await?;
+        }
+        Ok(())
     }
 
     /// Locks the machine for a read or a subscription.
@@ -320,6 +454,11 @@ impl StateMachineStore {
     pub fn close(&self) {
         self.shared
             .snapshots
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        self.shared
+            .meta
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .take();
@@ -403,14 +542,25 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         I::IntoIter: Send,
     {
         let mut results = Vec::new();
+        let mut raised = None;
         let last = {
             let mut machine = self.lock();
             for entry in entries {
+                if let EntryPayload::Normal(command) = &entry.payload {
+                    if let Err(cause) = self.check_level(entry.log_id.index, command) {
+                        drop(machine);
+                        return Err(StorageIOError::apply(entry.log_id, &cause).into());
+                    }
+                }
                 machine.last_applied = Some(entry.log_id);
                 let result = match entry.payload {
                     EntryPayload::Blank => CommandResult::None,
                     EntryPayload::Normal(command) => {
+                        let before = machine.state.level;
                         let (result, changes) = machine.state.apply(entry.log_id.index, &command);
+                        if machine.state.level > before {
+                            raised = Some(machine.state.level);
+                        }
                         machine.hub.publish(entry.log_id.index, changes);
                         result
                     }
@@ -424,6 +574,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             }
             machine.applied_index()
         };
+        if let Some(level) = raised {
+            self.record_level(level).await?;
+            tracing::info!(level, "the group's feature level was raised");
+        }
         self.notify_applied(last);
         Ok(results)
     }
@@ -447,6 +601,16 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         };
         let state: State = serde_json::from_slice(&stored.data)
             .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
+        if state.level > self.shared.serves {
+            let cause = self.shared.cause.record(RaftBackendError::BelowGroupLevel {
+                serves: self.shared.serves,
+                group: state.level,
+            });
+            return Err(StorageIOError::read_snapshot(Some(meta.signature()), &cause).into());
+        }
+        if state.level > 0 {
+            self.record_level(state.level).await?;
+        }
         put_json(&self.snapshots()?.tree, SNAPSHOT, &stored).await?;
         let index = {
             let mut machine = self.lock();

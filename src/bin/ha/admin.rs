@@ -2,10 +2,11 @@
 //! from any machine that reaches a member (TLS and tokens as for any client).
 
 use clap::{Args, Subcommand};
-use ha::raft::{
-    AdminError, GroupStatus, MemberKind, MembershipChange, RaftAdmin, RaftClientOptions,
-};
+use ha::raft::{AdminError, MemberKind, MembershipChange, RaftAdmin, RaftClientOptions};
 
+#[cfg(feature = "etcd")]
+use crate::status_view::etcd_table;
+use crate::status_view::{refused_everywhere, status_table, table};
 use crate::{Exit, Security};
 
 /// Which group to talk to, and how.
@@ -180,221 +181,6 @@ async fn etcd_status(target: &AdminTarget) -> Exit {
     }
 }
 
-#[cfg(feature = "etcd")]
-fn etcd_table(cluster: &ha::etcd::EtcdClusterStatus) -> String {
-    let mut rows = vec![[
-        "ID",
-        "NAME",
-        "ENDPOINT",
-        "KIND",
-        "STATE",
-        "TERM",
-        "RAFT_INDEX",
-        "APPLIED",
-        "DB",
-        "VERSION",
-    ]
-    .map(str::to_owned)];
-    for m in &cluster.members {
-        let kind = if m.learner { "learner" } else { "voter" }.to_owned();
-        let row = match &m.status {
-            Some(s) => [
-                format!("{:x}", m.id),
-                m.name.clone(),
-                m.endpoint.clone(),
-                kind,
-                if s.leader == m.id {
-                    "leader"
-                } else {
-                    "follower"
-                }
-                .to_owned(),
-                s.raft_term.to_string(),
-                s.raft_index.to_string(),
-                s.raft_applied_index.to_string(),
-                bytes(u64::try_from(s.db_size).unwrap_or(0)),
-                s.version.clone(),
-            ],
-            None => {
-                let mut row = [(); 10].map(|()| "-".to_owned());
-                row[0] = format!("{:x}", m.id);
-                row[1] = m.name.clone();
-                row[2] = m.endpoint.clone();
-                row[3] = kind;
-                row[4] = "unreachable".to_owned();
-                row
-            }
-        };
-        rows.push(row);
-    }
-    let mut out = table(&rows);
-    for m in &cluster.members {
-        if let Some(error) = &m.error {
-            out.push_str(&format!("member {:x}: {error}\n", m.id));
-        }
-        for error in m.status.iter().flat_map(|s| &s.errors) {
-            out.push_str(&format!("member {:x} reports: {error}\n", m.id));
-        }
-    }
-    let voters = cluster.members.iter().filter(|m| !m.learner);
-    let answering = voters.clone().filter(|m| m.status.is_some()).count();
-    out.push_str(&format!(
-        "leader: {}; {answering} of {} voters answered; quorum: {}\n",
-        cluster
-            .leader
-            .map_or_else(|| "none".to_owned(), |l| format!("{l:x}")),
-        voters.count(),
-        if cluster.quorum { "yes" } else { "no" }
-    ));
-    out
-}
-
-/// When no node answered and every one refused the credentials, that is the error.
-fn refused_everywhere(group: &GroupStatus) -> Option<String> {
-    let answered = group.members.iter().any(|m| m.status.is_some());
-    let refusal = group
-        .unreachable
-        .values()
-        .chain(group.members.iter().filter_map(|m| m.error.as_ref()))
-        .find(|e| e.starts_with("not allowed"));
-    (!answered).then_some(refusal.cloned()).flatten()
-}
-
-fn bytes(n: u64) -> String {
-    const MIB: f64 = 1024.0 * 1024.0;
-    if n >= 1 << 20 {
-        format!("{:.1} MiB", n as f64 / MIB)
-    } else {
-        format!("{:.0} KiB", n as f64 / 1024.0)
-    }
-}
-
-fn status_table(group: &GroupStatus) -> String {
-    let dash = || "-".to_owned();
-    let opt = |v: Option<u64>| v.map_or_else(dash, |v| v.to_string());
-    let mut rows = vec![[
-        "ID", "ADDRESS", "KIND", "STATE", "TERM", "LAST_LOG", "APPLIED", "LAG", "CONTACT", "DATA",
-        "ACTIVE", "MOVES", "VERSION",
-    ]
-    .map(str::to_owned)];
-    for m in &group.members {
-        let kind = match m.kind {
-            MemberKind::Voter => "voter",
-            MemberKind::Learner => "learner",
-            MemberKind::Outside => "outside",
-        };
-        let row = match &m.status {
-            Some(s) => [
-                m.id.to_string(),
-                m.address.clone(),
-                kind.to_owned(),
-                s.state.clone(),
-                s.term.to_string(),
-                opt(s.last_log_index),
-                opt(s.applied_index),
-                opt(m.lag),
-                m.last_contact_ms.map_or_else(dash, |ms| format!("{ms}ms")),
-                bytes(s.data_dir_bytes),
-                if s.active_here.is_empty() {
-                    dash()
-                } else {
-                    s.active_here.join(",")
-                },
-                if s.placement {
-                    s.placement_moves.to_string()
-                } else {
-                    "off".to_owned()
-                },
-                s.version.clone(),
-            ],
-            None => [
-                m.id.to_string(),
-                m.address.clone(),
-                kind.to_owned(),
-                "unreachable".to_owned(),
-                dash(),
-                dash(),
-                dash(),
-                opt(m.lag),
-                m.last_contact_ms.map_or_else(dash, |ms| format!("{ms}ms")),
-                dash(),
-                dash(),
-                dash(),
-                dash(),
-            ],
-        };
-        rows.push(row);
-    }
-    let mut out = table(&rows);
-    for m in &group.members {
-        if let Some(error) = &m.error {
-            out.push_str(&format!("node {}: {error}\n", m.id));
-        }
-    }
-    for (address, error) in &group.unreachable {
-        out.push_str(&format!("{address}: {error}\n"));
-    }
-    let voters = group.members.iter().filter(|m| m.kind == MemberKind::Voter);
-    let answering = voters.clone().filter(|m| m.status.is_some()).count();
-    out.push_str(&format!(
-        "leader: {}; {answering} of {} voters answered; quorum: {}\n",
-        group
-            .leader
-            .map_or_else(|| "none".to_owned(), |l| format!("node {l}")),
-        voters.count(),
-        if group.quorum { "yes" } else { "no" }
-    ));
-    out.push_str(&placement_line(group));
-    out
-}
-
-/// Whether the Raft leader's member also hosts an ACTIVE (what placement avoids).
-fn placement_line(group: &GroupStatus) -> String {
-    let statuses = || {
-        group
-            .members
-            .iter()
-            .filter_map(|m| Some((m.id, m.status.as_ref()?)))
-    };
-    let Some(leader) = group.leader else {
-        return String::new();
-    };
-    let on = statuses().any(|(_, s)| s.placement);
-    let shared: Vec<&str> = statuses()
-        .filter(|(id, _)| *id == leader)
-        .flat_map(|(_, s)| s.active_here.iter().map(String::as_str))
-        .collect();
-    let state = if on { "on" } else { "off" };
-    if shared.is_empty() {
-        format!("placement: {state}; no ACTIVE on the Raft leader's member\n")
-    } else {
-        format!(
-            "placement: {state}; the Raft leader's member (node {leader}) hosts the ACTIVE of {}\n",
-            shared.join(", ")
-        )
-    }
-}
-
-fn table<const N: usize>(rows: &[[String; N]]) -> String {
-    let mut widths = [0usize; N];
-    for row in rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.len());
-        }
-    }
-    let mut out = String::new();
-    for row in rows {
-        let line: Vec<String> = row
-            .iter()
-            .zip(widths)
-            .map(|(cell, w)| format!("{cell:<w$}"))
-            .collect();
-        out.push_str(line.join("  ").trim_end());
-        out.push('\n');
-    }
-    out
-}
-
 impl MemberAction {
     fn target(&self) -> &AdminTarget {
         match self {
@@ -438,10 +224,12 @@ pub async fn member(action: &MemberAction) -> Exit {
             let address = address.trim().to_owned();
             // The new node must run already: its own answer says which cluster it was
             // configured for, which the leader checks, and that ADDR is node ID.
-            let (cluster_id, fresh) = match admin.node_status(&address).await {
-                Ok(status) if status.id == id => {
-                    (status.cluster_id, status.last_log_index.is_none())
-                }
+            let (cluster_id, fresh, feature_level) = match admin.node_status(&address).await {
+                Ok(status) if status.id == id => (
+                    status.cluster_id,
+                    status.last_log_index.is_none(),
+                    status.feature_level,
+                ),
                 Ok(status) => {
                     let reason = format!("{address} is node {}, not node {id}", status.id);
                     return fail("member add", Exit::ChangeRefused, &reason);
@@ -456,6 +244,7 @@ pub async fn member(action: &MemberAction) -> Exit {
                 address,
                 cluster_id,
                 fresh,
+                feature_level: Some(feature_level),
             };
             if let Err(exit) = change(&admin, &add, target.json).await {
                 return exit;
@@ -597,14 +386,5 @@ mod tests {
         assert!(endpoints("etcd://127.0.0.1:2379").is_err_and(|e| e.contains("etcdctl")));
         assert!(endpoints("raft://").is_err());
         assert!(endpoints("raft://host").is_err());
-    }
-
-    #[test]
-    fn tables_line_up() {
-        let rows = [
-            ["ID".to_owned(), "ADDRESS".to_owned()],
-            ["10".to_owned(), "a".to_owned()],
-        ];
-        assert_eq!(table(&rows), "ID  ADDRESS\n10  a\n");
     }
 }

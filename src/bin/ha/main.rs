@@ -14,6 +14,7 @@ mod http;
 #[cfg(feature = "raft")]
 mod node;
 mod output;
+mod status_view;
 mod supervise;
 
 use std::net::SocketAddr;
@@ -420,6 +421,9 @@ pub struct NodeArgs {
     /// another caught-up voter (groups of three), so one crash costs one TTL.
     #[arg(long)]
     pub no_placement: bool,
+    /// Serve this feature level instead of the binary's (tests of mixed versions only).
+    #[arg(long, hide = true)]
+    pub feature_level: Option<u32>,
     /// Session TTL with --active-standby (seconds, or 10s, 500ms).
     #[arg(long, default_value_t = 10.0, value_parser = parse_ttl)]
     pub ttl: f64,

@@ -52,6 +52,9 @@ pub async fn node(args: crate::NodeArgs) -> Exit {
         config = config.with_cluster_id(cluster.as_str());
     }
     config = node_timing(config, &args).with_placement(!args.no_placement);
+    if let Some(level) = args.feature_level {
+        config = config.with_feature_level(level);
+    }
     match node_security(&args) {
         Ok(apply) => config = apply(config),
         Err(e) => {
@@ -81,7 +84,7 @@ pub async fn node(args: crate::NodeArgs) -> Exit {
     }
     let node = match RaftNode::start(config).await {
         Ok(node) => node,
-        Err(e) if newer_data_dir(&e) => {
+        Err(e) if refused_by_version(&e) => {
             // Refused, nothing changed: like a refused membership change, not an outage.
             eprintln!("ha node: cannot start node {}: {e}", args.id);
             return Exit::ChangeRefused;
@@ -219,14 +222,18 @@ pub fn parse_peers(pairs: &[String]) -> Result<BTreeMap<u64, String>, String> {
     Ok(peers)
 }
 
-/// Whether `error` is a data dir written by a newer binary.
-fn newer_data_dir(error: &ha::Error) -> bool {
+/// Whether `error` refuses a binary too old for what the data dir holds: a newer format,
+/// or a group feature level above the one it serves.
+fn refused_by_version(error: &ha::Error) -> bool {
     matches!(
         error,
         ha::Error::Backend { source, .. }
             if matches!(
                 source.downcast_ref::<ha::raft::RaftBackendError>(),
-                Some(ha::raft::RaftBackendError::NewerDataDir { .. })
+                Some(
+                    ha::raft::RaftBackendError::NewerDataDir { .. }
+                        | ha::raft::RaftBackendError::BelowGroupLevel { .. }
+                )
             )
     )
 }
@@ -369,6 +376,8 @@ async fn export_raft_metrics(node: RaftNode) {
         metrics::gauge!("ha_raft_data_dir_bytes").set(status.data_dir_bytes as f64);
         metrics::gauge!("ha_raft_active_here").set(status.active_here.len() as f64);
         metrics::counter!("ha_raft_placement_moves_total").absolute(status.placement_moves);
+        metrics::gauge!("ha_raft_feature_level").set(f64::from(status.feature_level));
+        metrics::gauge!("ha_raft_group_level").set(f64::from(status.group_level));
         for (peer, progress) in &status.peers {
             if let Some(lag) = progress.lag {
                 metrics::gauge!("ha_raft_lag_entries", "peer" => peer.to_string()).set(lag as f64);
