@@ -685,6 +685,7 @@ async fn ha_node_below_the_groups_feature_level_exits_7() {
     node.shutdown().await;
 
     let data = dir.path().to_string_lossy().into_owned();
+    let before = files_of(dir.path());
     let older = (ha::raft::FEATURE_LEVEL - 1).to_string();
     let output = run_ha(
         &[
@@ -712,4 +713,26 @@ async fn ha_node_below_the_groups_feature_level_exits_7() {
         )),
         "{stderr}"
     );
+    assert!(
+        before == files_of(dir.path()),
+        "the refused start changed the data dir"
+    );
+}
+
+/// Every file under `dir` and its bytes.
+fn files_of(dir: &std::path::Path) -> BTreeMap<std::path::PathBuf, Vec<u8>> {
+    let mut files = BTreeMap::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(dir) = todo.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{e}")) {
+            let path = entry.unwrap_or_else(|e| panic!("{e}")).path();
+            if path.is_dir() {
+                todo.push(path);
+            } else {
+                let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{e}"));
+                files.insert(path, bytes);
+            }
+        }
+    }
+    files
 }

@@ -19,6 +19,7 @@ use crate::net::tls::ClientAuth;
 use crate::node::{NodeInner, RaftNode};
 use crate::replica::Replica;
 use crate::store::db::{open_db, release_within_5s, Identity};
+use crate::store::records;
 use crate::store::sled_store::{LogStore, StateMachineStore};
 
 /// Most entries in one AppendEntries; the byte budget usually binds first.
@@ -43,19 +44,24 @@ impl RaftNode {
             cluster_id: config.cluster_id.clone(),
             node_id: config.id,
         };
+        let below = |group: u32| RaftBackendError::BelowGroupLevel {
+            serves: config.feature_level,
+            group,
+        };
+        // Refused before the database is opened: the data dir is as it was.
+        let group = records::group_level(&config.data_dir)?;
+        if group > config.feature_level {
+            return Err(below(group).into());
+        }
         let db = open_db(&config.data_dir, &identity, config.cache_capacity).await?;
-        let sm = StateMachineStore::serving(&db, config.feature_level)?;
+        let sm = StateMachineStore::serving(&db, config.feature_level, Some(&config.data_dir))?;
+        // A snapshot (restored or installed) may record a level the file does not yet.
         let group = sm.recorded_level();
         if group > config.feature_level {
-            // Refused before Raft reads a byte: the data dir is as it was.
             sm.close();
             drop(sm);
             release_within_5s(db, config.id).await;
-            return Err(RaftBackendError::BelowGroupLevel {
-                serves: config.feature_level,
-                group,
-            }
-            .into());
+            return Err(below(group).into());
         }
         let log_store = LogStore::new(&db)?.reporting_to(sm.fatal_cause());
         let log_store_alive = log_store.liveness();

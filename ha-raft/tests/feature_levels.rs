@@ -238,8 +238,36 @@ async fn a_level_1_member_keeps_batches_out_until_it_restarts_at_the_current_lev
     group.shutdown().await;
 }
 
-/// The conformance suite through a member of level 1: had the leader written a batch,
-/// that member would have stopped and the suite failed on it.
+/// Concurrent registrations through a node while a case runs (the suite's own calls are
+/// mostly one at a time, which never fills a batch); stopped when dropped.
+struct Load(tokio::task::JoinHandle<()>);
+
+impl Load {
+    fn through(node: RaftNode) -> Self {
+        Self(tokio::spawn(async move {
+            let role = Role::new("load").unwrap_or_else(|e| panic!("{e}"));
+            for round in 0..400u64 {
+                let registers = (0..8).map(|i| {
+                    let member = Member::new(ServerId::new(round * 8 + i), role.clone(), "l:1");
+                    let node = node.clone();
+                    async move { node.register(&member, Duration::from_secs(5)).await }
+                });
+                // Errors are the case's business (a leader change); the load goes on.
+                let _ = futures::future::join_all(registers).await;
+                sleep(Duration::from_millis(50)).await;
+            }
+        }))
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The conformance suite through a member of level 1, under concurrent load: had the
+/// leader written a batch, that member would have stopped and the suite failed on it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_group_with_a_level_1_member_passes_the_conformance_suite_through_it() {
     let report = ha_core::testing::run_suite(|| async {
@@ -247,7 +275,8 @@ async fn a_group_with_a_level_1_member_passes_the_conformance_suite_through_it()
         levels.set(3, 1);
         let group = start(&levels).await;
         let node = group.nodes[&3].clone();
-        Ok((Arc::new(node) as Arc<dyn Backend>, group))
+        let load = Load::through(group.nodes[&1].clone());
+        Ok((Arc::new(node) as Arc<dyn Backend>, (load, group)))
     })
     .await;
     report.assert_passed();
@@ -329,7 +358,7 @@ async fn a_state_machine_below_a_command_s_level_refuses_it_before_applying() {
     let db = open_db(dir.path(), &identity, 1 << 20)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    let mut sm = StateMachineStore::serving(&db, 1).unwrap_or_else(|e| panic!("{e}"));
+    let mut sm = StateMachineStore::serving(&db, 1, None).unwrap_or_else(|e| panic!("{e}"));
     let entry = |index, command| Entry::<TypeConfig> {
         log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
         payload: EntryPayload::Normal(command),

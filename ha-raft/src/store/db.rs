@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tracing::{error, info, warn};
 
+use super::records;
 use crate::data::command::NodeId;
 use crate::error::RaftBackendError;
 
@@ -20,60 +21,18 @@ const IDENTITY: &[u8] = b"identity";
 /// 0.1.0's, which has no format file; format 2 records the format in one. Both hold the
 /// same database, so 1 becomes 2 by writing the file.
 pub const DATA_DIR_FORMAT: u32 = 2;
-/// The file that records a data dir's format, read before the database is opened, so
-/// that a binary refusing a newer format changes nothing.
-const FORMAT_FILE: &str = "ha-format";
-/// The file is written here first, then renamed over `FORMAT_FILE`.
-const FORMAT_FILE_NEW: &str = "ha-format.new";
-/// Longest format file read (a number and a newline).
-const MAX_FORMAT_FILE: u64 = 64;
-
-/// An I/O failure on `path`, as a storage error naming it.
-fn storage_error(path: &Path, e: &std::io::Error) -> RaftBackendError {
-    RaftBackendError::Storage(format!("{}: {e}", path.display()))
-}
-
 /// The format a data dir records: `None` if it has no format file (a new dir, or one
 /// of ha 0.1.0). A newer format than this binary's is refused before anything is opened.
 fn recorded_format(dir: &Path) -> Result<Option<u32>, RaftBackendError> {
-    use std::io::Read;
-    let path = dir.join(FORMAT_FILE);
-    let file = match std::fs::File::open(&path) {
-        Ok(file) => file,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(storage_error(&path, &e)),
-    };
-    let mut text = String::new();
-    file.take(MAX_FORMAT_FILE)
-        .read_to_string(&mut text)
-        .map_err(|e| RaftBackendError::Corrupt(format!("{}: {e}", path.display())))?;
-    let found: u32 = text.trim().parse().map_err(|_| {
-        RaftBackendError::Corrupt(format!("{}: not a format number: {text:?}", path.display()))
-    })?;
-    if found > DATA_DIR_FORMAT {
-        return Err(RaftBackendError::NewerDataDir {
+    let found = records::read(dir, records::FORMAT_FILE)?;
+    match found {
+        Some(found) if found > DATA_DIR_FORMAT => Err(RaftBackendError::NewerDataDir {
             dir: dir.display().to_string(),
             found,
             supported: DATA_DIR_FORMAT,
-        });
+        }),
+        found => Ok(found),
     }
-    Ok(Some(found))
-}
-
-/// Records `DATA_DIR_FORMAT` in `dir`: written beside, synced, renamed into place and
-/// the directory synced, so a crash leaves the old record or the new one, never half.
-fn record_format(dir: &Path) -> Result<(), RaftBackendError> {
-    use std::io::Write;
-    let storage = |e: std::io::Error| storage_error(dir, &e);
-    let new = dir.join(FORMAT_FILE_NEW);
-    let mut file = std::fs::File::create(&new).map_err(storage)?;
-    file.write_all(format!("{DATA_DIR_FORMAT}\n").as_bytes())
-        .map_err(storage)?;
-    file.sync_all().map_err(storage)?;
-    std::fs::rename(&new, dir.join(FORMAT_FILE)).map_err(storage)?;
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(storage)
 }
 
 /// Which node of which cluster a data directory belongs to.
@@ -92,7 +51,7 @@ const LOCK_WAIT: Duration = Duration::from_secs(5);
 /// the guarded store), and refuses an existing one that holds anything but sled's files.
 fn prepare_dir(dir: &Path) -> Result<(), RaftBackendError> {
     use std::os::unix::fs::DirBuilderExt;
-    let storage = |e: std::io::Error| storage_error(dir, &e);
+    let storage = |e: std::io::Error| records::storage_error(dir, &e);
     let entries = match std::fs::read_dir(dir) {
         Ok(entries) => entries,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -107,10 +66,9 @@ fn prepare_dir(dir: &Path) -> Result<(), RaftBackendError> {
     for entry in entries {
         let name = entry.map_err(storage)?.file_name();
         let name = name.to_string_lossy();
-        let sled_file = matches!(
-            &*name,
-            "conf" | "db" | "blobs" | FORMAT_FILE | FORMAT_FILE_NEW
-        ) || name.starts_with("snap.");
+        let sled_file = matches!(&*name, "conf" | "db" | "blobs")
+            || name.starts_with("snap.")
+            || records::is_record(&name);
         if !sled_file {
             return Err(RaftBackendError::NotADataDir {
                 dir: dir.display().to_string(),
@@ -197,7 +155,7 @@ pub async fn open_db(
         }
     }
     if format != Some(DATA_DIR_FORMAT) {
-        record_format(dir)?;
+        records::write(dir, records::FORMAT_FILE, DATA_DIR_FORMAT)?;
         let from = format.map_or_else(|| "1 (or new)".to_owned(), |f| f.to_string());
         info!(dir = %dir.display(), from, to = DATA_DIR_FORMAT, "data dir format recorded");
     }

@@ -9,6 +9,7 @@
 use std::fmt::Debug;
 use std::io::Cursor;
 use std::ops::{Bound, RangeBounds};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
@@ -26,6 +27,7 @@ use crate::data::level::{
 };
 use crate::data::state::State;
 use crate::error::RaftBackendError;
+use crate::store::records;
 
 type StorageResult<T> = Result<T, StorageError<NodeId>>;
 
@@ -33,9 +35,6 @@ pub(crate) const VOTE: &[u8] = b"vote";
 pub(crate) const COMMITTED: &[u8] = b"committed";
 pub(crate) const LAST_PURGED: &[u8] = b"last_purged";
 pub(crate) const SNAPSHOT: &[u8] = b"snapshot";
-/// The highest feature level this member applied a `SetLevel` of: read at start, before
-/// the log is applied again, so a member below it refuses to start.
-pub(crate) const GROUP_LEVEL: &[u8] = b"group_level";
 
 /// The typed cause of a storage error that stops the Raft core (openraft keeps only the
 /// error's text), shared by a member's log and state machine stores.
@@ -310,8 +309,9 @@ struct SmShared {
     /// `None` after [`StateMachineStore::close`], so a stopped node releases its sled
     /// database (and the directory lock) even while handles to it remain.
     snapshots: Mutex<Option<sled::Tree>>,
-    /// Where the recorded group level is kept ([`GROUP_LEVEL`]); closed with `snapshots`.
-    meta: Mutex<Option<sled::Tree>>,
+    /// The data dir, where a raised group level is recorded (`store::records`), read
+    /// at the next start before the database is opened. `None` in tests of the store.
+    data_dir: Option<PathBuf>,
     /// The feature level this member serves.
     serves: u32,
     /// The group level recorded in this data dir when it was opened.
@@ -337,24 +337,27 @@ impl StateMachineStore {
     /// # Errors
     /// `Storage` or `Corrupt` if the snapshot cannot be read.
     pub fn new(db: &sled::Db) -> Result<Self, RaftBackendError> {
-        Self::serving(db, FEATURE_LEVEL)
+        Self::serving(db, FEATURE_LEVEL, None)
     }
 
     /// [`new`](Self::new) for a member serving feature level `serves`: an entry that
-    /// needs more stops the Raft core with a typed cause instead of being applied.
+    /// needs more stops the Raft core with a typed cause instead of being applied. A
+    /// raised group level is recorded in `data_dir` (if given) as well as in the state.
     ///
     /// # Errors
-    /// `Storage` or `Corrupt` if the snapshot cannot be read.
-    pub fn serving(db: &sled::Db, serves: u32) -> Result<Self, RaftBackendError> {
-        let tree = |name: &str| {
-            db.open_tree(name)
-                .map_err(|e| RaftBackendError::Storage(e.to_string()))
+    /// `Storage` or `Corrupt` if the snapshot or the level record cannot be read.
+    pub fn serving(
+        db: &sled::Db,
+        serves: u32,
+        data_dir: Option<&Path>,
+    ) -> Result<Self, RaftBackendError> {
+        let snapshots = db
+            .open_tree("snapshot")
+            .map_err(|e| RaftBackendError::Storage(e.to_string()))?;
+        let watermark = match data_dir {
+            Some(dir) => records::group_level(dir)?,
+            None => 0,
         };
-        let snapshots = tree("snapshot")?;
-        let meta = tree("meta")?;
-        let watermark: u32 = get_json(&meta, GROUP_LEVEL)
-            .map_err(|e| RaftBackendError::Corrupt(format!("group level: {e}")))?
-            .unwrap_or(0);
         let mut machine = Machine::default();
         if let Some(stored) = get_json::<StoredSnapshot>(&snapshots, SNAPSHOT)
             .map_err(|e| RaftBackendError::Corrupt(format!("snapshot: {e}")))?
@@ -373,7 +376,7 @@ impl StateMachineStore {
                 machine: Mutex::new(machine),
                 applied,
                 snapshots: Mutex::new(Some(snapshots)),
-                meta: Mutex::new(Some(meta)),
+                data_dir: data_dir.map(Path::to_path_buf),
                 serves,
                 recorded_at_open,
                 cause: FatalCause::default(),
@@ -419,21 +422,16 @@ impl StateMachineStore {
             }))
     }
 
-    /// Records a raised group level in the data dir, flushed, so a member below it
-    /// refuses to start even before the log is applied again.
+    /// Records a raised group level in the data dir, synced, so a member below it
+    /// refuses to start before its database is even opened.
     async fn record_level(&self, level: u32) -> StorageResult<()> {
-        let meta = self
-            .shared
-            .meta
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-            .ok_or_else(|| write_err(std::io::Error::other("state machine store is closed")))?;
-        let recorded: u32 = get_json(&meta, GROUP_LEVEL)?.unwrap_or(0);
-        if level > recorded {
-            put_json(&meta, GROUP_LEVEL, &level).await?;
+        let Some(dir) = self.shared.data_dir.clone() else {
+            return Ok(());
+        };
+        match tokio::task::spawn_blocking(move || records::raise_group_level(&dir, level)).await {
+            Ok(recorded) => recorded.map_err(write_err),
+            Err(join) => Err(write_err(std::io::Error::other(join))),
         }
-        Ok(())
     }
 
     /// Locks the machine for a read or a subscription.
@@ -454,11 +452,6 @@ impl StateMachineStore {
     pub fn close(&self) {
         self.shared
             .snapshots
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        self.shared
-            .meta
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .take();

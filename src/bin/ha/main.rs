@@ -320,7 +320,7 @@ enum Command {
     },
     /// Run one member of an embedded Raft group, optionally with an ActiveStandby
     /// coordinator on it.
-    Node(NodeArgs),
+    Node(Box<NodeArgs>),
     /// Show every member of an embedded Raft group: id, address, voter or learner, Raft
     /// state, term, log and applied index, lag, last contact, data size, version. Exits
     /// 4 when no quorum answers. On etcd://, each etcd member's own report.
@@ -506,7 +506,7 @@ async fn command(command: Command) -> Exit {
             coordinator,
             common,
         } => coordinator::run(&coordinator, &common).await,
-        Command::Node(node) => node_command(node).await,
+        Command::Node(node) => node_command(*node).await,
         #[cfg(feature = "raft")]
         Command::Status(target) => admin::status(&target).await,
         #[cfg(feature = "raft")]
