@@ -677,8 +677,13 @@ async fn ha_node_below_the_groups_feature_level_exits_7() {
     let node = ha::raft::RaftNode::start(config)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
+    let recorded = dir.path().join("ha-group-level");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while node.status().await.group_level != ha::raft::FEATURE_LEVEL {
+    while std::fs::read_to_string(&recorded)
+        .unwrap_or_default()
+        .trim()
+        != ha::raft::FEATURE_LEVEL.to_string()
+    {
         assert!(tokio::time::Instant::now() < deadline, "no level recorded");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

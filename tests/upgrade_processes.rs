@@ -20,30 +20,40 @@ use tokio::time::Instant;
 
 const OLD_LEVEL: u32 = 2;
 
-/// Each member's LEVEL column and the feature level line of `ha status`.
-async fn levels(members: &Members) -> (BTreeMap<u64, u64>, String, String) {
+/// Each member's LEVEL column, the lowest group level a member applied, and the
+/// feature level line of `ha status` (and all its text).
+async fn levels(members: &Members) -> (BTreeMap<u64, u64>, u64, String, String) {
     let (text, json) = status(members).await;
-    let levels = json["members"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
+    let listed = json["members"].as_array().cloned().unwrap_or_default();
+    let levels = listed
         .iter()
         .filter_map(|m| Some((m["id"].as_u64()?, m["status"]["feature_level"].as_u64()?)))
         .collect();
+    let applied = listed
+        .iter()
+        .map(|m| m["status"]["group_level"].as_u64().unwrap_or(0))
+        .min()
+        .unwrap_or(0);
     let line = text
         .lines()
         .find(|line| line.starts_with("feature level:"))
         .unwrap_or_default()
         .to_owned();
-    (levels, line, text)
+    (levels, applied, line, text)
 }
 
-/// Waits (bounded) until `ha status` shows `line` and `expected` levels.
-async fn until_status(members: &mut Members, expected: &BTreeMap<u64, u64>, line: &str) {
+/// Waits (bounded) until `ha status` shows `line` and `expected` levels, and every
+/// member applied group level `applied` or more.
+async fn until_status(
+    members: &mut Members,
+    expected: &BTreeMap<u64, u64>,
+    applied: u64,
+    line: &str,
+) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let (seen, seen_line, text) = levels(members).await;
-        if seen == *expected && seen_line == line {
+        let (seen, seen_applied, seen_line, text) = levels(members).await;
+        if seen == *expected && seen_applied >= applied && seen_line == line {
             return;
         }
         assert!(
@@ -64,6 +74,7 @@ async fn a_rolling_upgrade_keeps_the_role_and_records_the_level_once_every_membe
     until_status(
         &mut members,
         &expected,
+        0,
         "feature level: written at 2, none recorded; members serve 2 to 2; raised once every member serves it",
     )
     .await;
@@ -93,14 +104,17 @@ async fn a_rolling_upgrade_keeps_the_role_and_records_the_level_once_every_membe
             )
             .await;
         expected.insert(id, current);
-        let line = if id == NODES[NODES.len() - 1] {
-            format!("feature level: {current} (recorded in the log)")
-        } else {
-            format!(
-                "feature level: written at 2, none recorded; members serve 2 to {current}; raised once every member serves it"
+        let (applied, line) = if id == NODES[NODES.len() - 1] {
+            (
+                current,
+                format!("feature level: {current} (recorded in the log)"),
             )
+        } else {
+            (0, format!(
+                "feature level: written at 2, none recorded; members serve 2 to {current}; raised once every member serves it"
+            ))
         };
-        until_status(&mut members, &expected, &line).await;
+        until_status(&mut members, &expected, applied, &line).await;
     }
     members.placed().await;
     assert!(members.lost.is_empty(), "roles lost: {:?}", members.lost);
@@ -148,6 +162,7 @@ async fn a_rolling_upgrade_keeps_the_role_and_records_the_level_once_every_membe
     until_status(
         &mut members,
         &NODES.map(|id| (id, current)).into(),
+        current,
         &format!("feature level: {current} (recorded in the log)"),
     )
     .await;

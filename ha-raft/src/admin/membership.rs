@@ -26,8 +26,8 @@ pub enum MembershipChange {
         #[serde(default)]
         fresh: bool,
         /// The feature level the new member serves; one below the level the group
-        /// writes at is refused. `None`: not stated (ha 0.1.0, or a library caller),
-        /// not checked.
+        /// writes at is refused. `None`: not stated (ha 0.1.0, or a library caller);
+        /// the leader asks the joiner, and admits one that does not answer.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         feature_level: Option<u32>,
     },

@@ -45,6 +45,15 @@ pub fn required_level(command: &Command) -> u32 {
     }
 }
 
+/// The group level `command` records, if it records one (batches searched).
+pub fn recorded_by(command: &Command) -> Option<u32> {
+    match command {
+        Command::SetLevel { level } => Some(*level),
+        Command::Batch(commands) => commands.iter().filter_map(recorded_by).max(),
+        _ => None,
+    }
+}
+
 /// The command's name as the log spells it, for errors.
 pub fn command_name(command: &Command) -> &'static str {
     match command {
@@ -162,6 +171,11 @@ mod tests {
             ])),
             4
         );
+        assert_eq!(
+            recorded_by(&Command::Batch(vec![Command::SetLevel { level: 3 }])),
+            Some(3)
+        );
+        assert_eq!(recorded_by(&Command::Revoke { lease: 1 }), None);
         for name in COMMAND_NAMES {
             assert!(
                 COMMAND_NAMES.iter().filter(|n| **n == name).count() == 1,

@@ -38,6 +38,8 @@ fn state_name(state: ServerState) -> &'static str {
 impl NodeInner {
     /// This node's status, its data dir's size aside.
     pub(super) fn status_now(&self) -> NodeStatus {
+        // Before borrowing the metrics: this locks the state machine.
+        let group_level = self.replica.sm.recorded_level();
         let metrics = self.replica.raft.metrics();
         let metrics = metrics.borrow();
         let stored = &metrics.membership_config;
@@ -105,7 +107,7 @@ impl NodeInner {
                 .placement_moves
                 .load(std::sync::atomic::Ordering::Relaxed),
             feature_level: self.replica.sm.serves(),
-            group_level: self.replica.sm.recorded_level(),
+            group_level,
             writes_at: (metrics.state == ServerState::Leader).then(|| {
                 self.replica
                     .writes_at
@@ -179,7 +181,8 @@ impl NodeInner {
             return Err(self.not_leader());
         }
         let _one_at_a_time = self.membership_lock.lock().await;
-        membership::check(&self.group_view(), change)
+        let change = self.with_joiner_level(change).await;
+        membership::check(&self.group_view(), &change)
             .map(drop)
             .map_err(AdminError::Refused)
     }
@@ -195,7 +198,8 @@ impl NodeInner {
         // One change at a time: two checks passing together could each keep quorum and
         // both lose it.
         let _one_at_a_time = self.membership_lock.lock().await;
-        let plan = membership::check(&self.group_view(), change).map_err(AdminError::Refused)?;
+        let change = self.with_joiner_level(change).await;
+        let plan = membership::check(&self.group_view(), &change).map_err(AdminError::Refused)?;
         let raft = &self.replica.raft;
         let budget = self.replica.config.request_timeout;
         let changed = !matches!(plan, Plan::Nothing);

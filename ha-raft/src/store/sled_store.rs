@@ -23,7 +23,7 @@ use tokio::sync::watch;
 use crate::data::command::{CommandResult, NodeId, TypeConfig};
 use crate::data::hub::{diff, Hub};
 use crate::data::level::{
-    command_name, required_level, undecodable_entry, UndecodableEntry, FEATURE_LEVEL,
+    command_name, recorded_by, required_level, undecodable_entry, UndecodableEntry, FEATURE_LEVEL,
 };
 use crate::data::state::State;
 use crate::error::RaftBackendError;
@@ -534,26 +534,31 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + Send,
         I::IntoIter: Send,
     {
-        let mut results = Vec::new();
+        let entries: Vec<Entry<TypeConfig>> = entries.into_iter().collect();
+        // Every entry is checked before any is applied, and a raised level reaches the
+        // data dir before the state: no snapshot can hold a level its dir does not.
         let mut raised = None;
+        for entry in &entries {
+            if let EntryPayload::Normal(command) = &entry.payload {
+                if let Err(cause) = self.check_level(entry.log_id.index, command) {
+                    return Err(StorageIOError::apply(entry.log_id, &cause).into());
+                }
+                raised = raised.max(recorded_by(command));
+            }
+        }
+        if let Some(level) = raised.filter(|level| *level > self.recorded_level()) {
+            self.record_level(level).await?;
+            tracing::info!(level, "the group's feature level was raised");
+        }
+        let mut results = Vec::new();
         let last = {
             let mut machine = self.lock();
             for entry in entries {
-                if let EntryPayload::Normal(command) = &entry.payload {
-                    if let Err(cause) = self.check_level(entry.log_id.index, command) {
-                        drop(machine);
-                        return Err(StorageIOError::apply(entry.log_id, &cause).into());
-                    }
-                }
                 machine.last_applied = Some(entry.log_id);
                 let result = match entry.payload {
                     EntryPayload::Blank => CommandResult::None,
                     EntryPayload::Normal(command) => {
-                        let before = machine.state.level;
                         let (result, changes) = machine.state.apply(entry.log_id.index, &command);
-                        if machine.state.level > before {
-                            raised = Some(machine.state.level);
-                        }
                         machine.hub.publish(entry.log_id.index, changes);
                         result
                     }
@@ -567,10 +572,6 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             }
             machine.applied_index()
         };
-        if let Some(level) = raised {
-            self.record_level(level).await?;
-            tracing::info!(level, "the group's feature level was raised");
-        }
         self.notify_applied(last);
         Ok(results)
     }
