@@ -3,20 +3,25 @@
 //! for ha 0.1.0) and are restarted one after another at this version's level while
 //! their coordinators renew. `ha status` shows each member's level and the group's; the
 //! level is recorded once every member serves it, no role is lost on the way, and a
-//! member restarted below the recorded level afterwards (a rollback) exits 7.
+//! member restarted below the recorded level afterwards (a rollback) exits 7. An ignored
+//! test runs the same upgrade from a real older release's binary (`HA_OLD_BINARY`).
 
 #![cfg(all(feature = "cli", feature = "raft"))]
 
 #[path = "support/members.rs"]
 mod members;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use futures::future::join_all;
+use ha::raft::RaftClient;
+use ha::{Backend, Member, Role, ServerId};
 use ha_testkit::Signal;
 use members::{status, Members, NODES};
 use tokio::process::Command;
-use tokio::time::Instant;
+use tokio::time::{sleep, Instant};
 
 const OLD_LEVEL: u32 = 2;
 
@@ -48,12 +53,12 @@ async fn until_status(
     members: &mut Members,
     expected: &BTreeMap<u64, u64>,
     applied: u64,
-    line: &str,
+    line: Option<&str>,
 ) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let (seen, seen_applied, seen_line, text) = levels(members).await;
-        if seen == *expected && seen_applied >= applied && seen_line == line {
+        if seen == *expected && seen_applied >= applied && line.is_none_or(|l| seen_line == l) {
             return;
         }
         assert!(
@@ -64,22 +69,97 @@ async fn until_status(
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_rolling_upgrade_keeps_the_role_and_records_the_level_once_every_member_serves_it() {
+/// Sessions registered through a `RaftClient` while the group is upgraded, 8 at once
+/// every 50 ms (bounded), so the leader batches; the ids of those acknowledged.
+struct Load {
+    task: tokio::task::JoinHandle<()>,
+    acked: Arc<Mutex<BTreeSet<u64>>>,
+    client: Arc<RaftClient>,
+}
+
+const LOAD_ROLE: &str = "load";
+
+impl Load {
+    async fn start(members: &Members) -> Self {
+        let client = RaftClient::connect(members.peers.values().cloned())
+            .await
+            .unwrap_or_else(|e| panic!("connect: {e}"));
+        let client = Arc::new(client);
+        let acked = Arc::new(Mutex::new(BTreeSet::new()));
+        let role = Role::new(LOAD_ROLE).unwrap_or_else(|e| panic!("{e}"));
+        let task = tokio::spawn({
+            let (client, acked) = (Arc::clone(&client), Arc::clone(&acked));
+            async move {
+                for round in 0..2_000u64 {
+                    let registers = (0..8).map(|i| {
+                        let id = round * 8 + i;
+                        let member = Member::new(ServerId::new(id), role.clone(), "l:1");
+                        let client = Arc::clone(&client);
+                        async move {
+                            // Long enough to outlive the test; nothing renews them.
+                            let ttl = Duration::from_secs(300);
+                            client.register(&member, ttl).await.map(|_| id)
+                        }
+                    });
+                    for id in join_all(registers).await.into_iter().flatten() {
+                        acked
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .insert(id);
+                    }
+                    sleep(Duration::from_millis(50)).await;
+                }
+            }
+        });
+        Self {
+            task,
+            acked,
+            client,
+        }
+    }
+
+    /// Stops the load; every acknowledged session must be a member still.
+    async fn check_nothing_lost(self) {
+        self.task.abort();
+        let _ = self.task.await;
+        let acked = self
+            .acked
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        assert!(
+            acked.len() >= 16,
+            "only {} sessions acknowledged",
+            acked.len()
+        );
+        let role = Role::new(LOAD_ROLE).unwrap_or_else(|e| panic!("{e}"));
+        let present: BTreeSet<u64> = self
+            .client
+            .members(&role)
+            .await
+            .unwrap_or_else(|e| panic!("members: {e}"))
+            .iter()
+            .map(|m| m.server_id.get())
+            .collect();
+        let lost: Vec<_> = acked.difference(&present).collect();
+        assert!(lost.is_empty(), "acknowledged sessions lost: {lost:?}");
+        eprintln!(
+            "{} sessions acknowledged during the upgrade, all present",
+            acked.len()
+        );
+    }
+}
+
+/// Stops each member in turn (SIGTERM) and starts it again as this build at its level,
+/// waiting for `ha status` to show it (and, with `lines`, the feature level line of each
+/// step but the last, which must say the level is recorded and applied everywhere).
+/// Checks that no role was lost, the role moved at most once per restarted ACTIVE, and
+/// no session registered meanwhile (acknowledged) is missing.
+async fn upgrade_one_by_one(members: &mut Members, expected: &mut BTreeMap<u64, u64>, lines: bool) {
     let current = u64::from(ha::raft::FEATURE_LEVEL);
-    let old = BTreeMap::from(NODES.map(|id| (id, OLD_LEVEL)));
-    let mut members = Members::start_at(old.clone());
-    members.placed().await;
-    let mut expected: BTreeMap<u64, u64> = NODES.map(|id| (id, u64::from(OLD_LEVEL))).into();
-    until_status(
-        &mut members,
-        &expected,
-        0,
-        "feature level: written at 2, none recorded; members serve 2 to 2; raised once every member serves it",
-    )
-    .await;
     let elected = members.elected;
     let mut restarted_actives = 0;
+    let load = Load::start(members).await;
     for id in NODES {
         members.placed().await;
         if members.active == Some(id) {
@@ -95,6 +175,7 @@ async fn a_rolling_upgrade_keeps_the_role_and_records_the_level_once_every_membe
             .await
             .unwrap_or_else(|e| panic!("node {id} did not stop: {e}"));
         members.levels.remove(&id);
+        members.binaries.remove(&id);
         members.spawn(id);
         members
             .until(
@@ -107,22 +188,40 @@ async fn a_rolling_upgrade_keeps_the_role_and_records_the_level_once_every_membe
         let (applied, line) = if id == NODES[NODES.len() - 1] {
             (
                 current,
-                format!("feature level: {current} (recorded in the log)"),
+                Some(format!("feature level: {current} (recorded in the log)")),
             )
         } else {
-            (0, format!(
+            (0, lines.then(|| format!(
                 "feature level: written at 2, none recorded; members serve 2 to {current}; raised once every member serves it"
-            ))
+            )))
         };
-        until_status(&mut members, &expected, applied, &line).await;
+        until_status(members, expected, applied, line.as_deref()).await;
     }
     members.placed().await;
+    load.check_nothing_lost().await;
     assert!(members.lost.is_empty(), "roles lost: {:?}", members.lost);
     let handovers = members.elected - elected;
     assert!(
         handovers <= restarted_actives,
         "{handovers} handovers for {restarted_actives} restarted ACTIVEs"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_upgrade_keeps_the_role_and_records_the_level_once_every_member_serves_it() {
+    let current = u64::from(ha::raft::FEATURE_LEVEL);
+    let old = BTreeMap::from(NODES.map(|id| (id, OLD_LEVEL)));
+    let mut members = Members::start_at(old.clone());
+    members.placed().await;
+    let mut expected: BTreeMap<u64, u64> = NODES.map(|id| (id, u64::from(OLD_LEVEL))).into();
+    until_status(
+        &mut members,
+        &expected,
+        0,
+        Some("feature level: written at 2, none recorded; members serve 2 to 2; raised once every member serves it"),
+    )
+    .await;
+    upgrade_one_by_one(&mut members, &mut expected, true).await;
 
     // A rollback of one member below the recorded level is refused; it starts again
     // at the current level.
@@ -163,7 +262,68 @@ async fn a_rolling_upgrade_keeps_the_role_and_records_the_level_once_every_membe
         &mut members,
         &NODES.map(|id| (id, current)).into(),
         current,
-        &format!("feature level: {current} (recorded in the log)"),
+        Some(&format!("feature level: {current} (recorded in the log)")),
+    )
+    .await;
+    assert!(members.lost.is_empty(), "roles lost: {:?}", members.lost);
+    members.procs.stop_all(Duration::from_secs(5)).await;
+}
+
+/// The same rolling upgrade from a real older release: `HA_OLD_BINARY` names its `ha`
+/// (built from the release's commit; docs/operations.md, "Upgrades and rollbacks").
+/// Afterwards the old binary refuses an upgraded member's data dir, changing nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs HA_OLD_BINARY, the ha binary of an older release"]
+async fn a_rolling_upgrade_from_an_older_release() {
+    let old: std::path::PathBuf = std::env::var_os("HA_OLD_BINARY")
+        .unwrap_or_else(|| panic!("set HA_OLD_BINARY to an older release's ha binary"))
+        .into();
+    let mut members =
+        Members::start_with(BTreeMap::new(), NODES.map(|id| (id, old.clone())).into());
+    members.placed().await;
+    // An older release reports no level: it serves 2.
+    let mut expected: BTreeMap<u64, u64> = NODES.map(|id| (id, u64::from(OLD_LEVEL))).into();
+    until_status(&mut members, &expected, 0, None).await;
+    upgrade_one_by_one(&mut members, &mut expected, false).await;
+
+    let (active, _) = members.placed().await;
+    let id = NODES.into_iter().find(|id| *id != active).unwrap_or(1);
+    members
+        .procs
+        .signal(id, Signal::TERM)
+        .unwrap_or_else(|e| panic!("SIGTERM {id}: {e}"));
+    members
+        .procs
+        .wait_exit(id, Duration::from_secs(15))
+        .await
+        .unwrap_or_else(|e| panic!("node {id} did not stop: {e}"));
+    members.binaries.insert(id, old);
+    let before = std::fs::read_dir(members.dirs[&id].path())
+        .map(|entries| entries.count())
+        .unwrap_or(0);
+    members.spawn(id);
+    let exit = members
+        .procs
+        .wait_exit(id, Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|e| panic!("the old binary kept running on an upgraded dir: {e}"));
+    let stderr = members.procs.stderr_tail(id);
+    assert!(
+        !exit.success() && stderr.contains("holds no ha-raft data"),
+        "{exit}: {stderr}"
+    );
+    let after = std::fs::read_dir(members.dirs[&id].path())
+        .map(|entries| entries.count())
+        .unwrap_or(0);
+    assert_eq!(before, after);
+    members.binaries.remove(&id);
+    members.spawn(id);
+    let current = u64::from(ha::raft::FEATURE_LEVEL);
+    until_status(
+        &mut members,
+        &NODES.map(|id| (id, current)).into(),
+        current,
+        Some(&format!("feature level: {current} (recorded in the log)")),
     )
     .await;
     assert!(members.lost.is_empty(), "roles lost: {:?}", members.lost);

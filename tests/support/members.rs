@@ -28,6 +28,8 @@ pub struct Members {
     pub lost: Vec<String>,
     /// `--feature-level` of a member started to stand for an older version.
     pub levels: BTreeMap<u64, u32>,
+    /// Another `ha` binary (an older release) for a member, instead of this build's.
+    pub binaries: BTreeMap<u64, std::path::PathBuf>,
 }
 
 impl Members {
@@ -38,6 +40,14 @@ impl Members {
 
     /// Starts the three members, those in `levels` at a lower feature level.
     pub fn start_at(levels: BTreeMap<u64, u32>) -> Self {
+        Self::start_with(levels, BTreeMap::new())
+    }
+
+    /// Starts the three members, those in `binaries` from another `ha` binary.
+    pub fn start_with(
+        levels: BTreeMap<u64, u32>,
+        binaries: BTreeMap<u64, std::path::PathBuf>,
+    ) -> Self {
         let peers = NODES
             .into_iter()
             .zip(ha_testkit::free_ports(3))
@@ -56,6 +66,7 @@ impl Members {
             elected: 0,
             lost: Vec::new(),
             levels,
+            binaries,
         };
         for id in NODES {
             members.spawn(id);
@@ -70,7 +81,12 @@ impl Members {
             .iter()
             .map(|(id, addr)| format!("{id}={addr}"))
             .collect();
-        let mut command = Command::new(env!("CARGO_BIN_EXE_ha"));
+        let binary = self
+            .binaries
+            .get(&id)
+            .cloned()
+            .unwrap_or_else(|| env!("CARGO_BIN_EXE_ha").into());
+        let mut command = Command::new(binary);
         command
             .args(["node", "--id", &id.to_string()])
             .args(["--listen", &self.peers[&id], "--peers", &peers.join(",")])
