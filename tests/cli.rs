@@ -632,22 +632,7 @@ async fn ha_node_refuses_a_newer_data_dir_untouched() {
     let format = dir.path().join("ha-format");
     std::fs::write(&format, "9\n").unwrap_or_else(|e| panic!("{e}"));
     let listen = format!("127.0.0.1:{}", free_port());
-    let data = dir.path().to_string_lossy().into_owned();
-    let output = run_ha(
-        &[
-            "node",
-            "--id",
-            "1",
-            "--listen",
-            &listen,
-            "--peers",
-            &format!("1={listen}"),
-            "--data",
-            &data,
-        ],
-        Duration::from_secs(30),
-    )
-    .await;
+    let output = ha_node_alone(dir.path(), &listen, &[]).await;
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(7), "{stderr}");
     assert!(
@@ -689,26 +674,9 @@ async fn ha_node_below_the_groups_feature_level_exits_7() {
     }
     node.shutdown().await;
 
-    let data = dir.path().to_string_lossy().into_owned();
     let before = files_of(dir.path());
     let older = (ha::raft::FEATURE_LEVEL - 1).to_string();
-    let output = run_ha(
-        &[
-            "node",
-            "--id",
-            "1",
-            "--listen",
-            &listen,
-            "--peers",
-            &format!("1={listen}"),
-            "--data",
-            &data,
-            "--feature-level",
-            &older,
-        ],
-        Duration::from_secs(30),
-    )
-    .await;
+    let output = ha_node_alone(dir.path(), &listen, &["--feature-level", &older]).await;
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(7), "{stderr}");
     assert!(
@@ -722,6 +690,21 @@ async fn ha_node_below_the_groups_feature_level_exits_7() {
         before == files_of(dir.path()),
         "the refused start changed the data dir"
     );
+}
+
+/// `ha node` as the only voter of a group on `dir`, run to its exit (a refused start).
+async fn ha_node_alone(
+    dir: &std::path::Path,
+    listen: &str,
+    extra: &[&str],
+) -> std::process::Output {
+    let data = dir.to_string_lossy().into_owned();
+    let peers = format!("1={listen}");
+    let mut args = vec![
+        "node", "--id", "1", "--listen", listen, "--peers", &peers, "--data", &data,
+    ];
+    args.extend_from_slice(extra);
+    run_ha(&args, Duration::from_secs(30)).await
 }
 
 /// Every file under `dir` and its bytes.

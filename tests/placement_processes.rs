@@ -12,7 +12,6 @@ mod members;
 
 use std::time::Duration;
 
-use ha_testkit::Signal;
 use members::{status, Members, NODES};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -87,15 +86,7 @@ async fn a_rolling_restart_hands_over_once_per_active_and_loses_nothing() {
         if members.active == Some(id) {
             restarted_actives += 1;
         }
-        members
-            .procs
-            .signal(id, Signal::TERM)
-            .unwrap_or_else(|e| panic!("SIGTERM {id}: {e}"));
-        members
-            .procs
-            .wait_exit(id, Duration::from_secs(15))
-            .await
-            .unwrap_or_else(|e| panic!("node {id} did not stop: {e}"));
+        members.stop(id).await;
         members.spawn(id);
         members
             .until(

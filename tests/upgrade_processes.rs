@@ -18,9 +18,7 @@ use std::time::Duration;
 use futures::future::join_all;
 use ha::raft::RaftClient;
 use ha::{Backend, Member, Role, ServerId};
-use ha_testkit::Signal;
 use members::{status, Members, NODES};
-use tokio::process::Command;
 use tokio::time::{sleep, Instant};
 
 const OLD_LEVEL: u32 = 2;
@@ -165,15 +163,7 @@ async fn upgrade_one_by_one(members: &mut Members, expected: &mut BTreeMap<u64, 
         if members.active == Some(id) {
             restarted_actives += 1;
         }
-        members
-            .procs
-            .signal(id, Signal::TERM)
-            .unwrap_or_else(|e| panic!("SIGTERM {id}: {e}"));
-        members
-            .procs
-            .wait_exit(id, Duration::from_secs(15))
-            .await
-            .unwrap_or_else(|e| panic!("node {id} did not stop: {e}"));
+        members.stop(id).await;
         members.levels.remove(&id);
         members.binaries.remove(&id);
         members.spawn(id);
@@ -207,9 +197,32 @@ async fn upgrade_one_by_one(members: &mut Members, expected: &mut BTreeMap<u64, 
     );
 }
 
+/// Stops (SIGTERM) a member whose coordinator is not the ACTIVE; its id.
+async fn stop_a_standby(members: &mut Members) -> u64 {
+    let (active, _) = members.placed().await;
+    let id = NODES.into_iter().find(|id| *id != active).unwrap_or(1);
+    members.stop(id).await;
+    id
+}
+
+/// Starts member `id` as this build, waits until every member serves and applied this
+/// version's level, checks no role was lost, and stops them all.
+async fn start_current_and_stop_all(mut members: Members, id: u64) {
+    let current = u64::from(ha::raft::FEATURE_LEVEL);
+    members.spawn(id);
+    until_status(
+        &mut members,
+        &NODES.map(|id| (id, current)).into(),
+        current,
+        Some(&format!("feature level: {current} (recorded in the log)")),
+    )
+    .await;
+    assert!(members.lost.is_empty(), "roles lost: {:?}", members.lost);
+    members.procs.stop_all(Duration::from_secs(5)).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rolling_upgrade_keeps_the_role_and_records_the_level_once_every_member_serves_it() {
-    let current = u64::from(ha::raft::FEATURE_LEVEL);
     let old = BTreeMap::from(NODES.map(|id| (id, OLD_LEVEL)));
     let mut members = Members::start_at(old.clone());
     members.placed().await;
@@ -225,48 +238,13 @@ async fn a_rolling_upgrade_keeps_the_role_and_records_the_level_once_every_membe
 
     // A rollback of one member below the recorded level is refused; it starts again
     // at the current level.
-    let (active, _) = members.placed().await;
-    let id = NODES.into_iter().find(|id| *id != active).unwrap_or(1);
-    members
-        .procs
-        .signal(id, Signal::TERM)
-        .unwrap_or_else(|e| panic!("SIGTERM {id}: {e}"));
-    members
-        .procs
-        .wait_exit(id, Duration::from_secs(15))
-        .await
-        .unwrap_or_else(|e| panic!("node {id} did not stop: {e}"));
-    let peers: Vec<String> = members
-        .peers
-        .iter()
-        .map(|(id, addr)| format!("{id}={addr}"))
-        .collect();
-    let mut rollback = Command::new(env!("CARGO_BIN_EXE_ha"));
-    rollback
-        .args(["node", "--id", &id.to_string()])
-        .args(["--listen", &members.peers[&id], "--peers", &peers.join(",")])
-        .arg("--data")
-        .arg(members.dirs[&id].path())
-        .args(["--cluster", "placement-test", "--feature-level", "2"])
-        .env("RUST_LOG", "off")
-        .kill_on_drop(true);
-    let output = tokio::time::timeout(Duration::from_secs(30), rollback.output())
-        .await
-        .unwrap_or_else(|_| panic!("the rolled-back node hung"))
-        .unwrap_or_else(|e| panic!("ha node: {e}"));
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(7), "{stderr}");
+    let id = stop_a_standby(&mut members).await;
+    members.levels.insert(id, OLD_LEVEL);
+    let (exit, stderr) = members.refused_start(id).await;
+    assert_eq!(exit.code(), Some(7), "{stderr}");
     assert!(stderr.contains("feature level"), "{stderr}");
-    members.spawn(id);
-    until_status(
-        &mut members,
-        &NODES.map(|id| (id, current)).into(),
-        current,
-        Some(&format!("feature level: {current} (recorded in the log)")),
-    )
-    .await;
-    assert!(members.lost.is_empty(), "roles lost: {:?}", members.lost);
-    members.procs.stop_all(Duration::from_secs(5)).await;
+    members.levels.remove(&id);
+    start_current_and_stop_all(members, id).await;
 }
 
 /// The same rolling upgrade from a real older release: `HA_OLD_BINARY` names its `ha`
@@ -286,28 +264,12 @@ async fn a_rolling_upgrade_from_an_older_release() {
     until_status(&mut members, &expected, 0, None).await;
     upgrade_one_by_one(&mut members, &mut expected, false).await;
 
-    let (active, _) = members.placed().await;
-    let id = NODES.into_iter().find(|id| *id != active).unwrap_or(1);
-    members
-        .procs
-        .signal(id, Signal::TERM)
-        .unwrap_or_else(|e| panic!("SIGTERM {id}: {e}"));
-    members
-        .procs
-        .wait_exit(id, Duration::from_secs(15))
-        .await
-        .unwrap_or_else(|e| panic!("node {id} did not stop: {e}"));
+    let id = stop_a_standby(&mut members).await;
     members.binaries.insert(id, old);
     let before = std::fs::read_dir(members.dirs[&id].path())
         .map(|entries| entries.count())
         .unwrap_or(0);
-    members.spawn(id);
-    let exit = members
-        .procs
-        .wait_exit(id, Duration::from_secs(30))
-        .await
-        .unwrap_or_else(|e| panic!("the old binary kept running on an upgraded dir: {e}"));
-    let stderr = members.procs.stderr_tail(id);
+    let (exit, stderr) = members.refused_start(id).await;
     assert!(
         !exit.success() && stderr.contains("holds no ha-raft data"),
         "{exit}: {stderr}"
@@ -317,15 +279,5 @@ async fn a_rolling_upgrade_from_an_older_release() {
         .unwrap_or(0);
     assert_eq!(before, after);
     members.binaries.remove(&id);
-    members.spawn(id);
-    let current = u64::from(ha::raft::FEATURE_LEVEL);
-    until_status(
-        &mut members,
-        &NODES.map(|id| (id, current)).into(),
-        current,
-        Some(&format!("feature level: {current} (recorded in the log)")),
-    )
-    .await;
-    assert!(members.lost.is_empty(), "roles lost: {:?}", members.lost);
-    members.procs.stop_all(Duration::from_secs(5)).await;
+    start_current_and_stop_all(members, id).await;
 }

@@ -13,13 +13,13 @@ use std::time::Duration;
 
 use common::Group;
 use ha_core::{Backend, Member, Role, ServerId};
-use ha_raft::testing::{open_db, Command, Identity, LogStore, StateMachineStore};
+use ha_raft::testing::{Command, StateMachineStore};
 use ha_raft::{
     AdminError, MembershipChange, MembershipRefusal, RaftBackendError, RaftNode, RaftNodeConfig,
     TypeConfig, FEATURE_LEVEL,
 };
-use openraft::storage::{RaftLogStorage, RaftStateMachine};
-use openraft::{Entry, EntryPayload, LogId, RaftLogReader};
+use openraft::storage::RaftStateMachine;
+use openraft::{Entry, EntryPayload, LogId};
 use tokio::time::{sleep, Instant};
 
 const CLUSTER: &str = "test-cluster";
@@ -53,6 +53,18 @@ async fn start(levels: &Levels) -> Group {
     Group::start_with(3, move |config| levels.apply(config)).await
 }
 
+/// A group started at `levels` whose leader writes at `writes_at`, with 64 sessions
+/// registered at once through the leader (server ids 1..=64).
+async fn loaded_group(levels: &Levels, writes_at: u32) -> Group {
+    let group = start(levels).await;
+    wait_for_leader_status(&group, "the leader's level", |s| {
+        s.writes_at == Some(writes_at)
+    })
+    .await;
+    register_many(&group.leader().await, 1, 64).await;
+    group
+}
+
 /// Registers `n` sessions at once through `node`, so its leader has commands to batch.
 async fn register_many(node: &RaftNode, first_id: u64, n: u64) {
     let role = Role::new("worker").unwrap_or_else(|e| panic!("{e}"));
@@ -67,19 +79,8 @@ async fn register_many(node: &RaftNode, first_id: u64, n: u64) {
 
 /// Every command in a data dir's log (the node must be stopped).
 async fn commands_in(dir: &Path, id: u64) -> Vec<Command> {
-    let identity = Identity {
-        cluster_id: CLUSTER.to_owned(),
-        node_id: id,
-    };
-    let db = open_db(dir, &identity, 1 << 20)
+    common::log_entries(dir, CLUSTER, id)
         .await
-        .unwrap_or_else(|e| panic!("open {}: {e}", dir.display()));
-    let mut logs = LogStore::new(&db).unwrap_or_else(|e| panic!("{e}"));
-    let mut reader = logs.get_log_reader().await;
-    reader
-        .try_get_log_entries(0..u64::MAX)
-        .await
-        .unwrap_or_else(|e| panic!("read the log: {e}"))
         .into_iter()
         .filter_map(|entry| match entry.payload {
             EntryPayload::Normal(command) => Some(command),
@@ -174,13 +175,7 @@ fn backend_error(error: &ha_core::Error) -> Option<&RaftBackendError> {
 async fn a_level_1_member_keeps_batches_out_until_it_restarts_at_the_current_level() {
     let levels = Levels::default();
     levels.set(3, 1);
-    let mut group = start(&levels).await;
-    wait_for_leader_status(&group, "the leader writes at level 1", |s| {
-        s.writes_at == Some(1)
-    })
-    .await;
-    let leader = group.leader().await;
-    register_many(&leader, 1, 64).await;
+    let mut group = loaded_group(&levels, 1).await;
     let status = group.nodes[&3].status().await;
     assert_eq!(status.feature_level, 1);
     assert_ne!(
@@ -300,13 +295,7 @@ async fn a_joiner_below_the_level_the_group_writes_at_is_refused_and_a_member_fe
     for id in 1..=3 {
         levels.set(id, 2);
     }
-    let mut group = start(&levels).await;
-    wait_for_leader_status(&group, "the leader writes at level 2", |s| {
-        s.writes_at == Some(2)
-    })
-    .await;
-    let leader = group.leader().await;
-    register_many(&leader, 1, 64).await;
+    let mut group = loaded_group(&levels, 2).await;
     assert!(
         batches(&follower_log(&mut group).await) > 0,
         "no batch written"
@@ -385,13 +374,7 @@ async fn a_joiner_below_the_level_the_group_writes_at_is_refused_and_a_member_fe
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_state_machine_below_a_command_s_level_refuses_it_before_applying() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let identity = Identity {
-        cluster_id: CLUSTER.to_owned(),
-        node_id: 1,
-    };
-    let db = open_db(dir.path(), &identity, 1 << 20)
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    let db = common::open_node_db(dir.path(), CLUSTER, 1).await;
     let mut sm = StateMachineStore::serving(&db, 1, None).unwrap_or_else(|e| panic!("{e}"));
     let entry = |index, command| Entry::<TypeConfig> {
         log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
@@ -441,13 +424,7 @@ async fn an_entry_of_a_newer_version_is_an_unknown_command_and_broken_bytes_are_
         node.shutdown().await;
 
         // Append an entry after the last, as a newer leader would have replicated it.
-        let identity = Identity {
-            cluster_id: CLUSTER.to_owned(),
-            node_id: 1,
-        };
-        let db = open_db(dir.path(), &identity, 1 << 20)
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
+        let db = common::open_node_db(dir.path(), CLUSTER, 1).await;
         let logs = db.open_tree("logs").unwrap_or_else(|e| panic!("{e}"));
         let (_, last) = logs
             .last()

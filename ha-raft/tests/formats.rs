@@ -17,13 +17,11 @@ use bytes::Bytes;
 use common::Group;
 use ha_core::{Backend, ElectionName, KvKey, KvWrite, Member, Role, ServerId};
 use ha_raft::testing::{
-    open_db, Command, CommandResult, ElectRequest, Identity, LogStore, MemberRecord, PeerFailure,
-    Renewal, WireError,
+    Command, CommandResult, ElectRequest, MemberRecord, PeerFailure, Renewal, WireError,
 };
 use ha_raft::{RaftAdmin, RaftClientOptions, RaftNode, RaftNodeConfig, TypeConfig};
 use openraft::raft::{AppendEntriesRequest, VoteRequest};
-use openraft::storage::RaftLogStorage;
-use openraft::{Entry, EntryPayload, RaftLogReader, Vote};
+use openraft::{Entry, EntryPayload, Vote};
 use serde_json::{json, Value};
 
 /// The version whose formats these fixtures pin.
@@ -56,19 +54,7 @@ fn member(id: u64, role: &str) -> Member {
 
 /// Every entry of a data dir's log, in order.
 async fn log_entries(dir: &Path, node: u64) -> Vec<Entry<TypeConfig>> {
-    let identity = Identity {
-        cluster_id: CLUSTER.to_owned(),
-        node_id: node,
-    };
-    let db = open_db(dir, &identity, 1 << 20)
-        .await
-        .unwrap_or_else(|e| panic!("open {}: {e}", dir.display()));
-    let mut logs = LogStore::new(&db).unwrap_or_else(|e| panic!("{e}"));
-    let mut reader = logs.get_log_reader().await;
-    reader
-        .try_get_log_entries(0..u64::MAX)
-        .await
-        .unwrap_or_else(|e| panic!("read the log: {e}"))
+    common::log_entries(dir, CLUSTER, node).await
 }
 
 fn copy_dir(from: &Path, to: &Path) {

@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use ha_testkit::{Line, Processes};
+use ha_testkit::{Line, Processes, Signal};
 use tokio::process::Command;
 use tokio::time::Instant;
 
@@ -121,6 +121,29 @@ impl Members {
         if line.is("lost") {
             self.lost.push(format!("node {node}: {}", line.text));
         }
+    }
+
+    /// SIGTERMs member `id` and waits (bounded) until it exits.
+    pub async fn stop(&mut self, id: u64) {
+        self.procs
+            .signal(id, Signal::TERM)
+            .unwrap_or_else(|e| panic!("SIGTERM {id}: {e}"));
+        self.procs
+            .wait_exit(id, Duration::from_secs(15))
+            .await
+            .unwrap_or_else(|e| panic!("node {id} did not stop: {e}"));
+    }
+
+    /// Starts member `id` and waits (bounded) for it to exit on its own, as a refused
+    /// start does: its exit status and the tail of its stderr.
+    pub async fn refused_start(&mut self, id: u64) -> (std::process::ExitStatus, String) {
+        self.spawn(id);
+        let exit = self
+            .procs
+            .wait_exit(id, Duration::from_secs(30))
+            .await
+            .unwrap_or_else(|e| panic!("node {id} did not exit: {e}"));
+        (exit, self.procs.stderr_tail(id))
     }
 
     /// Reads lines until `done` holds, for at most `within`; panics with `what` then.

@@ -7,7 +7,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ha_core::Backend;
-use ha_raft::{FaultInjector, RaftNode, RaftNodeConfig};
+use ha_raft::testing::{open_db, Identity, LogStore};
+use ha_raft::{FaultInjector, RaftNode, RaftNodeConfig, TypeConfig};
+use openraft::storage::RaftLogStorage;
+use openraft::{Entry, RaftLogReader};
 
 /// Logs to stderr when `RUST_LOG` is set (for debugging a failing test).
 pub fn init_tracing() {
@@ -35,6 +38,32 @@ pub fn test_config(
             (Duration::from_millis(400), Duration::from_millis(800)),
         )
         .with_request_timeout(Duration::from_secs(5))
+}
+
+/// The database of a stopped node's data dir.
+pub async fn open_node_db(dir: &std::path::Path, cluster: &str, node: u64) -> sled::Db {
+    let identity = Identity {
+        cluster_id: cluster.to_owned(),
+        node_id: node,
+    };
+    open_db(dir, &identity, 1 << 20)
+        .await
+        .unwrap_or_else(|e| panic!("open {}: {e}", dir.display()))
+}
+
+/// Every entry of a stopped node's log, in order.
+pub async fn log_entries(
+    dir: &std::path::Path,
+    cluster: &str,
+    node: u64,
+) -> Vec<Entry<TypeConfig>> {
+    let db = open_node_db(dir, cluster, node).await;
+    let mut logs = LogStore::new(&db).unwrap_or_else(|e| panic!("{e}"));
+    let mut reader = logs.get_log_reader().await;
+    reader
+        .try_get_log_entries(0..u64::MAX)
+        .await
+        .unwrap_or_else(|e| panic!("read the log: {e}"))
 }
 
 /// A change to every node's configuration.
