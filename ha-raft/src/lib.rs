@@ -50,6 +50,7 @@ pub use store::db::DATA_DIR_FORMAT;
 #[doc(hidden)]
 pub mod testing {
     pub use crate::data::command::{Blob, Command, CommandResult, KvOp, MemberRecord};
+    pub use crate::data::level::LevelReport;
     pub use crate::data::state::State;
     pub use crate::net::wire::{ElectRequest, PeerFailure, Renewal, WireError};
     pub use crate::store::db::{open_db, Identity};

@@ -1,10 +1,11 @@
-//! The formats of ha-raft 0.1.0, pinned by fixtures under `tests/fixtures/0.1.0/`,
-//! written by `write_fixtures` below from the code of that version (run with
-//! `HA_WRITE_FIXTURES=1 cargo test -p ha-raft --test formats -- --ignored`): the data
-//! dirs of a 3-member group holding sessions, two elections with tokens, a queue, guarded
-//! keys and batched entries; a snapshot file as `ha snapshot save` writes it; its log
+//! The formats of every ha-raft release, pinned by fixtures under
+//! `tests/fixtures/<version>/`, each written by `write_fixtures` below from the code of
+//! that version (run with `HA_WRITE_FIXTURES=1 cargo test -p ha-raft --test formats --
+//! --ignored`; it never overwrites): the data dirs of a 3-member group holding sessions,
+//! two elections with tokens, a queue, guarded keys and batched entries (from 0.2.0 on,
+//! the recorded feature level); a snapshot file as `ha snapshot save` writes it; its log
 //! entries and peer messages as JSON (`expected.json` says what they hold). Every later
-//! version must read them: the tests here open each with the current code.
+//! version must read them all: the tests here open each with the current code.
 
 mod common;
 
@@ -17,22 +18,24 @@ use bytes::Bytes;
 use common::Group;
 use ha_core::{Backend, ElectionName, KvKey, KvWrite, Member, Role, ServerId};
 use ha_raft::testing::{
-    Command, CommandResult, ElectRequest, MemberRecord, PeerFailure, Renewal, WireError,
+    Command, CommandResult, ElectRequest, LevelReport, MemberRecord, PeerFailure, Renewal,
+    WireError,
 };
 use ha_raft::{RaftAdmin, RaftClientOptions, RaftNode, RaftNodeConfig, TypeConfig};
 use openraft::raft::{AppendEntriesRequest, VoteRequest};
 use openraft::{Entry, EntryPayload, Vote};
 use serde_json::{json, Value};
 
-/// The version whose formats these fixtures pin.
-const VERSION: &str = "0.1.0";
+/// The versions whose formats fixtures pin, oldest first; `write_fixtures` adds this
+/// build's (`CARGO_PKG_VERSION`) once, and later versions keep every one.
+const VERSIONS: [&str; 2] = ["0.1.0", "0.2.0"];
 const CLUSTER: &str = "test-cluster";
 const TTL: Duration = Duration::from_secs(60);
 
-fn fixtures() -> PathBuf {
+fn fixtures(version: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures")
-        .join(VERSION)
+        .join(version)
 }
 
 fn name(s: &str) -> ElectionName {
@@ -81,7 +84,7 @@ async fn write_fixtures() {
     if std::env::var_os("HA_WRITE_FIXTURES").is_none() {
         return;
     }
-    let out = fixtures();
+    let out = fixtures(env!("CARGO_PKG_VERSION"));
     assert!(
         !out.exists(),
         "{} exists: fixtures are never rewritten",
@@ -151,6 +154,14 @@ async fn write_fixtures() {
             .unwrap_or_else(|e| panic!("revoke: {e}"));
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
+    // Every member has applied (and recorded) the group's feature level.
+    for node in group.nodes.values() {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while node.status().await.group_level != ha_raft::FEATURE_LEVEL {
+            assert!(tokio::time::Instant::now() < deadline, "no level recorded");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
     std::fs::create_dir_all(&out).unwrap_or_else(|e| panic!("{e}"));
     let endpoints: Vec<String> = group.peers.values().cloned().collect();
     let admin =
@@ -169,6 +180,7 @@ async fn write_fixtures() {
         "kv": { "fixture-one": { "config/x": [49], "binary": [0, 1, 2, 255] } },
         "coord_members": 3,
         "batch_members": leases.len() / 2,
+        "group_level": ha_raft::FEATURE_LEVEL,
     });
     // Kept past the group's shutdown, which would delete them.
     let dirs = std::mem::take(&mut group.dirs);
@@ -243,8 +255,10 @@ fn peer_messages(entries: &[Entry<TypeConfig>]) -> Value {
             "keep_alive_batch": vec![4_u64, 5],
             "read_index": (),
             "elect": ElectRequest { caught_up_to: 17, unless_hosting_active: true },
+            "feature_level": (),
         },
         "replies": {
+            "feature_level": LevelReport { serves: ha_raft::FEATURE_LEVEL },
             "keep_alive_batch": Ok::<_, PeerFailure>(renewals),
             "propose": proposed,
             "not_leader": Err::<(), _>(PeerFailure::NotLeader),
@@ -324,112 +338,152 @@ fn config_for(id: u64, dir: &Path) -> RaftNodeConfig {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_data_dir_of_0_1_0_starts_with_its_state() {
-    let expected = read_json(&fixtures().join("expected.json"));
-    for id in 1..=3 {
+async fn the_data_dirs_of_every_version_start_with_their_state() {
+    for version in VERSIONS {
+        let expected = read_json(&fixtures(version).join("expected.json"));
+        for id in 1..=3 {
+            let temp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+            let dir = temp.path().join(format!("node-{id}"));
+            copy_dir(&fixtures(version).join(format!("data/node-{id}")), &dir);
+            // The fixture's peers listened on ports of the run that wrote it: continue
+            // as a group of one, keeping every entry.
+            let config = config_for(id, &dir);
+            ha_raft::force_new_group(&config)
+                .await
+                .unwrap_or_else(|e| panic!("{version} node {id}: force_new_group: {e}"));
+            let node = RaftNode::start(config)
+                .await
+                .unwrap_or_else(|e| panic!("{version} node {id}: start over the fixture: {e}"));
+            check_state(&node, &expected).await;
+            // 0.1.0 recorded no feature level; its only member serves this version's.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while node.status().await.group_level != ha_raft::FEATURE_LEVEL {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "{version} node {id}: the group level was not recorded: {:?}",
+                    node.status().await
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            node.shutdown().await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_snapshot_files_of_every_version_restore() {
+    for version in VERSIONS {
+        let expected = read_json(&fixtures(version).join("expected.json"));
         let temp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-        let dir = temp.path().join(format!("node-{id}"));
-        copy_dir(&fixtures().join(format!("data/node-{id}")), &dir);
-        // The fixture's peers listened on ports of the run that wrote it: continue as a
-        // group of one, keeping every entry.
-        let config = config_for(id, &dir);
-        ha_raft::force_new_group(&config)
+        let dir = temp.path().join("node-1");
+        let config = config_for(1, &dir);
+        let options = ha_raft::RestoreOptions {
+            data_dir: dir.clone(),
+            id: 1,
+            peers: config.peers.clone(),
+            cluster_id: None,
+            allow_other_cluster: false,
+        };
+        ha_raft::restore(&fixtures(version).join("snapshot.hasnap"), &options)
             .await
-            .unwrap_or_else(|e| panic!("node {id}: force_new_group: {e}"));
+            .unwrap_or_else(|e| panic!("{version}: restore: {e}"));
         let node = RaftNode::start(config)
             .await
-            .unwrap_or_else(|e| panic!("node {id}: start over the fixture: {e}"));
+            .unwrap_or_else(|e| panic!("{version}: start over the restored dir: {e}"));
         check_state(&node, &expected).await;
-        // 0.1.0 recorded no feature level; its only member now serves this version's.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while node.status().await.group_level != ha_raft::FEATURE_LEVEL {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "node {id}: the group level was not recorded: {:?}",
-                node.status().await
+        if let Some(level) = expected["group_level"].as_u64() {
+            assert_eq!(
+                u64::from(node.status().await.group_level),
+                level,
+                "{version}"
             );
-            tokio::time::sleep(Duration::from_millis(20)).await;
         }
         node.shutdown().await;
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_snapshot_file_of_0_1_0_restores() {
-    let expected = read_json(&fixtures().join("expected.json"));
-    let temp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let dir = temp.path().join("node-1");
-    let config = config_for(1, &dir);
-    let options = ha_raft::RestoreOptions {
-        data_dir: dir.clone(),
-        id: 1,
-        peers: config.peers.clone(),
-        cluster_id: None,
-        allow_other_cluster: false,
-    };
-    ha_raft::restore(&fixtures().join("snapshot.hasnap"), &options)
-        .await
-        .unwrap_or_else(|e| panic!("restore: {e}"));
-    let node = RaftNode::start(config)
-        .await
-        .unwrap_or_else(|e| panic!("start over the restored dir: {e}"));
-    check_state(&node, &expected).await;
-    node.shutdown().await;
-}
-
 #[test]
-fn the_log_entries_of_0_1_0_decode() {
-    let expected = read_json(&fixtures().join("expected.json"));
-    let path = fixtures().join("log-entries.jsonl");
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{e}"));
-    let entries: Vec<Entry<TypeConfig>> = text
-        .lines()
-        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{line}: {e}")))
-        .collect();
-    assert_eq!(Some(entries.len() as u64), expected["log_entries"].as_u64());
-    let batched = entries
-        .iter()
-        .filter(|e| matches!(&e.payload, EntryPayload::Normal(Command::Batch(_))))
-        .count();
-    assert_eq!(Some(batched as u64), expected["batched_entries"].as_u64());
-    // Each decodes to what encodes to the same JSON: nothing was dropped on the way.
-    for (line, entry) in text.lines().zip(&entries) {
-        let again = serde_json::to_value(entry).unwrap_or_default();
-        let first: Value = serde_json::from_str(line).unwrap_or_default();
-        assert_eq!(again, first);
+fn the_log_entries_of_every_version_decode() {
+    for version in VERSIONS {
+        let expected = read_json(&fixtures(version).join("expected.json"));
+        let path = fixtures(version).join("log-entries.jsonl");
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{e}"));
+        let entries: Vec<Entry<TypeConfig>> = text
+            .lines()
+            .map(|line| {
+                serde_json::from_str(line).unwrap_or_else(|e| panic!("{version}: {line}: {e}"))
+            })
+            .collect();
+        assert_eq!(Some(entries.len() as u64), expected["log_entries"].as_u64());
+        let count = |what: fn(&Command) -> bool| {
+            entries
+                .iter()
+                .filter(|e| matches!(&e.payload, EntryPayload::Normal(c) if what(c)))
+                .count() as u64
+        };
+        let batched = count(|c| matches!(c, Command::Batch(_)));
+        assert_eq!(
+            Some(batched),
+            expected["batched_entries"].as_u64(),
+            "{version}"
+        );
+        // From 0.2.0 on, the group's level is recorded in the log.
+        let recorded = count(|c| matches!(c, Command::SetLevel { .. }));
+        assert_eq!(recorded > 0, expected["group_level"].is_u64(), "{version}");
+        // Each decodes to what encodes to the same JSON: nothing was dropped on the way.
+        for (line, entry) in text.lines().zip(&entries) {
+            let again = serde_json::to_value(entry).unwrap_or_default();
+            let first: Value = serde_json::from_str(line).unwrap_or_default();
+            assert_eq!(again, first, "{version}");
+        }
     }
 }
 
 /// Decodes `value` as `T` and checks that it encodes back to the same JSON.
 fn round_trip<T: serde::de::DeserializeOwned + serde::Serialize>(what: &str, value: &Value) {
     let decoded: T = serde_json::from_value(value.clone())
-        .unwrap_or_else(|e| panic!("{what} of {VERSION} does not decode: {e}"));
+        .unwrap_or_else(|e| panic!("{what} does not decode: {e}"));
     let again = serde_json::to_value(&decoded).unwrap_or_default();
     assert_eq!(&again, value, "{what} changed on the way through");
 }
 
+/// Round-trips every message a fixture holds, by kind; a kind without a decoder here
+/// fails, so a message added to the fixtures cannot go unchecked.
 #[test]
-fn the_peer_messages_of_0_1_0_decode() {
-    let messages = read_json(&fixtures().join("peer-messages.json"));
-    let requests = &messages["requests"];
-    round_trip::<VoteRequest<u64>>("vote", &requests["vote"]);
-    round_trip::<AppendEntriesRequest<TypeConfig>>("append_entries", &requests["append_entries"]);
-    round_trip::<Command>("propose", &requests["propose"]);
-    round_trip::<Vec<u64>>("keep_alive_batch", &requests["keep_alive_batch"]);
-    round_trip::<()>("read_index", &requests["read_index"]);
-    round_trip::<ElectRequest>("elect", &requests["elect"]);
-    let replies = &messages["replies"];
-    round_trip::<Result<Vec<Renewal>, PeerFailure>>("renewals", &replies["keep_alive_batch"]);
-    round_trip::<Result<(u64, CommandResult), PeerFailure>>("proposed", &replies["propose"]);
-    round_trip::<Result<(), PeerFailure>>("not_leader", &replies["not_leader"]);
-    // The batch inside the AppendEntries is one entry of several commands.
-    let append: AppendEntriesRequest<TypeConfig> =
-        serde_json::from_value(requests["append_entries"].clone())
-            .unwrap_or_else(|e| panic!("{e}"));
-    assert!(append
-        .entries
-        .iter()
-        .any(|e| matches!(&e.payload, EntryPayload::Normal(Command::Batch(c)) if c.len() > 1)));
+fn the_peer_messages_of_every_version_decode() {
+    for version in VERSIONS {
+        let messages = read_json(&fixtures(version).join("peer-messages.json"));
+        for (kind, value) in messages["requests"].as_object().into_iter().flatten() {
+            let what = format!("{version} request {kind}");
+            match kind.as_str() {
+                "vote" => round_trip::<VoteRequest<u64>>(&what, value),
+                "append_entries" => round_trip::<AppendEntriesRequest<TypeConfig>>(&what, value),
+                "propose" => round_trip::<Command>(&what, value),
+                "keep_alive_batch" => round_trip::<Vec<u64>>(&what, value),
+                "read_index" | "feature_level" => round_trip::<()>(&what, value),
+                "elect" => round_trip::<ElectRequest>(&what, value),
+                other => panic!("{version}: no decoder for request {other}"),
+            }
+        }
+        for (kind, value) in messages["replies"].as_object().into_iter().flatten() {
+            let what = format!("{version} reply {kind}");
+            match kind.as_str() {
+                "keep_alive_batch" => round_trip::<Result<Vec<Renewal>, PeerFailure>>(&what, value),
+                "propose" => round_trip::<Result<(u64, CommandResult), PeerFailure>>(&what, value),
+                "not_leader" => round_trip::<Result<(), PeerFailure>>(&what, value),
+                "feature_level" => round_trip::<LevelReport>(&what, value),
+                other => panic!("{version}: no decoder for reply {other}"),
+            }
+        }
+        // The batch inside the AppendEntries is one entry of several commands.
+        let append: AppendEntriesRequest<TypeConfig> =
+            serde_json::from_value(messages["requests"]["append_entries"].clone())
+                .unwrap_or_else(|e| panic!("{e}"));
+        assert!(append
+            .entries
+            .iter()
+            .any(|e| matches!(&e.payload, EntryPayload::Normal(Command::Batch(c)) if c.len() > 1)));
+    }
 }
 
 /// Every file under `dir` with its bytes.
@@ -451,7 +505,7 @@ fn snapshot_of(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
 async fn a_data_dir_of_0_1_0_is_upgraded_in_place_and_a_newer_one_refused_untouched() {
     let temp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let dir = temp.path().join("node-1");
-    copy_dir(&fixtures().join("data/node-1"), &dir);
+    copy_dir(&fixtures("0.1.0").join("data/node-1"), &dir);
     assert!(
         !dir.join("ha-format").exists(),
         "0.1.0 wrote no format file"
