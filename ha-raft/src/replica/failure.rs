@@ -12,20 +12,24 @@ use openraft::error::Fatal;
 use tracing::error;
 
 use super::handle::Replica;
-use crate::data::command::NodeId;
+use crate::data::command::{NodeId, Raft};
 use crate::error::RaftBackendError;
 use crate::store::sled_store::FatalCause;
 
 /// Why the core stopped, if it stopped on its own (`None` while it runs and after a
 /// requested shutdown).
 pub(crate) fn core_failure(replica: &Replica) -> Option<RaftBackendError> {
-    let metrics = replica.raft.metrics();
+    failure_now(&replica.raft, &replica.sm.fatal_cause())
+}
+
+fn failure_now(raft: &Raft, cause: &FatalCause) -> Option<RaftBackendError> {
+    let metrics = raft.metrics();
     let state = metrics.borrow();
     state
         .running_state
         .as_ref()
         .err()
-        .and_then(|fatal| failure_of(fatal, &replica.sm.fatal_cause()))
+        .and_then(|fatal| failure_of(fatal, cause))
 }
 
 /// The typed cause the stores recorded (an entry of a newer version, a level this
@@ -45,35 +49,32 @@ fn failure_of(fatal: &Fatal<NodeId>, cause: &FatalCause) -> Option<RaftBackendEr
 /// Waits until the core stops on its own; `None` when it stopped because it was told
 /// to (or the node is gone).
 pub(crate) async fn wait_for_failure(replica: &Replica) -> Option<RaftBackendError> {
-    let mut metrics = replica.raft.metrics();
+    wait_for_core_failure(&replica.raft, &replica.sm.fatal_cause()).await
+}
+
+/// [`wait_for_failure`] on the Raft handle and the stores' cause alone, so a waiting
+/// task need not keep the replica alive.
+async fn wait_for_core_failure(raft: &Raft, cause: &FatalCause) -> Option<RaftBackendError> {
+    let mut metrics = raft.metrics();
     loop {
         if let Err(fatal) = &metrics.borrow_and_update().running_state {
-            return failure_of(fatal, &replica.sm.fatal_cause());
+            return failure_of(fatal, cause);
         }
         if metrics.changed().await.is_err() {
-            return core_failure(replica);
+            return failure_now(raft, cause);
         }
     }
 }
 
 /// Shuts the node's server and tasks down once its core has failed.
 pub(crate) async fn stop_on_failure(node: Weak<Replica>) {
-    let Some(replica) = node.upgrade() else {
+    let Some((raft, cause)) = node
+        .upgrade()
+        .map(|replica| (replica.raft.clone(), replica.sm.fatal_cause()))
+    else {
         return;
     };
-    let raft = replica.raft.clone();
-    let cause = replica.sm.fatal_cause();
-    // Not the replica itself: this task must not keep it alive.
-    drop(replica);
-    let mut metrics = raft.metrics();
-    let failure = loop {
-        if let Err(fatal) = &metrics.borrow_and_update().running_state {
-            break failure_of(fatal, &cause);
-        }
-        if metrics.changed().await.is_err() {
-            break None;
-        }
-    };
+    let failure = wait_for_core_failure(&raft, &cause).await;
     let Some(failure) = failure else {
         return;
     };
