@@ -183,4 +183,60 @@ mod tests {
             );
         }
     }
+
+    /// `COMMAND_NAMES` and `command_name` list the same names, as the log spells them.
+    #[test]
+    fn the_known_names_are_the_log_s_names_of_every_command() {
+        let member = crate::data::command::MemberRecord {
+            server_id: 1,
+            role: "r".into(),
+            address: "a".into(),
+            metadata: Default::default(),
+        };
+        let election = || "e".to_owned();
+        let samples = [
+            Command::Register { member, ttl_ms: 1 },
+            Command::Revoke { lease: 1 },
+            Command::Expire { lease: 1 },
+            Command::Campaign {
+                lease: 1,
+                election: election(),
+                value: vec![],
+            },
+            Command::Resign {
+                election: election(),
+                lease: 1,
+                token: 1,
+                attempt: None,
+            },
+            Command::Proclaim {
+                election: election(),
+                lease: 1,
+                token: 1,
+                value: vec![],
+            },
+            Command::KvWrite {
+                election: election(),
+                lease: 1,
+                token: 1,
+                op: crate::data::command::KvOp::Delete { key: "k".into() },
+            },
+            Command::Handover,
+            Command::Batch(vec![]),
+            Command::SetLevel { level: 3 },
+        ];
+        assert_eq!(samples.len(), COMMAND_NAMES.len());
+        for command in &samples {
+            let encoded = serde_json::to_value(command).unwrap_or_default();
+            let tag = match &encoded {
+                serde_json::Value::String(name) => name.clone(),
+                other => other
+                    .as_object()
+                    .and_then(|o| o.keys().next().cloned())
+                    .unwrap_or_default(),
+            };
+            assert_eq!(tag, command_name(command));
+            assert!(COMMAND_NAMES.contains(&tag.as_str()), "{tag}");
+        }
+    }
 }
