@@ -82,27 +82,10 @@ async fn a_rolling_restart_hands_over_once_per_active_and_loses_nothing() {
     let elected = members.elected;
     let mut restarted_actives = 0;
     for id in NODES {
-        members.placed().await;
-        if members.active == Some(id) {
-            restarted_actives += 1;
-        }
-        members.stop(id).await;
-        members.spawn(id);
-        members
-            .until(
-                "the restarted member's leader",
-                Duration::from_secs(30),
-                |m| m.leader_seen.contains_key(&id),
-            )
-            .await;
+        restarted_actives += usize::from(members.restart(id).await);
         members.watch(Duration::from_secs(2)).await;
     }
     members.placed().await;
-    assert!(members.lost.is_empty(), "roles lost: {:?}", members.lost);
-    let handovers = members.elected - elected;
-    assert!(
-        handovers <= restarted_actives,
-        "{handovers} handovers for {restarted_actives} restarted ACTIVEs"
-    );
+    members.check_handovers(elected, restarted_actives);
     members.procs.stop_all(Duration::from_secs(5)).await;
 }

@@ -159,21 +159,9 @@ async fn upgrade_one_by_one(members: &mut Members, expected: &mut BTreeMap<u64, 
     let mut restarted_actives = 0;
     let load = Load::start(members).await;
     for id in NODES {
-        members.placed().await;
-        if members.active == Some(id) {
-            restarted_actives += 1;
-        }
-        members.stop(id).await;
         members.levels.remove(&id);
         members.binaries.remove(&id);
-        members.spawn(id);
-        members
-            .until(
-                "the upgraded member's leader",
-                Duration::from_secs(30),
-                |m| m.leader_seen.contains_key(&id),
-            )
-            .await;
+        restarted_actives += usize::from(members.restart(id).await);
         expected.insert(id, current);
         let (applied, line) = if id == NODES[NODES.len() - 1] {
             (
@@ -189,12 +177,7 @@ async fn upgrade_one_by_one(members: &mut Members, expected: &mut BTreeMap<u64, 
     }
     members.placed().await;
     load.check_nothing_lost().await;
-    assert!(members.lost.is_empty(), "roles lost: {:?}", members.lost);
-    let handovers = members.elected - elected;
-    assert!(
-        handovers <= restarted_actives,
-        "{handovers} handovers for {restarted_actives} restarted ACTIVEs"
-    );
+    members.check_handovers(elected, restarted_actives);
 }
 
 /// Stops (SIGTERM) a member whose coordinator is not the ACTIVE; its id.

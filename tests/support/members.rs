@@ -134,6 +134,34 @@ impl Members {
             .unwrap_or_else(|e| panic!("node {id} did not stop: {e}"));
     }
 
+    /// Once an ACTIVE is placed, stops member `id` (SIGTERM), starts it again as
+    /// `levels` and `binaries` now say, and waits (bounded) until it reports a Raft
+    /// leader. Whether its coordinator was the ACTIVE when it was stopped.
+    pub async fn restart(&mut self, id: u64) -> bool {
+        self.placed().await;
+        let was_active = self.active == Some(id);
+        self.stop(id).await;
+        self.spawn(id);
+        self.until(
+            "the restarted member's leader",
+            Duration::from_secs(30),
+            |m| m.leader_seen.contains_key(&id),
+        )
+        .await;
+        was_active
+    }
+
+    /// After a rolling restart: no role was lost, and the role moved at most once per
+    /// restarted ACTIVE (`elected_before`: elections counted before it).
+    pub fn check_handovers(&self, elected_before: usize, restarted_actives: usize) {
+        assert!(self.lost.is_empty(), "roles lost: {:?}", self.lost);
+        let handovers = self.elected - elected_before;
+        assert!(
+            handovers <= restarted_actives,
+            "{handovers} handovers for {restarted_actives} restarted ACTIVEs"
+        );
+    }
+
     /// Starts member `id` and waits (bounded) for it to exit on its own, as a refused
     /// start does: its exit status and the tail of its stderr.
     pub async fn refused_start(&mut self, id: u64) -> (std::process::ExitStatus, String) {
