@@ -54,5 +54,6 @@ pub mod testing {
     pub use crate::data::state::State;
     pub use crate::net::wire::{ElectRequest, PeerFailure, Renewal, WireError};
     pub use crate::store::db::{open_db, Identity};
-    pub use crate::store::sled_store::{FatalCause, LogStore, StateMachineStore};
+    pub use crate::store::sled_machine::StateMachineStore;
+    pub use crate::store::sled_store::{FatalCause, LogStore};
 }

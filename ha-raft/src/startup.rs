@@ -20,7 +20,8 @@ use crate::node::{NodeInner, RaftNode};
 use crate::replica::Replica;
 use crate::store::db::{open_db, release_within_5s, Identity};
 use crate::store::records;
-use crate::store::sled_store::{LogStore, StateMachineStore};
+use crate::store::sled_machine::StateMachineStore;
+use crate::store::sled_store::LogStore;
 
 /// Most entries in one AppendEntries; the byte budget usually binds first.
 const MAX_PAYLOAD_ENTRIES: u64 = 300;

@@ -16,7 +16,8 @@ use crate::data::command::NodeId;
 use crate::error::RaftBackendError;
 use crate::store::db::{open_db, release, Db, Identity};
 use crate::store::image::{write_image, GroupImage};
-use crate::store::sled_store::{LogStore, StateMachineStore};
+use crate::store::sled_machine::StateMachineStore;
+use crate::store::sled_store::LogStore;
 
 /// How to build a data dir from a snapshot file.
 #[derive(Debug, Clone)]

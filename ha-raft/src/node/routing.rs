@@ -15,7 +15,7 @@ use crate::data::command::{Command, CommandResult, NodeId};
 use crate::net::network::{PeerError, PeerRpc};
 use crate::net::wire::PeerFailure;
 use crate::replica::Target;
-use crate::store::sled_store::Machine;
+use crate::store::sled_machine::Machine;
 
 use super::NodeInner;
 

@@ -16,7 +16,7 @@ use tracing::info;
 use crate::config::{MessageLimits, RaftNodeConfig};
 use crate::data::command::{Command, CommandResult, NodeId, Raft};
 use crate::net::wire::{ElectRequest, PeerFailure, WireError};
-use crate::store::sled_store::{Machine, StateMachineStore};
+use crate::store::sled_machine::{Machine, StateMachineStore};
 
 use super::hosted::Hosted;
 use super::lessor::{Confirmer, Lessor};

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use super::handle::{Replica, Target};
 use crate::net::wire::{PeerFailure, Renewal, WireError};
-use crate::store::sled_store::StateMachineStore;
+use crate::store::sled_machine::StateMachineStore;
 
 /// Each lease's TTL in milliseconds, as this node has applied it (`None`: not live).
 fn ttls(sm: &StateMachineStore, leases: &[u64]) -> Vec<Option<u64>> {

@@ -8,7 +8,8 @@ use serde::Serialize;
 
 use crate::data::command::NodeId;
 use crate::error::RaftBackendError;
-use crate::store::sled_store::{StoredSnapshot, COMMITTED, LAST_PURGED, SNAPSHOT, VOTE};
+use crate::store::sled_machine::StoredSnapshot;
+use crate::store::sled_store::{COMMITTED, LAST_PURGED, SNAPSHOT, VOTE};
 
 /// A group's state as a new data dir starts from it: the state machine, the log id it
 /// is as of, and the voters of the group it now belongs to.

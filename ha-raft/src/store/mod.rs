@@ -5,4 +5,5 @@
 pub(crate) mod db;
 pub(crate) mod image;
 pub(crate) mod records;
+pub(crate) mod sled_machine;
 pub(crate) mod sled_store;

@@ -1,4 +1,5 @@
-//! Raft log and state machine in one sled database per node.
+//! Raft log and state machine in one sled database per node; this file has the log
+//! store and what both stores share, `sled_machine.rs` the state machine store.
 //!
 //! Trees: `logs` (big-endian u64 index → JSON entry), `meta` (vote, committed, last
 //! purged log id, node and cluster identity), `snapshot` (the latest snapshot). Every
@@ -7,29 +8,18 @@
 //! openraft re-applies the committed log after it.
 
 use std::fmt::Debug;
-use std::io::Cursor;
 use std::ops::{Bound, RangeBounds};
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 
-use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
-use openraft::{
-    Entry, EntryPayload, LogId, RaftLogReader, RaftSnapshotBuilder, SnapshotMeta, StorageError,
-    StorageIOError, StoredMembership, Vote,
-};
+use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
+use openraft::{Entry, LogId, RaftLogReader, StorageError, StorageIOError, Vote};
 use serde::{Deserialize, Serialize};
-use tokio::sync::watch;
 
-use crate::data::command::{CommandResult, NodeId, TypeConfig};
-use crate::data::hub::{diff, Hub};
-use crate::data::level::{
-    command_name, recorded_by, required_level, undecodable_entry, UndecodableEntry, FEATURE_LEVEL,
-};
-use crate::data::state::State;
+use crate::data::command::{NodeId, TypeConfig};
+use crate::data::level::{undecodable_entry, UndecodableEntry};
 use crate::error::RaftBackendError;
-use crate::store::records;
 
-type StorageResult<T> = Result<T, StorageError<NodeId>>;
+pub(super) type StorageResult<T> = Result<T, StorageError<NodeId>>;
 
 pub(crate) const VOTE: &[u8] = b"vote";
 pub(crate) const COMMITTED: &[u8] = b"committed";
@@ -43,7 +33,7 @@ pub struct FatalCause(Arc<Mutex<Option<RaftBackendError>>>);
 
 impl FatalCause {
     /// Records `cause` (the first one stays) and returns it for openraft's error.
-    fn record(&self, cause: RaftBackendError) -> RaftBackendError {
+    pub(super) fn record(&self, cause: RaftBackendError) -> RaftBackendError {
         let mut slot = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         slot.get_or_insert_with(|| cause.clone());
         cause
@@ -58,11 +48,11 @@ impl FatalCause {
     }
 }
 
-fn read_err(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
+pub(super) fn read_err(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
     StorageIOError::read(&e).into()
 }
 
-fn write_err(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
+pub(super) fn write_err(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
     StorageIOError::write(&e).into()
 }
 
@@ -86,7 +76,7 @@ fn index_key(index: u64) -> [u8; 8] {
     index.to_be_bytes()
 }
 
-fn get_json<T: for<'de> Deserialize<'de>>(
+pub(super) fn get_json<T: for<'de> Deserialize<'de>>(
     tree: &sled::Tree,
     key: &[u8],
 ) -> StorageResult<Option<T>> {
@@ -96,7 +86,11 @@ fn get_json<T: for<'de> Deserialize<'de>>(
     }
 }
 
-async fn put_json<T: Serialize>(tree: &sled::Tree, key: &[u8], value: &T) -> StorageResult<()> {
+pub(super) async fn put_json<T: Serialize>(
+    tree: &sled::Tree,
+    key: &[u8],
+    value: &T,
+) -> StorageResult<()> {
     let bytes = serde_json::to_vec(value).map_err(write_err)?;
     tree.insert(key, bytes).map_err(write_err)?;
     flush(tree).await.map_err(write_err)?;
@@ -266,367 +260,5 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.logs.apply_batch(batch).map_err(write_err)?;
         flush(&self.logs).await.map_err(write_err)?;
         Ok(())
-    }
-}
-
-/// The latest snapshot as the `snapshot` tree holds it.
-#[derive(Debug, Serialize, Deserialize)]
-pub(crate) struct StoredSnapshot {
-    pub(crate) meta: SnapshotMeta<NodeId, openraft::BasicNode>,
-    pub(crate) data: Vec<u8>,
-}
-
-/// The in-memory state machine with its watchers; what the node reads.
-#[derive(Debug, Default)]
-pub struct Machine {
-    /// Leases, members, elections.
-    pub state: State,
-    /// Last applied log id.
-    pub last_applied: Option<LogId<NodeId>>,
-    /// Last applied membership.
-    pub last_membership: StoredMembership<NodeId, openraft::BasicNode>,
-    /// Watchers.
-    pub hub: Hub,
-}
-
-impl Machine {
-    /// The index of the last applied entry (0 if none).
-    pub fn applied_index(&self) -> u64 {
-        self.last_applied.map_or(0, |l| l.index)
-    }
-}
-
-/// The state machine store: the applied state behind a lock, snapshots in sled.
-#[derive(Debug, Clone)]
-pub struct StateMachineStore {
-    shared: Arc<SmShared>,
-}
-
-#[derive(Debug)]
-struct SmShared {
-    machine: Mutex<Machine>,
-    applied: watch::Sender<u64>,
-    /// `None` after [`StateMachineStore::close`], so a stopped node releases its sled
-    /// database (and the directory lock) even while handles to it remain.
-    snapshots: Mutex<Option<sled::Tree>>,
-    /// The data dir, where a raised group level is recorded (`store::records`), read
-    /// at the next start before the database is opened. `None` in tests of the store.
-    data_dir: Option<PathBuf>,
-    /// The feature level this member serves.
-    serves: u32,
-    /// The group level recorded in this data dir when it was opened.
-    recorded_at_open: u32,
-    cause: FatalCause,
-    /// One extra strong count per use of `snapshots` in progress: openraft builds
-    /// snapshots in tasks of their own that outlive `Raft::shutdown`, and the node must
-    /// not release the database under one of them (see `RaftNode::shutdown`).
-    uses: Arc<()>,
-}
-
-/// The snapshot tree borrowed for one operation; counts as a use until dropped.
-struct SnapshotTree {
-    // Field order is drop order: the tree handle goes before the use ends.
-    tree: sled::Tree,
-    _use: Arc<()>,
-}
-
-impl StateMachineStore {
-    /// The state machine of an opened database, restored from its latest snapshot,
-    /// serving this binary's feature level.
-    ///
-    /// # Errors
-    /// `Storage` or `Corrupt` if the snapshot cannot be read.
-    pub fn new(db: &sled::Db) -> Result<Self, RaftBackendError> {
-        Self::serving(db, FEATURE_LEVEL, None)
-    }
-
-    /// [`new`](Self::new) for a member serving feature level `serves`: an entry that
-    /// needs more stops the Raft core with a typed cause instead of being applied. A
-    /// raised group level is recorded in `data_dir` (if given) as well as in the state.
-    ///
-    /// # Errors
-    /// `Storage` or `Corrupt` if the snapshot or the level record cannot be read.
-    pub fn serving(
-        db: &sled::Db,
-        serves: u32,
-        data_dir: Option<&Path>,
-    ) -> Result<Self, RaftBackendError> {
-        let snapshots = db
-            .open_tree("snapshot")
-            .map_err(|e| RaftBackendError::Storage(e.to_string()))?;
-        let watermark = match data_dir {
-            Some(dir) => records::group_level(dir)?,
-            None => 0,
-        };
-        let mut machine = Machine::default();
-        if let Some(stored) = get_json::<StoredSnapshot>(&snapshots, SNAPSHOT)
-            .map_err(|e| RaftBackendError::Corrupt(format!("snapshot: {e}")))?
-        {
-            machine.state = serde_json::from_slice(&stored.data)
-                .map_err(|e| RaftBackendError::Corrupt(format!("snapshot data: {e}")))?;
-            machine.last_applied = stored.meta.last_log_id;
-            machine.last_membership = stored.meta.last_membership;
-            let restored = machine.applied_index();
-            machine.hub.restored_at(restored);
-        }
-        let recorded_at_open = watermark.max(machine.state.level);
-        let applied = watch::channel(machine.applied_index()).0;
-        Ok(Self {
-            shared: Arc::new(SmShared {
-                machine: Mutex::new(machine),
-                applied,
-                snapshots: Mutex::new(Some(snapshots)),
-                data_dir: data_dir.map(Path::to_path_buf),
-                serves,
-                recorded_at_open,
-                cause: FatalCause::default(),
-                uses: Arc::new(()),
-            }),
-        })
-    }
-
-    /// The feature level this member serves.
-    pub fn serves(&self) -> u32 {
-        self.shared.serves
-    }
-
-    /// The group's recorded feature level: the highest of what the data dir held when
-    /// opened and what was applied since (0: none recorded).
-    pub fn recorded_level(&self) -> u32 {
-        self.shared.recorded_at_open.max(self.lock().state.level)
-    }
-
-    /// Where a typed cause of a stop is recorded; the log store reports to it too.
-    pub fn fatal_cause(&self) -> FatalCause {
-        self.shared.cause.clone()
-    }
-
-    /// Refuses an entry this member cannot apply, before anything of it is applied.
-    fn check_level(
-        &self,
-        index: u64,
-        command: &crate::data::command::Command,
-    ) -> Result<(), RaftBackendError> {
-        let needs = required_level(command);
-        if needs <= self.shared.serves {
-            return Ok(());
-        }
-        Err(self
-            .shared
-            .cause
-            .record(RaftBackendError::UnsupportedCommand {
-                index,
-                command: command_name(command).to_owned(),
-                needs,
-                serves: self.shared.serves,
-            }))
-    }
-
-    /// Records a raised group level in the data dir, synced, so a member below it
-    /// refuses to start before its database is even opened.
-    async fn record_level(&self, level: u32) -> StorageResult<()> {
-        let Some(dir) = self.shared.data_dir.clone() else {
-            return Ok(());
-        };
-        match tokio::task::spawn_blocking(move || records::raise_group_level(&dir, level)).await {
-            Ok(recorded) => recorded.map_err(write_err),
-            Err(join) => Err(write_err(std::io::Error::other(join))),
-        }
-    }
-
-    /// Locks the machine for a read or a subscription.
-    pub fn lock(&self) -> MutexGuard<'_, Machine> {
-        self.shared
-            .machine
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Follows the applied index.
-    pub fn applied(&self) -> watch::Receiver<u64> {
-        self.shared.applied.subscribe()
-    }
-
-    /// Releases the sled tree; later snapshot operations fail. Operations already under
-    /// way finish; [`in_use`](Self::in_use) tells when they have.
-    pub fn close(&self) {
-        self.shared
-            .snapshots
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-    }
-
-    /// Whether a snapshot operation (which holds the sled tree) is still under way.
-    pub fn in_use(&self) -> bool {
-        Arc::strong_count(&self.shared.uses) > 1
-    }
-
-    fn snapshots(&self) -> StorageResult<SnapshotTree> {
-        let tree = self
-            .shared
-            .snapshots
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-            .ok_or_else(|| read_err(std::io::Error::other("state machine store is closed")))?;
-        Ok(SnapshotTree {
-            tree,
-            _use: Arc::clone(&self.shared.uses),
-        })
-    }
-
-    fn notify_applied(&self, index: u64) {
-        self.shared.applied.send_if_modified(|current| {
-            if index > *current {
-                *current = index;
-                true
-            } else {
-                false
-            }
-        });
-    }
-}
-
-impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
-    async fn build_snapshot(&mut self) -> StorageResult<Snapshot<TypeConfig>> {
-        let (data, meta) = {
-            let machine = self.lock();
-            let data = serde_json::to_vec(&machine.state).map_err(read_err)?;
-            let snapshot_id = match machine.last_applied {
-                Some(last) => format!("{}-{}", last.leader_id, last.index),
-                None => "empty".to_owned(),
-            };
-            let meta = SnapshotMeta {
-                last_log_id: machine.last_applied,
-                last_membership: machine.last_membership.clone(),
-                snapshot_id,
-            };
-            (data, meta)
-        };
-        let stored = StoredSnapshot {
-            meta: meta.clone(),
-            data,
-        };
-        put_json(&self.snapshots()?.tree, SNAPSHOT, &stored).await?;
-        Ok(Snapshot {
-            meta,
-            snapshot: Box::new(Cursor::new(stored.data)),
-        })
-    }
-}
-
-impl RaftStateMachine<TypeConfig> for StateMachineStore {
-    type SnapshotBuilder = Self;
-
-    async fn applied_state(
-        &mut self,
-    ) -> StorageResult<(
-        Option<LogId<NodeId>>,
-        StoredMembership<NodeId, openraft::BasicNode>,
-    )> {
-        let machine = self.lock();
-        Ok((machine.last_applied, machine.last_membership.clone()))
-    }
-
-    async fn apply<I>(&mut self, entries: I) -> StorageResult<Vec<CommandResult>>
-    where
-        I: IntoIterator<Item = Entry<TypeConfig>> + Send,
-        I::IntoIter: Send,
-    {
-        let entries: Vec<Entry<TypeConfig>> = entries.into_iter().collect();
-        // Every entry is checked before any is applied, and a raised level reaches the
-        // data dir before the state: no snapshot can hold a level its dir does not.
-        let mut raised = None;
-        for entry in &entries {
-            if let EntryPayload::Normal(command) = &entry.payload {
-                if let Err(cause) = self.check_level(entry.log_id.index, command) {
-                    return Err(StorageIOError::apply(entry.log_id, &cause).into());
-                }
-                raised = raised.max(recorded_by(command));
-            }
-        }
-        if let Some(level) = raised.filter(|level| *level > self.recorded_level()) {
-            self.record_level(level).await?;
-            tracing::info!(level, "the group's feature level was raised");
-        }
-        let mut results = Vec::new();
-        let last = {
-            let mut machine = self.lock();
-            for entry in entries {
-                machine.last_applied = Some(entry.log_id);
-                let result = match entry.payload {
-                    EntryPayload::Blank => CommandResult::None,
-                    EntryPayload::Normal(command) => {
-                        let (result, changes) = machine.state.apply(entry.log_id.index, &command);
-                        machine.hub.publish(entry.log_id.index, changes);
-                        result
-                    }
-                    EntryPayload::Membership(membership) => {
-                        machine.last_membership =
-                            StoredMembership::new(Some(entry.log_id), membership);
-                        CommandResult::None
-                    }
-                };
-                results.push(result);
-            }
-            machine.applied_index()
-        };
-        self.notify_applied(last);
-        Ok(results)
-    }
-
-    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
-        self.clone()
-    }
-
-    async fn begin_receiving_snapshot(&mut self) -> StorageResult<Box<Cursor<Vec<u8>>>> {
-        Ok(Box::new(Cursor::new(Vec::new())))
-    }
-
-    async fn install_snapshot(
-        &mut self,
-        meta: &SnapshotMeta<NodeId, openraft::BasicNode>,
-        snapshot: Box<Cursor<Vec<u8>>>,
-    ) -> StorageResult<()> {
-        let stored = StoredSnapshot {
-            meta: meta.clone(),
-            data: snapshot.into_inner(),
-        };
-        let state: State = serde_json::from_slice(&stored.data)
-            .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
-        if state.level > self.shared.serves {
-            let cause = self.shared.cause.record(RaftBackendError::BelowGroupLevel {
-                serves: self.shared.serves,
-                group: state.level,
-            });
-            return Err(StorageIOError::read_snapshot(Some(meta.signature()), &cause).into());
-        }
-        if state.level > 0 {
-            self.record_level(state.level).await?;
-        }
-        put_json(&self.snapshots()?.tree, SNAPSHOT, &stored).await?;
-        let index = {
-            let mut machine = self.lock();
-            let changes = diff(&machine.state, &state);
-            machine.state = state;
-            machine.last_applied = meta.last_log_id;
-            machine.last_membership = meta.last_membership.clone();
-            let index = machine.applied_index();
-            machine.hub.restored_at(index);
-            machine.hub.publish(index, changes);
-            index
-        };
-        self.notify_applied(index);
-        Ok(())
-    }
-
-    async fn get_current_snapshot(&mut self) -> StorageResult<Option<Snapshot<TypeConfig>>> {
-        Ok(
-            get_json::<StoredSnapshot>(&self.snapshots()?.tree, SNAPSHOT)?.map(|stored| Snapshot {
-                meta: stored.meta,
-                snapshot: Box::new(Cursor::new(stored.data)),
-            }),
-        )
     }
 }
